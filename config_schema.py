@@ -141,7 +141,7 @@ class Config:
     save: bool = True
 
     # Where built datasets and converted embedded models are cached.
-    cache_dir: str = "${oc.env:MEND_CACHE_DIR,~/.cache/mend-repro}"
+    cache_dir: str = "${oc.env:MEND_CACHE_DIR,'~/.cache/mend-repro'}"
     silent: bool = False
 
 
@@ -149,14 +149,18 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
 
 
-ALGS = ("mend",)
 TASKS_BY_KIND = {"causal_lm": ("gen", "qa"), "seq2seq": ("qa",), "classifier": ("fc",)}
 
 
-def validate_config(cfg) -> None:
-    """Checks that involve several keys. Raises ConfigError naming the keys."""
-    if cfg.alg not in ALGS:
-        raise ConfigError(f"alg={cfg.alg!r} is not implemented; valid: {', '.join(ALGS)} (use +alg=<name>).")
+def validate_config(cfg, algs=(), tasks=()) -> None:
+    """Checks that involve several keys. Raises ConfigError naming the keys.
+
+    ``algs`` and ``tasks`` are the names the caller can run.
+    """
+    if cfg.alg not in algs:
+        raise ConfigError(f"alg={cfg.alg!r} is not implemented; valid: {', '.join(algs)} (use +alg=<name>).")
+    if cfg.task not in tasks:
+        raise ConfigError(f"task={cfg.task!r} is not implemented; valid: {', '.join(tasks)} (use +experiment=<name>).")
     m = cfg.mend
     variants = [k for k in ("one_sided", "x_only", "delta_only") if m[k]]
     if m.combine and variants:
@@ -181,7 +185,7 @@ def validate_config(cfg) -> None:
     for key in ("accumulate_bs", "log_interval", "val_interval", "val_steps"):
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} must be >= 1.")
-    if cfg.eval_only and cfg.archive is None and cfg.alg in ("mend",):
+    if cfg.eval_only and cfg.archive is None:
         raise ConfigError("eval_only=True needs archive=<checkpoint file or run directory> holding a trained editor.")
     if cfg.wandb.mode not in ("online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}: expected online, offline or disabled.")

@@ -1,0 +1,309 @@
+"""MEND: Model Editor Networks with Gradient Decomposition (Mitchell et al., ICLR 2022).
+
+For an edited linear layer y = W x, the gradient of the edit loss over B token positions is
+grad_W = sum_i delta_i x_i^T (delta_i = dL/dy_i). MEND captures the rank-one factors (x_i, delta_i)
+with hooks, maps them through a small MLP g to (u~_i, v~_i), and edits W~ = W - alpha * sum_i v~_i u~_i^T.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+from transformers.pytorch_utils import Conv1D
+
+from editable_model import EditableModel, logits_of
+
+LOG = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Capturing layer inputs and output gradients
+# ---------------------------------------------------------------------------------------------
+def module_name(param_name: str) -> str:
+    return param_name.rsplit(".", 1)[0]
+
+
+def weight_layout(module: nn.Module, param_name: str) -> Tuple[bool, int, int]:
+    """(fan_in_fan_out, d_in, d_out) of an edited weight, decided by the layer type.
+
+    nn.Linear stores W as (d_out, d_in); GPT-2's Conv1D stores it as (d_in, d_out).
+    """
+    if isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return True, d_in, d_out
+    if isinstance(module, nn.Linear):
+        d_out, d_in = module.weight.shape
+        return False, d_in, d_out
+    raise TypeError(
+        f"model.inner_params entry {param_name!r} belongs to a {type(module).__name__}; MEND edits the weights of "
+        f"nn.Linear and transformers Conv1D layers only. Choose MLP projection weights in model.inner_params."
+    )
+
+
+@contextmanager
+def capture_factors(model: nn.Module, module_names: List[str]):
+    """Record each named module's input x and the gradient delta at its output during one forward/backward.
+
+    Yields a dict name -> {"x": [tensors], "delta": [tensors]} (each (N, d), detached). All hooks are
+    removed on exit, whatever happens inside the block; nothing is left on the model or its parameters.
+    """
+    records: Dict[str, Dict[str, list]] = {n: {"x": [], "delta": []} for n in module_names}
+    handles = []
+
+    def make_hook(name):
+        def forward_hook(module, inputs, output):
+            x = inputs[0]
+            records[name]["x"].append(x.detach().reshape(-1, x.shape[-1]))
+            if output.requires_grad:
+                output.register_hook(
+                    lambda grad: records[name]["delta"].append(grad.detach().reshape(-1, grad.shape[-1]))
+                )
+
+        return forward_hook
+
+    try:
+        for name in module_names:
+            handles.append(model.get_submodule(name).register_forward_hook(make_hook(name)))
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# The gradient transform g
+# ---------------------------------------------------------------------------------------------
+class RunningNorm(nn.Module):
+    """Running mean and std of feature vectors (Welford/Chan update, one sample per row).
+
+    The statistics are buffers, saved with the editor. They update only in training mode.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-7):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("m2", torch.zeros(dim))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        n = x.shape[0]
+        if n == 0:
+            return
+        batch_mean = x.mean(0)
+        batch_m2 = ((x - batch_mean) ** 2).sum(0)
+        k = self.count.item()
+        total = k + n
+        delta = batch_mean - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += batch_m2 + delta**2 * (k * n / total)
+        self.count.fill_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.count.item() < 2:
+            if self.training:  # the very first rows seen in training: nothing to standardise with yet
+                return x
+            raise RuntimeError(
+                "MEND's input normalisation has seen fewer than 2 samples: train the editor first (or load a "
+                "trained archive), or set mend.norm=False."
+            )
+        std = (self.m2 / (self.count - 1)).sqrt().to(x.dtype)
+        return (x - self.mean) / (std + self.eps)
+
+
+class LowRankResidual(nn.Module):
+    """h -> h + act(U V h + b), U (d x r), V (r x d); optionally a per-mode scale and shift of the pre-activation.
+
+    With init 'id', U starts at zero so the layer is the identity. The activation is a clamp at 0, whose gradient
+    at 0 is 1 (ReLU's is 0), so U receives gradients from the first step.
+    """
+
+    def __init__(self, dim: int, rank: int, last: bool, init: str, n_modes: Optional[int]):
+        super().__init__()
+        self.last = last
+        self.v = nn.Parameter(torch.empty(rank, dim))
+        self.u = nn.Parameter(torch.empty(dim, rank))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        nn.init.xavier_normal_(self.v)
+        if init == "id":
+            nn.init.zeros_(self.u)
+        else:
+            nn.init.xavier_normal_(self.u)
+        if n_modes is not None:
+            self.scale = nn.Embedding(n_modes, dim)
+            self.shift = nn.Embedding(n_modes, dim)
+            nn.init.ones_(self.scale.weight)
+            nn.init.zeros_(self.shift.weight)
+        else:
+            self.scale = self.shift = None
+
+    def forward(self, h: torch.Tensor, mode: Optional[int] = None) -> torch.Tensor:
+        pre = (h @ self.v.t()) @ self.u.t() + self.bias  # (N, d)
+        if self.scale is not None and mode is not None:
+            idx = torch.tensor(mode, device=h.device)
+            pre = pre * self.scale(idx) + self.shift(idx)
+        if not self.last:
+            pre = pre.clamp(min=0)
+        return h + pre
+
+
+class IDMLP(nn.Module):
+    """n_hidden + 1 residual low-rank layers; the identity map at initialisation (init='id')."""
+
+    def __init__(self, dim: int, n_hidden: int, rank: int, init: str = "id", n_modes: Optional[int] = None):
+        super().__init__()
+        r = min(rank, dim)
+        self.layers = nn.ModuleList(
+            LowRankResidual(dim, r, last=(i == n_hidden), init=init, n_modes=n_modes) for i in range(n_hidden + 1)
+        )
+
+    def forward(self, h: torch.Tensor, mode: Optional[int] = None) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h, mode)
+        return h
+
+
+class GradientTransform(nn.Module):
+    """g_l: maps the gradient factors (u = x, v = delta) of one weight shape to pseudo-gradient factors."""
+
+    def __init__(self, x_dim: int, delta_dim: int, cfg, n_modes: Optional[int] = None):
+        super().__init__()
+        self.x_dim, self.delta_dim = x_dim, delta_dim
+        self.use_norm = cfg.norm
+        self.combine = cfg.combine
+        self.norm_u = RunningNorm(x_dim)
+        self.norm_v = RunningNorm(delta_dim)
+
+        def mlp(dim):
+            return IDMLP(dim, cfg.n_hidden, cfg.rank, cfg.init, n_modes)
+
+        if cfg.combine:
+            self.mlp = mlp(x_dim + delta_dim)
+            self.mlp_u = self.mlp_v = None
+        else:
+            transform_u, transform_v = True, True
+            if cfg.one_sided:  # transform only the smaller side
+                transform_u, transform_v = x_dim <= delta_dim, delta_dim < x_dim
+            elif cfg.x_only:
+                transform_v = False
+            elif cfg.delta_only:
+                transform_u = False
+            self.mlp = None
+            self.mlp_u = mlp(x_dim) if transform_u else None
+            self.mlp_v = mlp(delta_dim) if transform_v else None
+
+    def forward(self, u: torch.Tensor, v: torch.Tensor, mode: Optional[int] = None):
+        u, v = u.float(), v.float()
+        keep = (u != 0).any(-1) & (v != 0).any(-1)  # drop positions with no signal (padding, masked labels)
+        u, v = u[keep], v[keep]
+        if self.training:
+            self.norm_u.update(u)
+            self.norm_v.update(v)
+        if self.use_norm:
+            u, v = self.norm_u(u), self.norm_v(v)
+        if self.combine:
+            out = self.mlp(torch.cat([u, v], -1), mode)
+            return out[:, : self.x_dim], out[:, self.x_dim :]
+        if self.mlp_u is not None:
+            u = self.mlp_u(u, mode)
+        if self.mlp_v is not None:
+            v = self.mlp_v(v, mode)
+        return u, v
+
+
+# ---------------------------------------------------------------------------------------------
+# The editor
+# ---------------------------------------------------------------------------------------------
+class MEND(EditableModel):
+    def __init__(
+        self,
+        model: nn.Module,
+        config,
+        weights=None,
+        mend: Optional[nn.ModuleDict] = None,
+        edit_lrs: Optional[nn.Parameter] = None,
+    ):
+        super().__init__(model, config, weights)
+        self.layout = {}  # param name -> (fan_in_fan_out, d_in, d_out)
+        for name in self.inner_params:
+            self.layout[name] = weight_layout(model.get_submodule(module_name(name)), name)
+
+        # Which transform serves each weight, and at which index ("mode") within a shared transform.
+        self.transform_of: Dict[str, Tuple[str, Optional[int]]] = {}
+        groups: Dict[str, List[str]] = {}
+        for name, (_, d_in, d_out) in self.layout.items():
+            key = f"{d_in}x{d_out}" if config.mend.shared else name.replace(".", "#")
+            groups.setdefault(key, []).append(name)
+        for key, names in groups.items():
+            for i, name in enumerate(names):
+                self.transform_of[name] = (key, i if config.mend.shared else None)
+
+        if mend is None:
+            mend = nn.ModuleDict()
+            for key, names in groups.items():
+                _, d_in, d_out = self.layout[names[0]]
+                n_modes = len(names) if config.mend.shared else None
+                mend[key] = GradientTransform(d_in, d_out, config.mend, n_modes)
+        self.mend = mend
+        if edit_lrs is None:
+            edit_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(config.edit_lr)))
+        self.edit_lrs = edit_lrs
+
+    def outer_parameters(self) -> List[nn.Parameter]:
+        return list(self.mend.parameters()) + [self.edit_lrs]
+
+    def step_size_parameters(self) -> List[nn.Parameter]:
+        return [self.edit_lrs]
+
+    def copy_statistics_from(self, other: MEND) -> None:
+        """Take another editor's normalisation statistics (data statistics, not learned parameters)."""
+        own = dict(self.mend.named_buffers())
+        for name, buf in other.mend.named_buffers():
+            own[name].copy_(buf)
+
+    def edit(self, batch: dict, condition: Optional[dict] = None):
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        names = self.inner_params
+        with torch.enable_grad():
+            # Gradients of the edit loss at the current weights, through fresh leaves: the base model's own
+            # parameters stay frozen and untouched.
+            leaves = {n: self.current_weight(n).detach().requires_grad_(True) for n in names}
+            with capture_factors(self.model, [module_name(n) for n in names]) as factors:
+                out = functional_call(self.model, leaves, (), inputs, strict=False)
+                loss = self.edit_loss_fn(logits_of(out), labels)["nll"]
+                true_grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+
+        new_weights = dict(self.weights)
+        info = {"loss/edit_inner": loss.item()}
+        for i, name in enumerate(names):
+            rec = factors[module_name(name)]
+            if not rec["x"] or not rec["delta"]:
+                raise RuntimeError(
+                    f"no activations or gradients were captured for {name}; is it used by the forward pass?"
+                )
+            x = torch.cat(rec["x"])  # (N, d_in)
+            delta = torch.cat(rec["delta"])  # (N, d_out)
+            key, mode = self.transform_of[name]
+            u, v = self.mend[key](x, delta, mode)
+            fan_in_fan_out = self.layout[name][0]
+            pseudo = u.t() @ v if fan_in_fan_out else v.t() @ u  # W's own layout
+            with torch.no_grad():
+                info[f"grad/cos{i}"] = F.cosine_similarity(
+                    true_grads[i].reshape(-1).float(), pseudo.detach().reshape(-1), dim=0
+                ).item()
+                info[f"grad/true_mag{i}"] = true_grads[i].norm().item()
+                info[f"grad/pseudo_mag{i}"] = pseudo.detach().norm().item()
+            w = self.current_weight(name)
+            new_weights[name] = w - self.edit_lrs[i] * pseudo.to(w.dtype)
+
+        edited = MEND(self.model, self.config, weights=new_weights, mend=self.mend, edit_lrs=self.edit_lrs)
+        edited.train(self.training)
+        return edited, info

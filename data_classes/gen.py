@@ -1,0 +1,630 @@
+"""Data for the ``gen`` experiment: make a causal LM continue a passage with a sampled target.
+
+An edit example is a passage x_e and a target y_e, an ``n_tokens``-token continuation sampled
+from the pre-trained model itself. The equivalence input x'_e is the passage with a random
+prefix of up to half its tokens removed; the locality input is another passage, from a
+different document of the same split.
+
+Sources:
+
+* ``data.path``: a directory with ``train.json`` and ``validation.json`` (``val.json`` and
+  ``valid.json`` are accepted too) in the original MEND format
+  ``{"original": [passages], "completions": [passage + continuation], "n_tokens": 10}``.
+* otherwise the embedded set: the CIA World Factbook background paragraphs (see
+  :mod:`data_classes.corpus`), cut into sentence-aligned passages, split into train and
+  validation by country, with targets sampled from the model. The result is cached in the
+  original format under ``<cache_dir>/data/gen/<key>/`` and later runs load it without the model.
+* ``data.wiki_webtext``: locality passages from OpenWebText (needs the HuggingFace hub).
+
+Optional data options read with ``getattr`` (not all are in the schema): ``max_documents``
+(cap on the number of countries of the embedded corpus, for quick tests) and ``max_passages``
+(cap on the number of embedded passages whose targets are sampled).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .corpus import CORPUS_NAME, corpus_version, factbook_documents, split_passages
+
+LOG = logging.getLogger(__name__)
+
+# Bump when the embedded build changes in a way that invalidates cached files.
+CACHE_FORMAT = 1
+MIN_PASSAGE_TOKENS = 16
+SAMPLE_BATCH_SIZE = 32
+WEBTEXT_DATASET = "stas/openwebtext-10k"
+WEBTEXT_TRAIN_FRACTION = 0.9
+VALIDATION_FILES = ("validation.json", "val.json", "valid.json")
+FORMAT_HINT = '{"original": [passages], "completions": [passage + sampled continuation], "n_tokens": 10}'
+
+# Salts that keep the seeded random streams of different uses apart.
+_SALT_SPLIT, _SALT_LOC, _SALT_REPHRASE, _SALT_TRAIN_ORDER, _SALT_EVAL_ORDER = range(5)
+
+
+def _opt(cfg, name: str, default):
+    """A data option that may be absent from the config (read with getattr)."""
+    try:
+        value = getattr(cfg, name, default)
+    except Exception:  # omegaconf raises its own errors for unknown keys in some modes
+        return default
+    return default if value is None and default is not None else value
+
+
+def _normalise_split(split: str) -> str:
+    if split == "train":
+        return "train"
+    if split in ("validation", "val", "valid"):
+        return "validation"
+    raise ValueError(f"split={split!r}: expected 'train' or 'validation'.")
+
+
+def _rng(*entropy: int) -> np.random.Generator:
+    return np.random.default_rng([int(e) for e in entropy])
+
+
+def _decode(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _encode(tokenizer, text: str) -> List[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# The original file format
+
+
+def split_file(directory: Path, split: str) -> Path:
+    """The file of ``split`` in a data directory; raises FileNotFoundError saying what is expected."""
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"data.path={str(directory)!r} is not a directory. It must hold train.json and validation.json "
+            f"(or val.json / valid.json), each in the MEND gen format {FORMAT_HINT}."
+        )
+    names = ("train.json",) if split == "train" else VALIDATION_FILES
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(
+        f"{directory / names[0]} not found: data.path={str(directory)!r} must hold "
+        f"{' or '.join(names)} for the {split} split, in the MEND gen format {FORMAT_HINT}."
+    )
+
+
+def read_original(path: Path) -> Tuple[List[str], List[str], Optional[int], dict]:
+    """Read and check one file in the original format.
+
+    Returns (passages, targets, n_tokens or None, the whole JSON object). The target is the
+    completion with the passage removed; each completion must start with its passage.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); expected {FORMAT_HINT}.") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object {FORMAT_HINT}, got {type(obj).__name__}.")
+    for key in ("original", "completions"):
+        if key not in obj:
+            raise ValueError(f"{path}: missing key {key!r}; expected {FORMAT_HINT}.")
+        if not isinstance(obj[key], list):
+            raise ValueError(f"{path}: {key!r} must be a list of strings, got {type(obj[key]).__name__}.")
+        for i, s in enumerate(obj[key]):
+            if not isinstance(s, str):
+                raise ValueError(f"{path}: {key}[{i}] must be a string, got {type(s).__name__}.")
+    passages, completions = obj["original"], obj["completions"]
+    if len(passages) != len(completions):
+        raise ValueError(
+            f"{path}: 'original' has {len(passages)} entries but 'completions' has {len(completions)}; "
+            f"they must pair up (completions[i] = original[i] + its sampled continuation)."
+        )
+    if not passages:
+        raise ValueError(f"{path}: 'original' and 'completions' are empty.")
+    n_tokens = obj.get("n_tokens")
+    if n_tokens is not None and (not isinstance(n_tokens, int) or n_tokens < 1):
+        raise ValueError(f"{path}: 'n_tokens' must be a positive integer, got {n_tokens!r}.")
+    out_passages, targets = [], []
+    for i, (p, c) in enumerate(zip(passages, completions)):
+        if c.startswith(p):
+            target = c[len(p) :]
+        elif c.lstrip().startswith(p.strip()):
+            p = p.strip()
+            target = c.lstrip()[len(p) :]
+        else:
+            raise ValueError(
+                f"{path}: completions[{i}] does not start with original[{i}]; each completion must be "
+                f"the passage followed by its continuation (original[{i}][:60]={p[:60]!r}, "
+                f"completions[{i}][:60]={c[:60]!r})."
+            )
+        if not target.strip():
+            raise ValueError(f"{path}: completions[{i}] adds nothing to original[{i}] (empty target).")
+        out_passages.append(p)
+        targets.append(target)
+    return out_passages, targets, n_tokens, obj
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded set
+
+
+def embedded_params(data_cfg, seed: int, model_id: str) -> dict:
+    """Everything the embedded set depends on; its hash names the cache directory."""
+    return {
+        "format": CACHE_FORMAT,
+        "model_id": model_id,
+        "corpus": CORPUS_NAME,
+        "corpus_version": corpus_version(),
+        "seed": int(seed),
+        "n_tokens": int(_opt(data_cfg, "n_tokens", 10)),
+        "max_passage_tokens": int(_opt(data_cfg, "max_passage_tokens", 64)),
+        "min_passage_tokens": MIN_PASSAGE_TOKENS,
+        "val_fraction": float(_opt(data_cfg, "val_fraction", 0.15)),
+        "sample_temperature": float(_opt(data_cfg, "sample_temperature", 1.0)),
+        "max_documents": _opt(data_cfg, "max_documents", None),
+        "max_passages": _opt(data_cfg, "max_passages", None),
+    }
+
+
+def embedded_cache_dir(cache_dir: str, params: dict) -> Path:
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(os.path.expanduser(str(cache_dir))) / "data" / "gen" / key
+
+
+def split_documents(doc_ids: Sequence[str], val_fraction: float, seed: int) -> Tuple[List[str], List[str]]:
+    """Seeded shuffle of the document ids; the last ``val_fraction`` of them are the validation split."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction={val_fraction} must be strictly between 0 and 1.")
+    ids = sorted(doc_ids)
+    if len(ids) < 4:
+        raise ValueError(
+            f"The embedded corpus has {len(ids)} documents (data.max_documents?); at least 4 are needed "
+            f"so that each split has two documents for locality."
+        )
+    order = [ids[j] for j in _rng(seed, _SALT_SPLIT).permutation(len(ids))]
+    n_val = min(max(2, int(round(val_fraction * len(ids)))), len(ids) - 2)
+    return order[: len(ids) - n_val], order[len(ids) - n_val :]
+
+
+def _left_pad(seqs: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if s:
+            ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def sample_continuations(
+    model,
+    tokenizer,
+    prompts: List[List[int]],
+    n_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int = SAMPLE_BATCH_SIZE,
+) -> List[List[int]]:
+    """Sample exactly ``n_tokens`` new token ids after each prompt (pure sampling: no top-k, no top-p).
+
+    Prompts are batched by length with left padding and an attention mask. The global torch RNG
+    is seeded with ``seed`` inside a forked RNG state, so the caller's random state is untouched
+    and the result is reproducible on the same device. ``temperature <= 0`` decodes greedily.
+    """
+    from transformers import GenerationConfig
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
+    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad_id
+    sampling = temperature > 0
+    gen_cfg = GenerationConfig(
+        do_sample=sampling,
+        temperature=float(temperature) if sampling else None,
+        top_k=0 if sampling else None,
+        top_p=1.0 if sampling else None,
+        min_new_tokens=n_tokens,
+        max_new_tokens=n_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+    )
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    out: List[Optional[List[int]]] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    fork_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            for b in range(0, len(order), batch_size):
+                idx = order[b : b + batch_size]
+                ids, mask = _left_pad([prompts[i] for i in idx], pad_id)
+                gen = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
+                )
+                new = gen[:, ids.shape[1] :].cpu()
+                if new.shape[1] != n_tokens:
+                    raise RuntimeError(f"generate returned {new.shape[1]} new tokens instead of {n_tokens}.")
+                for r, i in enumerate(idx):
+                    out[i] = new[r].tolist()
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def build_embedded(tokenizer, data_cfg, seed: int, model, out_dir: Path, params: dict) -> None:
+    """Build both splits of the embedded set and write them (original format + extra keys) to out_dir."""
+    start = time.time()
+    n_tokens = params["n_tokens"]
+    max_tokens = params["max_passage_tokens"]
+    docs = factbook_documents()
+    if params["max_documents"] is not None:
+        docs = docs[: int(params["max_documents"])]
+    train_ids, val_ids = split_documents([d for d, _ in docs], params["val_fraction"], seed)
+    split_of = {d: "train" for d in train_ids}
+    split_of.update({d: "validation" for d in val_ids})
+
+    items: List[Tuple[str, str, str]] = []  # (split, document, passage)
+    for doc, text in docs:
+        for p in split_passages(text, tokenizer, max_tokens, MIN_PASSAGE_TOKENS):
+            items.append((split_of[doc], doc, p))
+    cap = params["max_passages"]
+    if cap is not None and len(items) > int(cap):
+        # Keep the same fraction of each split, choosing passages with a seeded draw.
+        keep = []
+        for split in ("train", "validation"):
+            members = [i for i, it in enumerate(items) if it[0] == split]
+            n_keep = max(2, int(round(int(cap) * len(members) / len(items))))
+            chosen = _rng(seed, _SALT_SPLIT, 1 + len(keep)).permutation(len(members))[:n_keep]
+            keep.extend(members[j] for j in sorted(chosen))
+        items = [items[i] for i in sorted(keep)]
+    LOG.info(
+        "Building the embedded gen set: %d passages from %d documents (%d train / %d validation documents); "
+        "sampling %d-token targets from %s at temperature %s.",
+        len(items), len(docs), len(train_ids), len(val_ids), n_tokens, params["model_id"] or "the model",
+        params["sample_temperature"],
+    )
+    prompts = [_encode(tokenizer, p) for _, _, p in items]
+    t0 = time.time()
+    sampled = sample_continuations(model, tokenizer, prompts, n_tokens, params["sample_temperature"], seed)
+    sample_seconds = time.time() - t0
+    LOG.info("Sampled %d targets in %.1f s.", len(items), sample_seconds)
+
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    splits: Dict[str, dict] = {
+        s: {"original": [], "completions": [], "targets": [], "target_ids": [], "documents": []}
+        for s in ("train", "validation")
+    }
+    dropped = {"special_token": 0, "round_trip": 0}
+    for (split, doc, passage), prompt, g in zip(items, prompts, sampled):
+        if special.intersection(g):
+            dropped["special_token"] += 1
+            continue
+        target = _decode(tokenizer, g)
+        if _encode(tokenizer, target) != g or _encode(tokenizer, passage + target) != prompt + g:
+            dropped["round_trip"] += 1
+            continue
+        d = splits[split]
+        d["original"].append(passage)
+        d["completions"].append(passage + target)
+        d["targets"].append(target)
+        d["target_ids"].append(g)
+        d["documents"].append(doc)
+    n_dropped = sum(dropped.values())
+    LOG.info(
+        "Dropped %d of %d sampled targets (%d containing special tokens, %d whose text does not re-tokenise "
+        "to the sampled ids after the passage); kept %d train and %d validation examples.",
+        n_dropped, len(items), dropped["special_token"], dropped["round_trip"],
+        len(splits["train"]["original"]), len(splits["validation"]["original"]),
+    )
+    for split in ("train", "validation"):
+        if len(set(splits[split]["documents"])) < 2:
+            raise RuntimeError(
+                f"The embedded {split} split has fewer than two documents after sampling; raise "
+                f"data.max_documents / data.max_passages."
+            )
+    meta = dict(params, n_passages=len(items), n_dropped=dropped, sample_seconds=round(sample_seconds, 2),
+                build_seconds=round(time.time() - start, 2))
+    for split in ("validation", "train"):  # train.json last: its presence marks a complete cache
+        obj = {"n_tokens": n_tokens, **splits[split], "split": split, "meta": meta}
+        _write_json_atomic(out_dir / f"{split}.json", obj)
+    LOG.info("Wrote the embedded gen set to %s (%.1f s in all).", out_dir, time.time() - start)
+
+
+# --------------------------------------------------------------------------------------------
+# OpenWebText locality
+
+
+def webtext_passages(split: str) -> List[str]:
+    """OpenWebText documents for locality (the original's ``data.wiki_webtext``): 90% train, 10% validation."""
+    hint = "data.wiki_webtext=False takes locality passages from the edit corpus instead."
+    try:
+        import datasets
+    except ImportError as e:
+        raise RuntimeError(
+            f"data.wiki_webtext=True needs the `datasets` package (pip install datasets) and the HuggingFace "
+            f"hub to download {WEBTEXT_DATASET}; {hint}"
+        ) from e
+    try:
+        texts = datasets.load_dataset(WEBTEXT_DATASET, split="train")["text"]
+    except Exception as e:
+        raise RuntimeError(
+            f"Locality from OpenWebText (data.wiki_webtext=True) needs the HuggingFace hub to download "
+            f"{WEBTEXT_DATASET}, which failed ({type(e).__name__}: {e}); {hint}"
+        ) from e
+    n_train = int(len(texts) * WEBTEXT_TRAIN_FRACTION)
+    texts = texts[:n_train] if split == "train" else texts[n_train:]
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise RuntimeError(f"{WEBTEXT_DATASET} gave no {split} documents; {hint}")
+    return texts
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset
+
+
+class GenDataset(torch.utils.data.Dataset):
+    """Edit examples of one split and the batches the trainer consumes (see :meth:`edit_generator`)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        data_cfg,
+        split: str,
+        seed: int,
+        cache_dir: str,
+        model=None,
+        model_id: str = "",
+        device="cpu",
+    ):
+        self.tok = tokenizer
+        self.cfg = data_cfg
+        self.split = _normalise_split(split)
+        self.seed = int(seed)
+        self.device = device  # generation runs on the model's own device; batches are on the CPU
+        self.n_tokens = int(_opt(data_cfg, "n_tokens", 10))
+        self.max_passage_tokens = int(_opt(data_cfg, "max_passage_tokens", 64))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise ValueError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
+
+        path = _opt(data_cfg, "path", None)
+        stored_ids: Optional[List[List[int]]] = None
+        if path:
+            self.source = split_file(Path(os.path.expanduser(str(path))), self.split)
+            passages, targets, file_n_tokens, _ = read_original(self.source)
+            documents = [str(i) for i in range(len(passages))]
+            if file_n_tokens is not None and file_n_tokens != self.n_tokens:
+                LOG.warning("%s has n_tokens=%d, data.n_tokens=%d; targets are taken from the file as they are.",
+                            self.source, file_n_tokens, self.n_tokens)
+        else:
+            passages, targets, documents, stored_ids = self._load_embedded(cache_dir, model, model_id)
+        self._prepare(passages, targets, documents, stored_ids)
+
+    # ---- loading
+
+    def _load_embedded(self, cache_dir: str, model, model_id: str):
+        params = embedded_params(self.cfg, self.seed, model_id)
+        out_dir = embedded_cache_dir(cache_dir, params)
+        complete = all((out_dir / f"{s}.json").is_file() for s in ("train", "validation"))
+        if complete:
+            LOG.info("Loading the embedded gen set from %s", out_dir)
+        else:
+            if model is None:
+                raise RuntimeError(
+                    f"No cached embedded gen data at {out_dir} and no model was given to sample targets from. "
+                    f"Pass the model (run.py does so on the first run), or set data.path to a directory "
+                    f"with train.json and validation.json."
+                )
+            build_embedded(self.tok, self.cfg, self.seed, model, out_dir, params)
+        self.source = out_dir / f"{self.split}.json"
+        passages, targets, _, obj = read_original(self.source)
+        n = len(passages)
+        for key in ("documents", "target_ids"):
+            if not isinstance(obj.get(key), list) or len(obj[key]) != n:
+                raise ValueError(
+                    f"{self.source}: key {key!r} is missing or does not have {n} entries; the cache is "
+                    f"damaged: delete {out_dir} to rebuild it."
+                )
+        return passages, targets, [str(d) for d in obj["documents"]], obj["target_ids"]
+
+    # ---- tokenisation, equivalence and locality
+
+    def _prepare(self, passages, targets, documents, stored_ids) -> None:
+        tok, m = self.tok, self.max_passage_tokens
+        self.passages, self.targets, self.documents = [], [], list(documents)
+        self.passage_ids, self.target_ids = [], []
+        n_truncated, mismatched = 0, 0
+        for i, (p, t) in enumerate(zip(passages, targets)):
+            ids = _encode(tok, p)
+            if len(ids) > m:
+                # Keep the end of the passage, so that the target still continues it.
+                ids = ids[-m:]
+                p = _decode(tok, ids)
+                n_truncated += 1
+            t_ids = _encode(tok, t)
+            if stored_ids is not None and t_ids != list(stored_ids[i]):
+                mismatched += 1
+                t_ids = list(stored_ids[i])
+            if not t_ids:
+                raise ValueError(f"{self.source}: example {i} has an empty target after tokenisation.")
+            self.passages.append(p)
+            self.targets.append(t)
+            self.passage_ids.append(ids)
+            self.target_ids.append(t_ids)
+        if n_truncated:
+            LOG.info("%s: %d passages longer than data.max_passage_tokens=%d were cut to their last %d tokens.",
+                     self.source, n_truncated, m, m)
+        if mismatched:
+            LOG.warning("%s: %d targets re-tokenise differently from the ids stored at build time (another "
+                        "tokenizer?); the stored ids are used.", self.source, mismatched)
+        lengths = [len(t) for t in self.target_ids]
+        if stored_ids is None and any(n != self.n_tokens for n in lengths):
+            LOG.info("%s: target lengths %d..%d tokens with this tokenizer (data.n_tokens=%d).",
+                     self.source, min(lengths), max(lengths), self.n_tokens)
+        self._build_rephrases()
+        self._build_locality()
+        LOG.info("gen %s split: %d edit examples from %s", self.split, len(self), self.source)
+
+    def _build_rephrases(self) -> None:
+        self.rephrases, self.rephrase_ids = [], []
+        for i, (p, ids) in enumerate(zip(self.passages, self.passage_ids)):
+            k0 = int(_rng(self.seed, _SALT_REPHRASE, i).integers(0, len(ids) // 2 + 1))
+            text, r_ids = p, ids
+            for k in range(k0, 0, -1):  # the nearest cut at or before k0 whose text round-trips
+                cand = _decode(self.tok, ids[k:])
+                if p.endswith(cand) and _encode(self.tok, cand) == ids[k:]:
+                    text, r_ids = cand, ids[k:]
+                    break
+            self.rephrases.append(text)
+            self.rephrase_ids.append(list(r_ids))
+
+    def _build_locality(self) -> None:
+        n = len(self.passages)
+        if _opt(self.cfg, "wiki_webtext", False):
+            pool = webtext_passages(self.split)
+            picks = [int(_rng(self.seed, _SALT_LOC, i).integers(0, len(pool))) for i in range(n)]
+            self.loc_texts, self.loc_ids = [], []
+            for j in picks:
+                ids = _encode(self.tok, pool[j])[: self.max_passage_tokens]
+                self.loc_texts.append(_decode(self.tok, ids))
+                self.loc_ids.append(ids)
+            return
+        if len(set(self.documents)) < 2:
+            raise ValueError(
+                f"{self.source}: the {self.split} split needs passages from at least two documents "
+                f"(locality passages come from a different document than the edit)."
+            )
+        self.loc_index = []
+        for i in range(n):
+            rng = _rng(self.seed, _SALT_LOC, i)
+            for _ in range(64):
+                j = int(rng.integers(0, n))
+                if self.documents[j] != self.documents[i]:
+                    break
+            else:
+                others = [j for j in range(n) if self.documents[j] != self.documents[i]]
+                j = others[int(rng.integers(0, len(others)))]
+            self.loc_index.append(j)
+        self.loc_texts = [self.passages[j] for j in self.loc_index]
+        self.loc_ids = [self.passage_ids[j] for j in self.loc_index]
+
+    # ---- access
+
+    def __len__(self) -> int:
+        return len(self.passages)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "passage": self.passages[i],
+            "target": self.targets[i],
+            "rephrase": self.rephrases[i],
+            "loc": self.loc_texts[i],
+        }
+
+    # ---- batches
+
+    def _pad(self, seqs: List[List[int]], n_prefix: List[int]) -> Dict[str, torch.Tensor]:
+        """Right-pad; labels are the ids except on the first n_prefix[r] positions and on padding (-100)."""
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+        for r, (s, k) in enumerate(zip(seqs, n_prefix)):
+            row = torch.tensor(s, dtype=torch.long)
+            ids[r, : len(s)] = row
+            mask[r, : len(s)] = 1
+            labels[r, k : len(s)] = row[k:]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def _batch(self, edits: List[int], n_loc: int) -> dict:
+        inner = self._pad([self.passage_ids[i] + self.target_ids[i] for i in edits],
+                          [len(self.passage_ids[i]) for i in edits])
+        if _opt(self.cfg, "rephrase", True):
+            outer = self._pad([self.rephrase_ids[i] + self.target_ids[i] for i in edits],
+                              [len(self.rephrase_ids[i]) for i in edits])
+        else:
+            outer = {k: v.clone() for k, v in inner.items()}
+        locs = [edits[k % len(edits)] for k in range(n_loc)]
+        loc = self._pad([self.loc_ids[i] for i in locs], [0] * n_loc)
+        return {
+            "edit_inner": inner,
+            "edit_outer": outer,
+            "loc": loc,
+            "cond": dict(inner),
+            "raw": {
+                "passage": [self.passages[i] for i in edits],
+                "target": [self.targets[i] for i in edits],
+                "rephrase": [self.rephrases[i] for i in edits],
+                "loc": [self.loc_texts[i] for i in locs],
+            },
+        }
+
+    def edit_generator(self, batch_size: int, n: Optional[int] = None) -> Iterator[dict]:
+        """Batches of ``data.n_edits`` edits plus ``batch_size - n_edits`` locality passages.
+
+        Train split with ``n=None``: endless, a new seeded permutation of the examples each epoch.
+        Validation split, or any split with ``n`` given: exactly ``n`` batches (``n=None``:
+        ``len(self) // n_edits``) from the start of a fixed seeded order, the same on every call;
+        the order wraps around when ``n * n_edits`` exceeds the number of examples.
+        """
+        n_edits = int(_opt(self.cfg, "n_edits", 1))
+        n_loc = int(batch_size) - n_edits
+        if n_edits < 1:
+            raise ValueError(f"data.n_edits={n_edits} must be >= 1.")
+        if n_loc < 1:
+            raise ValueError(
+                f"data.n_edits={n_edits} must be smaller than batch_size={batch_size}: each batch holds n_edits "
+                f"edits plus at least one locality passage (e.g. data.n_edits=5 batch_size=6)."
+            )
+        size = len(self)
+        if size < n_edits:
+            raise ValueError(f"The {self.split} split has {size} examples, fewer than data.n_edits={n_edits}.")
+        if self.split == "train" and n is None:
+            return self._train_batches(n_edits, n_loc)
+        if n is None:
+            n = size // n_edits
+        return self._fixed_batches(n_edits, n_loc, int(n))
+
+    def _train_batches(self, n_edits: int, n_loc: int) -> Iterator[dict]:
+        epoch = 0
+        while True:
+            order = _rng(self.seed, _SALT_TRAIN_ORDER, epoch).permutation(len(self)).tolist()
+            for b in range(len(order) // n_edits):
+                yield self._batch(order[b * n_edits : (b + 1) * n_edits], n_loc)
+            epoch += 1
+
+    def _fixed_batches(self, n_edits: int, n_loc: int, n: int) -> Iterator[dict]:
+        order = _rng(self.seed, _SALT_EVAL_ORDER).permutation(len(self)).tolist()
+        if n * n_edits > len(order):
+            LOG.info("%d %s batches of %d edits need %d examples; the split has %d, so the order wraps around.",
+                     n, self.split, n_edits, n * n_edits, len(order))
+        for b in range(n):
+            yield self._batch([order[(b * n_edits + j) % len(order)] for j in range(n_edits)], n_loc)

@@ -1,0 +1,91 @@
+"""The contract every editor (MEND, and the baselines) implements.
+
+An ``EditableModel`` wraps a frozen base model and an editor. ``edit(batch, condition)``
+returns a *new* ``EditableModel`` that shares the base model and the editor's parameters and
+carries the edited weights as a dict of tensors, run through ``torch.func.functional_call``.
+The base model's parameters are never written to.
+
+A subclass implements exactly:
+  - ``edit(batch, condition=None) -> (EditableModel, info: dict[str, float])``
+  - ``outer_parameters() -> list[nn.Parameter]``: everything the outer (editor-training) optimiser updates.
+It may also override ``step_size_parameters()`` when some outer parameters (learned step sizes)
+take their own optimiser with learning rate ``lr_lr``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from losses import binary_log_probs, masked_log_probs
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits tensor of a transformers model output (or the tensor itself)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    return output[0]
+
+
+class EditableModel(nn.Module, ABC):
+    def __init__(self, model: nn.Module, config, weights: Optional[Dict[str, torch.Tensor]] = None):
+        super().__init__()
+        # Kept out of the module tree: the base model is not part of the editor's parameters,
+        # state dict or device moves, and it is never trained here.
+        object.__setattr__(self, "model", model)
+        self.config = config
+        self.weights: Dict[str, torch.Tensor] = dict(weights or {})
+        self.is_classifier = config.model.kind == "classifier"
+        self.shift = config.model.kind == "causal_lm"
+
+    # -- running the (edited) model -------------------------------------------------------
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        if self.weights:
+            out = functional_call(self.model, self.weights, args, kwargs, strict=False)
+        else:
+            out = self.model(*args, **kwargs)
+        return logits_of(out)
+
+    def current_weight(self, name: str) -> torch.Tensor:
+        """The weight ``name`` as this (possibly edited) model uses it."""
+        if name in self.weights:
+            return self.weights[name]
+        return self.model.get_parameter(name)
+
+    @property
+    def inner_params(self) -> List[str]:
+        return list(self.config.model.inner_params)
+
+    # -- losses ------------------------------------------------------------------------
+    def edit_loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> dict:
+        if self.is_classifier:
+            return binary_log_probs(logits, labels)
+        return masked_log_probs(logits, labels, shift=self.shift)
+
+    loc_loss_fn = edit_loss_fn
+
+    # -- the contract ---------------------------------------------------------------------
+    @abstractmethod
+    def edit(self, batch: dict, condition: Optional[dict] = None):
+        """Apply the edit described by ``batch``; return (edited EditableModel, info dict)."""
+
+    @abstractmethod
+    def outer_parameters(self) -> List[nn.Parameter]:
+        """All parameters trained by the outer loop."""
+
+    def step_size_parameters(self) -> List[nn.Parameter]:
+        """Outer parameters that take the separate step-size optimiser (lr_lr). Default: none."""
+        return []
+
+    def edited_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The base model's state dict with the edited weights substituted (detached copies)."""
+        state = {k: v for k, v in self.model.state_dict().items()}
+        for name, w in self.weights.items():
+            state[name] = w.detach().clone()
+        return state

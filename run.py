@@ -1,0 +1,102 @@
+"""Train or evaluate an editor.
+
+python -m run +alg=mend +experiment=gen +model=smollm2
+python -m run +alg=mend +experiment=gen +model=distilgpt2 data.n_edits=5 batch_size=6 val_batch_size=6
+python -m run +alg=mend +experiment=gen +model=smollm2 eval_only=True archive=outputs/<run>
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from config_schema import ConfigError, register_configs, validate_config
+
+LOG = logging.getLogger("run")
+
+ALGS = {"mend": "algs.mend.MEND"}
+DATASETS = {"gen": "data_classes.gen.GenDataset"}
+
+
+def _load(path: str):
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def main_job(cfg: DictConfig, run_dir: str) -> dict:
+    # Imported here so that config errors are reported before torch and transformers load.
+    from models import check_inner_params, get_model, get_tokenizer
+    from trainer import EditTrainer
+    from utils import resolve_device, seed_everything
+
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    cache_dir = os.path.expanduser(cfg.cache_dir)
+
+    # 1. the frozen base model, its tokenizer, and the weights to edit
+    model = get_model(cfg.model, cache_dir)
+    check_inner_params(model, list(cfg.model.inner_params))
+    tokenizer = get_tokenizer(cfg.model, cache_dir)
+    model.to(device)
+
+    # 2. the edit data (built from the model itself on first use for the embedded gen set)
+    dataset_class = _load(DATASETS[cfg.task])
+    datasets = [
+        dataset_class(
+            tokenizer,
+            cfg.data,
+            split,
+            seed=cfg.seed,
+            cache_dir=cache_dir,
+            model=model,
+            model_id=cfg.model.name,
+            device=device,
+        )
+        for split in ("train", "validation")
+    ]
+    LOG.info("Data: %d train and %d validation edits.", len(datasets[0]), len(datasets[1]))
+
+    # 3. the editor, trained then evaluated (or evaluated only)
+    editor_class = _load(ALGS[cfg.alg])
+    seed_everything(cfg.seed)
+
+    def make_editor():
+        return editor_class(model, cfg).to(device)
+
+    trainer = EditTrainer(make_editor, cfg, datasets[0], datasets[1], run_dir)
+    return trainer.run()
+
+
+register_configs()
+
+
+@hydra.main(config_path="config", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        validate_config(cfg, algs=ALGS, tasks=DATASETS)
+    except ConfigError as e:
+        _fail(e)
+    from models import InnerParamsError, ModelLoadError
+    from trainer import CheckpointError
+
+    user_errors = (ConfigError, ModelLoadError, InnerParamsError, CheckpointError, FileNotFoundError)
+    try:
+        main_job(cfg, HydraConfig.get().runtime.output_dir)
+    except user_errors as e:
+        _fail(e)
+
+
+def _fail(error: Exception) -> None:
+    LOG.error("%s", error)
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

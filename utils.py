@@ -1,0 +1,161 @@
+"""Small shared helpers: seeding, devices, metric averaging, early stopping, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import statistics
+import tempfile
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+LOG = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device={name!r} was asked for but CUDA is not available here; use device=cpu (or device=auto)."
+        )
+    return torch.device(name)
+
+
+def to_device(batch, device):
+    """Move every tensor of a (nested) batch dict to ``device``; other values are kept as they are."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def model_inputs(batch: dict) -> dict:
+    """The tensors a model's forward takes: everything but the labels."""
+    return {k: v for k, v in batch.items() if k != "labels" and isinstance(v, torch.Tensor)}
+
+
+class StatAverager:
+    """Collects per-step metric dicts and summarises them.
+
+    Plain metrics are averaged over steps; ``time/*`` metrics get their median; perplexities are
+    token-weighted: exp(sum of nll over all tokens / number of tokens), from the ``nll_sum/*`` and
+    ``n_tokens/*`` entries that the edit step records.
+    """
+
+    def __init__(self, suffix: str = ""):
+        self.suffix = suffix
+        self.values: Dict[str, List[float]] = defaultdict(list)
+
+    def add(self, info: Dict[str, float]) -> None:
+        for k, v in info.items():
+            self.values[k].append(float(v))
+
+    def __len__(self):
+        return max((len(v) for v in self.values.values()), default=0)
+
+    def summary(self) -> Dict[str, float]:
+        out = {}
+        for k, vals in self.values.items():
+            if k.startswith(("nll_sum/", "n_tokens/")):
+                continue
+            out[k] = statistics.median(vals) if k.startswith("time/") else sum(vals) / len(vals)
+        for which in ("pre", "post"):
+            sums, counts = self.values.get(f"nll_sum/{which}"), self.values.get(f"n_tokens/{which}")
+            if sums and counts and sum(counts) > 0:
+                out[f"perplexity/{which}"] = math.exp(sum(sums) / sum(counts))
+        if "perplexity/pre" in out and "perplexity/post" in out:
+            out["perplexity/drawdown"] = out["perplexity/post"] - out["perplexity/pre"]
+        if "acc/pre" in out and "acc/post" in out:
+            out["acc/drawdown"] = out["acc/pre"] - out["acc/post"]
+        return {k + self.suffix: v for k, v in out.items()}
+
+
+class EarlyStopper:
+    """Tracks the best value of one metric; lower is better unless the key names an accuracy."""
+
+    def __init__(self, patience: int, key: str):
+        self.patience = patience
+        self.key = key
+        self.higher_is_better = "acc" in key
+        self.best_value: Optional[float] = None
+        self.best_step: int = -1
+        self.current_step: int = 0
+
+    def update(self, step: int, stats: Dict[str, float]) -> bool:
+        """Record a validation; True if it is a new best."""
+        if self.key not in stats:
+            raise KeyError(
+                f"early_stop_key={self.key!r} is not among the validation metrics; valid keys: "
+                f"{', '.join(sorted(stats))}"
+            )
+        self.current_step = step
+        value = stats[self.key]
+        better = self.best_value is None or (
+            value > self.best_value if self.higher_is_better else value < self.best_value
+        )
+        if better:
+            self.best_value, self.best_step = value, step
+        return better
+
+    def should_stop(self) -> bool:
+        return self.best_step >= 0 and self.current_step - self.best_step >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best_value": self.best_value, "best_step": self.best_step, "current_step": self.current_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_value = state["best_value"]
+        self.best_step = state["best_step"]
+        self.current_step = state["current_step"]
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """Write ``obj`` to ``path`` via a temporary file in the same directory and a rename.
+
+    A crash or a full disk during the write leaves the previous file at ``path`` intact.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(obj, path: str) -> None:
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
