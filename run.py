@@ -94,7 +94,6 @@ def main(cfg: DictConfig) -> None:
 
 def _fail(error: Exception) -> None:
     LOG.error("%s", error)
-    print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -104,7 +104,8 @@ class EditTrainer:
                 "wandb is not installed: logging to the console only (pip install wandb, or wandb.enabled=false)."
             )
             return None
-        name = f"{self.config.task}-{self.config.alg}-{os.path.basename(self.config.model.name)}-{os.path.basename(self.run_dir)}"
+        model = os.path.basename(self.config.model.name)
+        name = f"{self.config.task}-{self.config.alg}-{model}-{os.path.basename(self.run_dir)}"
         return wandb.init(
             project=w.project,
             entity=w.entity,

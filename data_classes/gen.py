@@ -17,8 +17,9 @@ Sources:
 * ``data.wiki_webtext``: locality passages from OpenWebText (needs the HuggingFace hub).
 
 Optional data options read with ``getattr`` (not all are in the schema): ``max_documents``
-(cap on the number of countries of the embedded corpus, for quick tests) and ``max_passages``
-(cap on the number of embedded passages whose targets are sampled).
+(default None: cap on the number of countries of the embedded corpus, for quick tests) and
+``max_passages`` (default 1200: cap on the number of embedded passages whose targets are
+sampled, a seeded draw that keeps each split's share; None samples all ~2,265).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import DataError
 from .corpus import CORPUS_NAME, corpus_version, factbook_documents, split_passages
 
 LOG = logging.getLogger(__name__)
@@ -43,22 +45,24 @@ LOG = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 MIN_PASSAGE_TOKENS = 16
 SAMPLE_BATCH_SIZE = 32
+# Default cap on the embedded passages whose targets are sampled (data.max_passages; None: all ~2,265).
+# Sampling costs ~0.12 s per passage for SmolLM2-135M on 2 CPU cores, so 1,200 take ~2.5 minutes.
+DEFAULT_MAX_PASSAGES = 1200
 WEBTEXT_DATASET = "stas/openwebtext-10k"
 WEBTEXT_TRAIN_FRACTION = 0.9
 VALIDATION_FILES = ("validation.json", "val.json", "valid.json")
 FORMAT_HINT = '{"original": [passages], "completions": [passage + sampled continuation], "n_tokens": 10}'
 
 # Salts that keep the seeded random streams of different uses apart.
-_SALT_SPLIT, _SALT_LOC, _SALT_REPHRASE, _SALT_TRAIN_ORDER, _SALT_EVAL_ORDER = range(5)
+_SALT_SPLIT, _SALT_LOC, _SALT_REPHRASE, _SALT_TRAIN_ORDER, _SALT_EVAL_ORDER, _SALT_CAP = range(6)
 
 
 def _opt(cfg, name: str, default):
     """A data option that may be absent from the config (read with getattr)."""
     try:
-        value = getattr(cfg, name, default)
+        return getattr(cfg, name, default)
     except Exception:  # omegaconf raises its own errors for unknown keys in some modes
         return default
-    return default if value is None and default is not None else value
 
 
 def _normalise_split(split: str) -> str:
@@ -66,7 +70,7 @@ def _normalise_split(split: str) -> str:
         return "train"
     if split in ("validation", "val", "valid"):
         return "validation"
-    raise ValueError(f"split={split!r}: expected 'train' or 'validation'.")
+    raise DataError(f"split={split!r}: expected 'train' or 'validation'.")
 
 
 def _rng(*entropy: int) -> np.random.Generator:
@@ -125,28 +129,28 @@ def read_original(path: Path) -> Tuple[List[str], List[str], Optional[int], dict
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); expected {FORMAT_HINT}.") from e
+        raise DataError(f"{path}: not valid JSON ({e}); expected {FORMAT_HINT}.") from e
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object {FORMAT_HINT}, got {type(obj).__name__}.")
+        raise DataError(f"{path}: expected a JSON object {FORMAT_HINT}, got {type(obj).__name__}.")
     for key in ("original", "completions"):
         if key not in obj:
-            raise ValueError(f"{path}: missing key {key!r}; expected {FORMAT_HINT}.")
+            raise DataError(f"{path}: missing key {key!r}; expected {FORMAT_HINT}.")
         if not isinstance(obj[key], list):
-            raise ValueError(f"{path}: {key!r} must be a list of strings, got {type(obj[key]).__name__}.")
+            raise DataError(f"{path}: {key!r} must be a list of strings, got {type(obj[key]).__name__}.")
         for i, s in enumerate(obj[key]):
             if not isinstance(s, str):
-                raise ValueError(f"{path}: {key}[{i}] must be a string, got {type(s).__name__}.")
+                raise DataError(f"{path}: {key}[{i}] must be a string, got {type(s).__name__}.")
     passages, completions = obj["original"], obj["completions"]
     if len(passages) != len(completions):
-        raise ValueError(
+        raise DataError(
             f"{path}: 'original' has {len(passages)} entries but 'completions' has {len(completions)}; "
             f"they must pair up (completions[i] = original[i] + its sampled continuation)."
         )
     if not passages:
-        raise ValueError(f"{path}: 'original' and 'completions' are empty.")
+        raise DataError(f"{path}: 'original' and 'completions' are empty.")
     n_tokens = obj.get("n_tokens")
     if n_tokens is not None and (not isinstance(n_tokens, int) or n_tokens < 1):
-        raise ValueError(f"{path}: 'n_tokens' must be a positive integer, got {n_tokens!r}.")
+        raise DataError(f"{path}: 'n_tokens' must be a positive integer, got {n_tokens!r}.")
     out_passages, targets = [], []
     for i, (p, c) in enumerate(zip(passages, completions)):
         if c.startswith(p):
@@ -155,13 +159,13 @@ def read_original(path: Path) -> Tuple[List[str], List[str], Optional[int], dict
             p = p.strip()
             target = c.lstrip()[len(p) :]
         else:
-            raise ValueError(
+            raise DataError(
                 f"{path}: completions[{i}] does not start with original[{i}]; each completion must be "
                 f"the passage followed by its continuation (original[{i}][:60]={p[:60]!r}, "
                 f"completions[{i}][:60]={c[:60]!r})."
             )
         if not target.strip():
-            raise ValueError(f"{path}: completions[{i}] adds nothing to original[{i}] (empty target).")
+            raise DataError(f"{path}: completions[{i}] adds nothing to original[{i}] (empty target).")
         out_passages.append(p)
         targets.append(target)
     return out_passages, targets, n_tokens, obj
@@ -184,9 +188,18 @@ def embedded_params(data_cfg, seed: int, model_id: str) -> dict:
         "min_passage_tokens": MIN_PASSAGE_TOKENS,
         "val_fraction": float(_opt(data_cfg, "val_fraction", 0.15)),
         "sample_temperature": float(_opt(data_cfg, "sample_temperature", 1.0)),
-        "max_documents": _opt(data_cfg, "max_documents", None),
-        "max_passages": _opt(data_cfg, "max_passages", None),
+        "max_documents": _positive_or_none(data_cfg, "max_documents", None),
+        "max_passages": _positive_or_none(data_cfg, "max_passages", DEFAULT_MAX_PASSAGES),
     }
+
+
+def _positive_or_none(cfg, name: str, default: Optional[int]) -> Optional[int]:
+    value = _opt(cfg, name, default)
+    if value is None:
+        return None
+    if int(value) < 1:
+        raise DataError(f"data.{name}={value} must be a positive integer, or null for no limit.")
+    return int(value)
 
 
 def embedded_cache_dir(cache_dir: str, params: dict) -> Path:
@@ -197,10 +210,10 @@ def embedded_cache_dir(cache_dir: str, params: dict) -> Path:
 def split_documents(doc_ids: Sequence[str], val_fraction: float, seed: int) -> Tuple[List[str], List[str]]:
     """Seeded shuffle of the document ids; the last ``val_fraction`` of them are the validation split."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={val_fraction} must be strictly between 0 and 1.")
+        raise DataError(f"data.val_fraction={val_fraction} must be strictly between 0 and 1.")
     ids = sorted(doc_ids)
     if len(ids) < 4:
-        raise ValueError(
+        raise DataError(
             f"The embedded corpus has {len(ids)} documents (data.max_documents?); at least 4 are needed "
             f"so that each split has two documents for locality."
         )
@@ -240,7 +253,7 @@ def sample_continuations(
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
-        raise ValueError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
+        raise DataError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad_id
     sampling = temperature > 0
     gen_cfg = GenerationConfig(
@@ -254,15 +267,24 @@ def sample_continuations(
         eos_token_id=eos_id,
     )
     device = next(model.parameters()).device
+    # generate() fills unset options from the checkpoint's own generation config (top_k, min_p,
+    # repetition_penalty, ...); swap in a neutral one so that this is pure sampling for every model.
+    saved_gen_cfg = getattr(model, "generation_config", None)
+    if saved_gen_cfg is not None:
+        model.generation_config = GenerationConfig(pad_token_id=pad_id, eos_token_id=eos_id)
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     out: List[Optional[List[int]]] = [None] * len(prompts)
     was_training = model.training
     model.eval()
     fork_devices = [device] if device.type == "cuda" else []
+    start, next_report = time.time(), 0.1
     try:
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
             for b in range(0, len(order), batch_size):
+                if b / len(order) >= next_report:
+                    LOG.info("Sampled %d/%d targets (%.0f s)", b, len(order), time.time() - start)
+                    next_report += 0.1
                 idx = order[b : b + batch_size]
                 ids, mask = _left_pad([prompts[i] for i in idx], pad_id)
                 gen = model.generate(
@@ -275,10 +297,12 @@ def sample_continuations(
                     out[i] = new[r].tolist()
     finally:
         model.train(was_training)
+        if saved_gen_cfg is not None:
+            model.generation_config = saved_gen_cfg
     return out  # type: ignore[return-value]
 
 
-def build_embedded(tokenizer, data_cfg, seed: int, model, out_dir: Path, params: dict) -> None:
+def build_embedded(tokenizer, seed: int, model, out_dir: Path, params: dict) -> None:
     """Build both splits of the embedded set and write them (original format + extra keys) to out_dir."""
     start = time.time()
     n_tokens = params["n_tokens"]
@@ -296,18 +320,22 @@ def build_embedded(tokenizer, data_cfg, seed: int, model, out_dir: Path, params:
             items.append((split_of[doc], doc, p))
     cap = params["max_passages"]
     if cap is not None and len(items) > int(cap):
-        # Keep the same fraction of each split, choosing passages with a seeded draw.
-        keep = []
-        for split in ("train", "validation"):
+        # Keep the same share of each split, choosing its passages with a seeded draw.
+        keep: List[int] = []
+        for s, split in enumerate(("train", "validation")):
             members = [i for i, it in enumerate(items) if it[0] == split]
-            n_keep = max(2, int(round(int(cap) * len(members) / len(items))))
-            chosen = _rng(seed, _SALT_SPLIT, 1 + len(keep)).permutation(len(members))[:n_keep]
-            keep.extend(members[j] for j in sorted(chosen))
+            n_keep = min(len(members), max(2, int(round(int(cap) * len(members) / len(items)))))
+            keep.extend(members[j] for j in _rng(seed, _SALT_CAP, s).permutation(len(members))[:n_keep])
         items = [items[i] for i in sorted(keep)]
     LOG.info(
         "Building the embedded gen set: %d passages from %d documents (%d train / %d validation documents); "
         "sampling %d-token targets from %s at temperature %s.",
-        len(items), len(docs), len(train_ids), len(val_ids), n_tokens, params["model_id"] or "the model",
+        len(items),
+        len(docs),
+        len(train_ids),
+        len(val_ids),
+        n_tokens,
+        params["model_id"] or "the model",
         params["sample_temperature"],
     )
     prompts = [_encode(tokenizer, p) for _, _, p in items]
@@ -340,18 +368,27 @@ def build_embedded(tokenizer, data_cfg, seed: int, model, out_dir: Path, params:
     LOG.info(
         "Dropped %d of %d sampled targets (%d containing special tokens, %d whose text does not re-tokenise "
         "to the sampled ids after the passage); kept %d train and %d validation examples.",
-        n_dropped, len(items), dropped["special_token"], dropped["round_trip"],
-        len(splits["train"]["original"]), len(splits["validation"]["original"]),
+        n_dropped,
+        len(items),
+        dropped["special_token"],
+        dropped["round_trip"],
+        len(splits["train"]["original"]),
+        len(splits["validation"]["original"]),
     )
     for split in ("train", "validation"):
         if len(set(splits[split]["documents"])) < 2:
-            raise RuntimeError(
+            raise DataError(
                 f"The embedded {split} split has fewer than two documents after sampling; raise "
                 f"data.max_documents / data.max_passages."
             )
-    meta = dict(params, n_passages=len(items), n_dropped=dropped, sample_seconds=round(sample_seconds, 2),
-                build_seconds=round(time.time() - start, 2))
-    for split in ("validation", "train"):  # train.json last: its presence marks a complete cache
+    meta = dict(
+        params,
+        n_passages=len(items),
+        n_dropped=dropped,
+        sample_seconds=round(sample_seconds, 2),
+        build_seconds=round(time.time() - start, 2),
+    )
+    for split in ("validation", "train"):  # a cache counts as complete when both files exist
         obj = {"n_tokens": n_tokens, **splits[split], "split": split, "meta": meta}
         _write_json_atomic(out_dir / f"{split}.json", obj)
     LOG.info("Wrote the embedded gen set to %s (%.1f s in all).", out_dir, time.time() - start)
@@ -367,14 +404,14 @@ def webtext_passages(split: str) -> List[str]:
     try:
         import datasets
     except ImportError as e:
-        raise RuntimeError(
+        raise DataError(
             f"data.wiki_webtext=True needs the `datasets` package (pip install datasets) and the HuggingFace "
             f"hub to download {WEBTEXT_DATASET}; {hint}"
         ) from e
     try:
         texts = datasets.load_dataset(WEBTEXT_DATASET, split="train")["text"]
     except Exception as e:
-        raise RuntimeError(
+        raise DataError(
             f"Locality from OpenWebText (data.wiki_webtext=True) needs the HuggingFace hub to download "
             f"{WEBTEXT_DATASET}, which failed ({type(e).__name__}: {e}); {hint}"
         ) from e
@@ -382,7 +419,7 @@ def webtext_passages(split: str) -> List[str]:
     texts = texts[:n_train] if split == "train" else texts[n_train:]
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
-        raise RuntimeError(f"{WEBTEXT_DATASET} gave no {split} documents; {hint}")
+        raise DataError(f"{WEBTEXT_DATASET} gave no {split} documents; {hint}")
     return texts
 
 
@@ -413,7 +450,7 @@ class GenDataset(torch.utils.data.Dataset):
         self.max_passage_tokens = int(_opt(data_cfg, "max_passage_tokens", 64))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None:
-            raise ValueError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
+            raise DataError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
 
         path = _opt(data_cfg, "path", None)
         stored_ids: Optional[List[List[int]]] = None
@@ -422,8 +459,12 @@ class GenDataset(torch.utils.data.Dataset):
             passages, targets, file_n_tokens, _ = read_original(self.source)
             documents = [str(i) for i in range(len(passages))]
             if file_n_tokens is not None and file_n_tokens != self.n_tokens:
-                LOG.warning("%s has n_tokens=%d, data.n_tokens=%d; targets are taken from the file as they are.",
-                            self.source, file_n_tokens, self.n_tokens)
+                LOG.warning(
+                    "%s has n_tokens=%d, data.n_tokens=%d; targets are taken from the file as they are.",
+                    self.source,
+                    file_n_tokens,
+                    self.n_tokens,
+                )
         else:
             passages, targets, documents, stored_ids = self._load_embedded(cache_dir, model, model_id)
         self._prepare(passages, targets, documents, stored_ids)
@@ -438,18 +479,18 @@ class GenDataset(torch.utils.data.Dataset):
             LOG.info("Loading the embedded gen set from %s", out_dir)
         else:
             if model is None:
-                raise RuntimeError(
+                raise DataError(
                     f"No cached embedded gen data at {out_dir} and no model was given to sample targets from. "
                     f"Pass the model (run.py does so on the first run), or set data.path to a directory "
                     f"with train.json and validation.json."
                 )
-            build_embedded(self.tok, self.cfg, self.seed, model, out_dir, params)
+            build_embedded(self.tok, self.seed, model, out_dir, params)
         self.source = out_dir / f"{self.split}.json"
         passages, targets, _, obj = read_original(self.source)
         n = len(passages)
         for key in ("documents", "target_ids"):
             if not isinstance(obj.get(key), list) or len(obj[key]) != n:
-                raise ValueError(
+                raise DataError(
                     f"{self.source}: key {key!r} is missing or does not have {n} entries; the cache is "
                     f"damaged: delete {out_dir} to rebuild it."
                 )
@@ -474,21 +515,35 @@ class GenDataset(torch.utils.data.Dataset):
                 mismatched += 1
                 t_ids = list(stored_ids[i])
             if not t_ids:
-                raise ValueError(f"{self.source}: example {i} has an empty target after tokenisation.")
+                raise DataError(f"{self.source}: example {i} has an empty target after tokenisation.")
             self.passages.append(p)
             self.targets.append(t)
             self.passage_ids.append(ids)
             self.target_ids.append(t_ids)
         if n_truncated:
-            LOG.info("%s: %d passages longer than data.max_passage_tokens=%d were cut to their last %d tokens.",
-                     self.source, n_truncated, m, m)
+            LOG.info(
+                "%s: %d passages longer than data.max_passage_tokens=%d were cut to their last %d tokens.",
+                self.source,
+                n_truncated,
+                m,
+                m,
+            )
         if mismatched:
-            LOG.warning("%s: %d targets re-tokenise differently from the ids stored at build time (another "
-                        "tokenizer?); the stored ids are used.", self.source, mismatched)
+            LOG.warning(
+                "%s: %d targets re-tokenise differently from the ids stored at build time (another "
+                "tokenizer?); the stored ids are used.",
+                self.source,
+                mismatched,
+            )
         lengths = [len(t) for t in self.target_ids]
         if stored_ids is None and any(n != self.n_tokens for n in lengths):
-            LOG.info("%s: target lengths %d..%d tokens with this tokenizer (data.n_tokens=%d).",
-                     self.source, min(lengths), max(lengths), self.n_tokens)
+            LOG.info(
+                "%s: target lengths %d..%d tokens with this tokenizer (data.n_tokens=%d).",
+                self.source,
+                min(lengths),
+                max(lengths),
+                self.n_tokens,
+            )
         self._build_rephrases()
         self._build_locality()
         LOG.info("gen %s split: %d edit examples from %s", self.split, len(self), self.source)
@@ -507,34 +562,40 @@ class GenDataset(torch.utils.data.Dataset):
             self.rephrase_ids.append(list(r_ids))
 
     def _build_locality(self) -> None:
-        n = len(self.passages)
+        self._webtext: Optional[List[str]] = None
+        self._loc_cache: Dict[Tuple[int, int], Tuple[str, List[int]]] = {}
         if _opt(self.cfg, "wiki_webtext", False):
-            pool = webtext_passages(self.split)
-            picks = [int(_rng(self.seed, _SALT_LOC, i).integers(0, len(pool))) for i in range(n)]
-            self.loc_texts, self.loc_ids = [], []
-            for j in picks:
-                ids = _encode(self.tok, pool[j])[: self.max_passage_tokens]
-                self.loc_texts.append(_decode(self.tok, ids))
-                self.loc_ids.append(ids)
-            return
-        if len(set(self.documents)) < 2:
-            raise ValueError(
+            self._webtext = webtext_passages(self.split)
+        elif len(set(self.documents)) < 2:
+            raise DataError(
                 f"{self.source}: the {self.split} split needs passages from at least two documents "
                 f"(locality passages come from a different document than the edit)."
             )
-        self.loc_index = []
-        for i in range(n):
-            rng = _rng(self.seed, _SALT_LOC, i)
+        self.loc_texts = [self._loc(i, 0)[0] for i in range(len(self))]
+
+    def _loc(self, i: int, r: int) -> Tuple[str, List[int]]:
+        """The r-th locality partner of edit example i: a passage of the same split from another document
+        (or an OpenWebText document with data.wiki_webtext), drawn deterministically from (seed, i, r)."""
+        key = (i, r)
+        if key in self._loc_cache:
+            return self._loc_cache[key]
+        rng = _rng(self.seed, _SALT_LOC, i, r)
+        if self._webtext is not None:
+            j = int(rng.integers(0, len(self._webtext)))
+            ids = _encode(self.tok, self._webtext[j])[: self.max_passage_tokens]
+            value = (_decode(self.tok, ids), ids)
+        else:
+            n = len(self)
             for _ in range(64):
                 j = int(rng.integers(0, n))
                 if self.documents[j] != self.documents[i]:
                     break
             else:
-                others = [j for j in range(n) if self.documents[j] != self.documents[i]]
+                others = [k for k in range(n) if self.documents[k] != self.documents[i]]
                 j = others[int(rng.integers(0, len(others)))]
-            self.loc_index.append(j)
-        self.loc_texts = [self.passages[j] for j in self.loc_index]
-        self.loc_ids = [self.passage_ids[j] for j in self.loc_index]
+            value = (self.passages[j], self.passage_ids[j])
+        self._loc_cache[key] = value
+        return value
 
     # ---- access
 
@@ -565,15 +626,18 @@ class GenDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def _batch(self, edits: List[int], n_loc: int) -> dict:
-        inner = self._pad([self.passage_ids[i] + self.target_ids[i] for i in edits],
-                          [len(self.passage_ids[i]) for i in edits])
+        inner = self._pad(
+            [self.passage_ids[i] + self.target_ids[i] for i in edits], [len(self.passage_ids[i]) for i in edits]
+        )
         if _opt(self.cfg, "rephrase", True):
-            outer = self._pad([self.rephrase_ids[i] + self.target_ids[i] for i in edits],
-                              [len(self.rephrase_ids[i]) for i in edits])
+            outer = self._pad(
+                [self.rephrase_ids[i] + self.target_ids[i] for i in edits], [len(self.rephrase_ids[i]) for i in edits]
+            )
         else:
             outer = {k: v.clone() for k, v in inner.items()}
-        locs = [edits[k % len(edits)] for k in range(n_loc)]
-        loc = self._pad([self.loc_ids[i] for i in locs], [0] * n_loc)
+        # Slot k holds partner k // n_edits of edit k % n_edits: one partner per edit, more when n_loc > n_edits.
+        locs = [self._loc(edits[k % len(edits)], k // len(edits)) for k in range(n_loc)]
+        loc = self._pad([ids for _, ids in locs], [0] * n_loc)
         return {
             "edit_inner": inner,
             "edit_outer": outer,
@@ -583,7 +647,7 @@ class GenDataset(torch.utils.data.Dataset):
                 "passage": [self.passages[i] for i in edits],
                 "target": [self.targets[i] for i in edits],
                 "rephrase": [self.rephrases[i] for i in edits],
-                "loc": [self.loc_texts[i] for i in locs],
+                "loc": [text for text, _ in locs],
             },
         }
 
@@ -598,15 +662,15 @@ class GenDataset(torch.utils.data.Dataset):
         n_edits = int(_opt(self.cfg, "n_edits", 1))
         n_loc = int(batch_size) - n_edits
         if n_edits < 1:
-            raise ValueError(f"data.n_edits={n_edits} must be >= 1.")
+            raise DataError(f"data.n_edits={n_edits} must be >= 1.")
         if n_loc < 1:
-            raise ValueError(
+            raise DataError(
                 f"data.n_edits={n_edits} must be smaller than batch_size={batch_size}: each batch holds n_edits "
                 f"edits plus at least one locality passage (e.g. data.n_edits=5 batch_size=6)."
             )
         size = len(self)
         if size < n_edits:
-            raise ValueError(f"The {self.split} split has {size} examples, fewer than data.n_edits={n_edits}.")
+            raise DataError(f"The {self.split} split has {size} examples, fewer than data.n_edits={n_edits}.")
         if self.split == "train" and n is None:
             return self._train_batches(n_edits, n_loc)
         if n is None:
@@ -624,7 +688,13 @@ class GenDataset(torch.utils.data.Dataset):
     def _fixed_batches(self, n_edits: int, n_loc: int, n: int) -> Iterator[dict]:
         order = _rng(self.seed, _SALT_EVAL_ORDER).permutation(len(self)).tolist()
         if n * n_edits > len(order):
-            LOG.info("%d %s batches of %d edits need %d examples; the split has %d, so the order wraps around.",
-                     n, self.split, n_edits, n * n_edits, len(order))
+            LOG.info(
+                "%d %s batches of %d edits need %d examples; the split has %d, so the order wraps around.",
+                n,
+                self.split,
+                n_edits,
+                n * n_edits,
+                len(order),
+            )
         for b in range(n):
             yield self._batch([order[(b * n_edits + j) % len(order)] for j in range(n_edits)], n_loc)
