@@ -73,6 +73,16 @@ def _normalise_split(split: str) -> str:
     raise DataError(f"split={split!r}: expected 'train' or 'validation'.")
 
 
+def context_length(model) -> Optional[int]:
+    """The longest input ``model`` takes (n_positions / max_position_embeddings of its config), if it says."""
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _rng(*entropy: int) -> np.random.Generator:
     return np.random.default_rng([int(e) for e in entropy])
 
@@ -127,9 +137,17 @@ def read_original(path: Path) -> Tuple[List[str], List[str], Optional[int], dict
     """
     try:
         with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected {FORMAT_HINT}.") from e
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty; expected {FORMAT_HINT}.")
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e}); expected {FORMAT_HINT}.") from e
+        raise DataError(
+            f"{path}: not valid JSON at line {e.lineno} column {e.colno} ({e.msg}); expected {FORMAT_HINT}."
+        ) from e
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a JSON object {FORMAT_HINT}, got {type(obj).__name__}.")
     for key in ("original", "completions"):
@@ -440,6 +458,7 @@ class GenDataset(torch.utils.data.Dataset):
         model=None,
         model_id: str = "",
         device="cpu",
+        max_length: Optional[int] = None,
     ):
         self.tok = tokenizer
         self.cfg = data_cfg
@@ -448,6 +467,8 @@ class GenDataset(torch.utils.data.Dataset):
         self.device = device  # generation runs on the model's own device; batches are on the CPU
         self.n_tokens = int(_opt(data_cfg, "n_tokens", 10))
         self.max_passage_tokens = int(_opt(data_cfg, "max_passage_tokens", 64))
+        # The model's context: no row (passage + target) may be longer. Defaults to the model's own.
+        self.max_length = max_length if max_length is not None else context_length(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None:
             raise DataError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
@@ -499,23 +520,31 @@ class GenDataset(torch.utils.data.Dataset):
     # ---- tokenisation, equivalence and locality
 
     def _prepare(self, passages, targets, documents, stored_ids) -> None:
-        tok, m = self.tok, self.max_passage_tokens
-        self.passages, self.targets, self.documents = [], [], list(documents)
+        tok, m, context = self.tok, self.max_passage_tokens, self.max_length
+        self.passages, self.targets, self.documents = [], [], []
         self.passage_ids, self.target_ids = [], []
-        n_truncated, mismatched = 0, 0
+        n_truncated, n_context, mismatched, too_long = 0, 0, 0, []
         for i, (p, t) in enumerate(zip(passages, targets)):
-            ids = _encode(tok, p)
-            if len(ids) > m:
-                # Keep the end of the passage, so that the target still continues it.
-                ids = ids[-m:]
-                p = _decode(tok, ids)
-                n_truncated += 1
             t_ids = _encode(tok, t)
             if stored_ids is not None and t_ids != list(stored_ids[i]):
                 mismatched += 1
                 t_ids = list(stored_ids[i])
             if not t_ids:
                 raise DataError(f"{self.source}: example {i} has an empty target after tokenisation.")
+            if context is not None and len(t_ids) >= context:
+                too_long.append(i)  # not even one passage token fits before the target
+                continue
+            ids = full = _encode(tok, p)
+            if len(ids) > m:
+                # Keep the end of the passage, so that the target still continues it.
+                ids = ids[-m:]
+                n_truncated += 1
+            if context is not None and len(ids) + len(t_ids) > context:
+                ids = ids[len(ids) + len(t_ids) - context :]
+                n_context += 1
+            if len(ids) < len(full):
+                p = _decode(tok, ids)
+            self.documents.append(str(documents[i]))
             self.passages.append(p)
             self.targets.append(t)
             self.passage_ids.append(ids)
@@ -528,6 +557,27 @@ class GenDataset(torch.utils.data.Dataset):
                 m,
                 m,
             )
+        if n_context:
+            LOG.warning(
+                "%s: %d passages were cut from the left so that passage + target fit the model's context of %d tokens.",
+                self.source,
+                n_context,
+                context,
+            )
+        if too_long:
+            LOG.warning(
+                "%s: %d examples skipped, their target alone fills the model's context of %d tokens (examples %s).",
+                self.source,
+                len(too_long),
+                context,
+                ", ".join(map(str, too_long[:10])) + (", ..." if len(too_long) > 10 else ""),
+            )
+            if not self.passages:
+                raise DataError(
+                    f"{self.source}: every target is at least {context} tokens long, the model's context; "
+                    f"no example can be used."
+                )
+        self.n_truncated_to_context, self.n_skipped_too_long = n_context, len(too_long)
         if mismatched:
             LOG.warning(
                 "%s: %d targets re-tokenise differently from the ids stored at build time (another "
@@ -582,7 +632,7 @@ class GenDataset(torch.utils.data.Dataset):
         rng = _rng(self.seed, _SALT_LOC, i, r)
         if self._webtext is not None:
             j = int(rng.integers(0, len(self._webtext)))
-            ids = _encode(self.tok, self._webtext[j])[: self.max_passage_tokens]
+            ids = _encode(self.tok, self._webtext[j])[: min(self.max_passage_tokens, self.max_length or 1 << 30)]
             value = (_decode(self.tok, ids), ids)
         else:
             n = len(self)
@@ -651,10 +701,11 @@ class GenDataset(torch.utils.data.Dataset):
             },
         }
 
-    def edit_generator(self, batch_size: int, n: Optional[int] = None) -> Iterator[dict]:
+    def edit_generator(self, batch_size: int, n: Optional[int] = None, start: int = 0) -> Iterator[dict]:
         """Batches of ``data.n_edits`` edits plus ``batch_size - n_edits`` locality passages.
 
-        Train split with ``n=None``: endless, a new seeded permutation of the examples each epoch.
+        Train split with ``n=None``: endless, a new seeded permutation of the examples each epoch;
+        ``start`` skips that many batches without building them (to resume a run where it stopped).
         Validation split, or any split with ``n`` given: exactly ``n`` batches (``n=None``:
         ``len(self) // n_edits``) from the start of a fixed seeded order, the same on every call;
         the order wraps around when ``n * n_edits`` exceeds the number of examples.
@@ -672,18 +723,19 @@ class GenDataset(torch.utils.data.Dataset):
         if size < n_edits:
             raise DataError(f"The {self.split} split has {size} examples, fewer than data.n_edits={n_edits}.")
         if self.split == "train" and n is None:
-            return self._train_batches(n_edits, n_loc)
+            return self._train_batches(n_edits, n_loc, start)
         if n is None:
             n = size // n_edits
         return self._fixed_batches(n_edits, n_loc, int(n))
 
-    def _train_batches(self, n_edits: int, n_loc: int) -> Iterator[dict]:
-        epoch = 0
+    def _train_batches(self, n_edits: int, n_loc: int, start: int = 0) -> Iterator[dict]:
+        per_epoch = len(self) // n_edits
+        epoch, first = divmod(int(start), per_epoch)
         while True:
             order = _rng(self.seed, _SALT_TRAIN_ORDER, epoch).permutation(len(self)).tolist()
-            for b in range(len(order) // n_edits):
+            for b in range(first, per_epoch):
                 yield self._batch(order[b * n_edits : (b + 1) * n_edits], n_loc)
-            epoch += 1
+            epoch, first = epoch + 1, 0
 
     def _fixed_batches(self, n_edits: int, n_loc: int, n: int) -> Iterator[dict]:
         order = _rng(self.seed, _SALT_EVAL_ORDER).permutation(len(self)).tolist()
