@@ -133,10 +133,16 @@ class Config:
     early_stop_key: str = "loss/total_edit_val"
     # Consecutive non-finite steps after which training stops with an error.
     max_nonfinite_steps: int = 100
+    # Steps between resume points (checkpoints/last.pt: the whole training state); None: every val_interval.
+    # SIGINT / SIGTERM and the end of training also write it.
+    checkpoint_interval: Optional[int] = None
 
     # Evaluation / archives.
     eval_only: bool = False
     archive: Optional[str] = None
+    # Continue an interrupted run: its run directory (or its checkpoints/last.pt). Give the same settings as
+    # the run (model, inner_params and alg must match); checkpoints and results.json go to that directory.
+    resume: Optional[str] = None
     results_dir: Optional[str] = None
     save: bool = True
 
@@ -185,6 +191,17 @@ def validate_config(cfg, algs=(), tasks=()) -> None:
     for key in ("accumulate_bs", "log_interval", "val_interval", "val_steps"):
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} must be >= 1.")
+    if cfg.checkpoint_interval is not None and cfg.checkpoint_interval < 1:
+        raise ConfigError(f"checkpoint_interval={cfg.checkpoint_interval} must be >= 1 (or null: val_interval).")
+    if cfg.max_nonfinite_steps < 1:
+        raise ConfigError(f"max_nonfinite_steps={cfg.max_nonfinite_steps} must be >= 1.")
+    if cfg.resume is not None and cfg.archive is not None:
+        raise ConfigError(
+            "resume= and archive= are exclusive: resume continues an interrupted run (its own editor included); "
+            "archive starts from, or evaluates, a trained editor."
+        )
+    if cfg.resume is not None and cfg.eval_only:
+        raise ConfigError("resume= continues training; to evaluate a run's editor use eval_only=True archive=<run>.")
     if cfg.eval_only and cfg.archive is None:
         raise ConfigError("eval_only=True needs archive=<checkpoint file or run directory> holding a trained editor.")
     if cfg.wandb.mode not in ("online", "offline", "disabled"):

@@ -3,6 +3,11 @@
 python -m run +alg=mend +experiment=gen +model=smollm2
 python -m run +alg=mend +experiment=gen +model=distilgpt2 data.n_edits=5 batch_size=6 val_batch_size=6
 python -m run +alg=mend +experiment=gen +model=smollm2 eval_only=True archive=outputs/<run>
+python -m run +alg=mend +experiment=gen +model=smollm2 resume=outputs/<run>   # continue an interrupted run
+
+Exit status: 0 done; 2 a clear error (bad config, data, model or checkpoint; a loss that stays non-finite; a
+checkpoint that cannot be written), logged as one line; 128 + the signal number after SIGINT / SIGTERM, once
+the resume point checkpoints/last.pt is written.
 """
 
 from __future__ import annotations
@@ -32,8 +37,15 @@ def _load(path: str):
 def main_job(cfg: DictConfig, run_dir: str) -> dict:
     # Imported here so that config errors are reported before torch and transformers load.
     from models import check_inner_params, get_model, get_tokenizer
-    from trainer import EditTrainer
+    from trainer import LAST_NAME, EditTrainer, load_checkpoint, resume_run_dir
     from utils import resolve_device, seed_everything
+
+    # 0. a checkpoint to resume or to start from must exist, be readable and fit this setting: refuse it early
+    if cfg.resume is not None:
+        load_checkpoint(cfg.resume, cfg, name=LAST_NAME, key="resume")
+        run_dir = resume_run_dir(cfg.resume)
+    elif cfg.archive is not None:
+        load_checkpoint(cfg.archive, cfg)
 
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -82,14 +94,29 @@ def main(cfg: DictConfig) -> None:
         validate_config(cfg, algs=ALGS, tasks=DATASETS)
     except ConfigError as e:
         _fail(e)
+    from data_classes import DataError
     from models import InnerParamsError, ModelLoadError
-    from trainer import CheckpointError
+    from trainer import CheckpointError, NonFiniteLossError, TrainingInterrupted
 
-    user_errors = (ConfigError, ModelLoadError, InnerParamsError, CheckpointError, FileNotFoundError)
+    user_errors = (
+        ConfigError,
+        ModelLoadError,
+        InnerParamsError,
+        CheckpointError,
+        DataError,
+        NonFiniteLossError,
+        FileNotFoundError,
+    )
     try:
         main_job(cfg, HydraConfig.get().runtime.output_dir)
     except user_errors as e:
         _fail(e)
+    except TrainingInterrupted as e:
+        LOG.warning("%s", e)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        LOG.warning("Interrupted.")
+        sys.exit(130)
 
 
 def _fail(error: Exception) -> None:

@@ -8,10 +8,16 @@ keeps the best checkpoint; a final evaluation reloads it and writes results.json
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import inspect
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from typing import Callable, Dict, Optional
 
@@ -21,46 +27,159 @@ from tqdm import tqdm
 
 from editable_model import EditableModel
 from losses import kl_loc_loss
-from utils import EarlyStopper, StatAverager, atomic_torch_save, model_inputs, to_device, write_json
+from utils import (
+    EarlyStopper,
+    StatAverager,
+    atomic_torch_save,
+    model_inputs,
+    rng_state,
+    set_rng_state,
+    to_device,
+    write_json,
+)
 
 LOG = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "best.pt"
+BEST_NAME = "best.pt"  # the editor with the best validation score: what archive= loads
+LAST_NAME = "last.pt"  # the full training state at the latest checkpoint: what resume= continues from
+CHECKPOINT_NAME = BEST_NAME
+# Config keys whose change on resume cannot affect the training itself.
+_RESUME_FREE_KEYS = ("resume", "archive", "silent", "wandb", "eval", "results_dir", "cache_dir", "device", "max_time")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: missing, unreadable, or made for another model."""
 
 
-def checkpoint_path(archive: str) -> str:
-    """``archive`` may be a checkpoint file or a run directory (its checkpoints/best.pt)."""
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, permissions); the previous one is intact."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive training steps had non-finite losses or gradients."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training; a last checkpoint was written when saving is on."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _StopRequested(Exception):
+    """Raised inside validation when a stop signal arrives, to checkpoint without finishing it."""
+
+
+def checkpoint_path(archive: str, name: str = BEST_NAME, key: str = "archive") -> str:
+    """``archive`` may be a checkpoint file or a run directory (its checkpoints/<name>)."""
     path = os.path.expanduser(archive)
     if os.path.isdir(path):
-        path = os.path.join(path, "checkpoints", CHECKPOINT_NAME)
+        path = os.path.join(path, "checkpoints", name)
     if not os.path.isfile(path):
         raise CheckpointError(
-            f"archive={archive!r}: no checkpoint found at {path}. Pass a checkpoint file or the run directory of a "
-            f"training run (it holds checkpoints/{CHECKPOINT_NAME})."
+            f"{key}={archive!r}: no checkpoint found at {path}. Pass a checkpoint file or the run directory of a "
+            f"training run (it holds checkpoints/{name})."
         )
     return path
 
 
-def load_checkpoint(archive: str, config) -> dict:
-    """Load a checkpoint without executing code and check it belongs to this base model and edited weights."""
-    path = checkpoint_path(archive)
+def resume_run_dir(resume: str) -> str:
+    """The run directory of ``resume=`` (a run directory, or a checkpoint file inside its checkpoints/)."""
+    path = os.path.abspath(os.path.expanduser(resume))
+    if os.path.isdir(path):
+        return path
+    parent = os.path.dirname(path)
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
+
+
+def base_model_identity(model: torch.nn.Module, inner_params) -> dict:
+    """What identifies the base model for an editor: its class, size, and the edited weights' shapes and hashes."""
+    weights = {}
+    for name in inner_params:
+        p = model.get_parameter(name).detach()
+        data = p.to("cpu", torch.float32).contiguous().numpy().tobytes()
+        weights[name] = {
+            "shape": list(p.shape),
+            "dtype": str(p.dtype).replace("torch.", ""),
+            "sha256": hashlib.sha256(data).hexdigest()[:16],
+        }
+    return {
+        "class": type(model).__name__,
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "edited_weights": weights,
+    }
+
+
+def read_checkpoint(path: str, key: str = "archive") -> dict:
+    """Load a checkpoint file without executing code: tensors through weights_only, metadata as JSON."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupted or not a checkpoint at all
-        raise CheckpointError(f"archive {path} could not be read as a checkpoint ({type(e).__name__}: {e}).") from e
-    meta = json.loads(ckpt.get("meta", "{}"))
+    except Exception as e:  # truncated, corrupted, not a checkpoint, or holding code (refused by weights_only)
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{key}: {path} could not be read as a checkpoint ({type(e).__name__}: {reason}). The file is "
+            f"truncated, corrupted, or not a checkpoint of this program; nothing in it was run."
+        ) from e
+    if not isinstance(ckpt, dict) or "editor" not in ckpt or "meta" not in ckpt:
+        raise CheckpointError(f"{key}: {path} is not an editor checkpoint (no 'editor' and 'meta' entries).")
+    try:
+        ckpt["meta"] = json.loads(ckpt["meta"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{key}: {path} has unreadable metadata ({e}).") from e
+    return ckpt
+
+
+def load_checkpoint(
+    archive: str, config, name: str = BEST_NAME, key: str = "archive", model: Optional[torch.nn.Module] = None
+) -> dict:
+    """Load a checkpoint without executing code and check it belongs to this base model and edited weights.
+
+    ``ckpt["meta"]`` comes back as a dict. With ``model``, the edited weights' shapes must match too (a
+    change of their values, e.g. another fine-tune under the same name, is only warned about).
+    """
+    path = checkpoint_path(archive, name, key)
+    ckpt = read_checkpoint(path, key)
+    meta = ckpt["meta"]
     mine = {"model": config.model.name, "inner_params": list(config.model.inner_params), "alg": config.alg}
     theirs = {k: meta.get(k) for k in mine}
     if theirs != mine:
         diffs = "; ".join(
             f"{k}: checkpoint has {theirs[k]!r}, this run has {mine[k]!r}" for k in mine if theirs[k] != mine[k]
         )
-        raise CheckpointError(f"archive {path} was trained for another setting ({diffs}).")
+        raise CheckpointError(f"{key}: {path} was trained for another setting ({diffs}).")
+    identity = meta.get("base_model")
+    if model is not None and identity:
+        ours = base_model_identity(model, config.model.inner_params)
+        for w, info in identity.get("edited_weights", {}).items():
+            now = ours["edited_weights"].get(w)
+            if now is None:
+                continue
+            if now["shape"] != info["shape"]:
+                raise CheckpointError(
+                    f"{key}: {path} was trained on a model whose {w} has shape {info['shape']}; this model's "
+                    f"{config.model.name} has shape {now['shape']}."
+                )
+            if now["sha256"] != info["sha256"]:
+                LOG.warning(
+                    "%s: the edited weight %s of %s differs from the one the checkpoint was trained on "
+                    "(another version or fine-tune of the model?).",
+                    key,
+                    w,
+                    config.model.name,
+                )
+    ckpt["path"] = path
     return ckpt
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 class EditTrainer:
@@ -76,6 +195,9 @@ class EditTrainer:
         self.n_skipped = 0
         self.consecutive_nonfinite = 0
         self.train_seconds = 0.0
+        self.last_val_step = -1
+        self.finished = False  # training is over (a resumed finished run only evaluates)
+        self._stop_signal: Optional[int] = None
         self.stopper = EarlyStopper(config.early_stop_patience, config.early_stop_key)
 
         step_params = {id(p) for p in self.editor.step_size_parameters()}
@@ -85,12 +207,62 @@ class EditTrainer:
         step_size_params = self.editor.step_size_parameters()
         self.lr_opt = opt_class(step_size_params, lr=config.lr_lr) if step_size_params else None
 
-        if config.archive is not None:
-            ckpt = load_checkpoint(config.archive, config)
-            self.editor.load_state_dict(ckpt["editor"])
-            LOG.info("Loaded editor from %s (step %s)", checkpoint_path(config.archive), ckpt.get("step"))
+        if config.resume is not None:
+            self._resume(config.resume)
+        elif config.archive is not None:
+            ckpt = load_checkpoint(config.archive, config, model=self.editor.model)
+            self._load_editor(ckpt)
+            LOG.info("Loaded editor from %s (step %s)", ckpt["path"], ckpt.get("step"))
 
         self.wandb = self._init_wandb()
+
+    def _load_editor(self, ckpt: dict) -> None:
+        try:
+            self.editor.load_state_dict(ckpt["editor"])
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"{ckpt['path']}: the editor it holds does not fit this configuration (was mend.* changed?): "
+                f"{str(e).splitlines()[0]} ..."
+            ) from e
+
+    def _resume(self, resume: str) -> None:
+        """Restore the whole training state of checkpoints/last.pt: continuing gives the same run as no stop."""
+        cfg = self.config
+        ckpt = load_checkpoint(resume, cfg, name=LAST_NAME, key="resume", model=self.editor.model)
+        saved = _flatten(ckpt["meta"].get("config", {}))
+        now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+        changed = [
+            f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+            for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k) and not k.startswith(_RESUME_FREE_KEYS)
+        ]
+        if changed:
+            LOG.warning("Resuming with settings that differ from the interrupted run: %s", "; ".join(changed))
+        self._load_editor(ckpt)
+        for opt, key, lr in ((self.opt, "opt", cfg.lr), (self.lr_opt, "lr_opt", cfg.lr_lr)):
+            if opt is not None and ckpt.get(key):
+                opt.load_state_dict(ckpt[key])
+                for group in opt.param_groups:  # a changed lr / lr_lr on the command line takes effect
+                    group["lr"] = lr
+        params = dict(self.editor.named_parameters())
+        for name, grad in ckpt.get("grads", {}).items():  # gradients accumulated since the last optimiser step
+            params[name].grad = grad.to(params[name].device)
+        state = ckpt["trainer"]
+        self.step = int(ckpt["step"])
+        self.n_skipped = int(state["n_skipped"])
+        self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
+        self.last_val_step = int(state["last_val_step"])
+        self.train_seconds = float(state["train_seconds"])
+        self.finished = bool(state["finished"])
+        self.stopper.load_state_dict(ckpt["stopper"])
+        set_rng_state(ckpt["rng"])
+        LOG.info(
+            "Resuming %s from step %d%s; checkpoints and results go to %s.",
+            ckpt["path"],
+            self.step,
+            " (training had finished: evaluating only)" if self.finished else "",
+            self.run_dir,
+        )
 
     # -- logging --------------------------------------------------------------------------
     def _init_wandb(self):
@@ -188,9 +360,10 @@ class EditTrainer:
             self.consecutive_nonfinite += 1
             LOG.warning("Step %d: non-finite loss or gradient, step skipped (%d so far).", self.step, self.n_skipped)
             if self.consecutive_nonfinite >= self.config.max_nonfinite_steps:
-                raise RuntimeError(
-                    f"{self.consecutive_nonfinite} consecutive training steps had non-finite losses or gradients; "
-                    f"stopping. Lower lr / edit_lr, or raise max_nonfinite_steps to keep going."
+                raise NonFiniteLossError(
+                    f"{self.consecutive_nonfinite} consecutive training steps (up to step {self.step + 1}) had "
+                    f"non-finite losses or gradients (max_nonfinite_steps={self.config.max_nonfinite_steps}); "
+                    f"stopping. Lower lr / edit_lr, check cedit / cloc, or raise max_nonfinite_steps."
                 )
             return
         self.consecutive_nonfinite = 0
@@ -211,7 +384,13 @@ class EditTrainer:
         return {"grad": norm.item()}
 
     # -- validation -----------------------------------------------------------------------
-    def validate(self, steps: Optional[int] = None, desc: str = "validate", editor: Optional[EditableModel] = None):
+    def validate(
+        self,
+        steps: Optional[int] = None,
+        desc: str = "validate",
+        editor: Optional[EditableModel] = None,
+        interruptible: bool = False,
+    ):
         n_batches = max(1, len(self.val_set) // self.config.data.n_edits)
         steps = min(steps or self.config.val_steps, n_batches)
         saved = self.editor
@@ -222,6 +401,8 @@ class EditTrainer:
             gen = self.val_set.edit_generator(self.config.val_batch_size, n=steps)
             start = time.perf_counter()
             for batch in tqdm(gen, total=steps, desc=desc, leave=False, disable=self.config.silent):
+                if interruptible and self._stop_signal is not None:
+                    raise _StopRequested()
                 averager.add(self.edit_step(batch, training=False))
             stats = averager.summary()
             stats["eval_time/elapsed"] = time.perf_counter() - start
@@ -231,69 +412,203 @@ class EditTrainer:
         return stats
 
     # -- checkpoints ----------------------------------------------------------------------
+    def _meta(self) -> str:
+        return json.dumps(
+            {
+                "model": self.config.model.name,
+                "inner_params": list(self.config.model.inner_params),
+                "alg": self.config.alg,
+                "base_model": self._identity(),
+                "config": OmegaConf.to_container(self.config, resolve=True),
+            }
+        )
+
+    def _identity(self) -> dict:
+        if not hasattr(self, "_base_identity"):
+            self._base_identity = base_model_identity(self.editor.model, self.config.model.inner_params)
+        return self._base_identity
+
+    def _write(self, obj: dict, name: str) -> None:
+        path = os.path.join(self.ckpt_dir, name)
+        try:
+            atomic_torch_save(obj, path)
+        except OSError as e:
+            reason = "no space left on the device" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
+            last = os.path.join(self.ckpt_dir, LAST_NAME)
+            kept = [f"the previous {name} is intact" if os.path.exists(path) else f"no {name} was written before"]
+            if os.path.exists(last):
+                kept.append(f"after fixing this, continue with resume={self.run_dir}")
+            raise CheckpointWriteError(
+                f"Could not write the checkpoint {path}: {reason}. Training stopped at step {self.step}; "
+                f"{'; '.join(kept)}."
+            ) from e
+
     def save_checkpoint(self, stats: Dict[str, float]) -> None:
+        """The best editor so far (checkpoints/best.pt): what archive= and the final evaluation load."""
         if not self.config.save:
             return
-        meta = {
-            "model": self.config.model.name,
-            "inner_params": list(self.config.model.inner_params),
-            "alg": self.config.alg,
-            "config": OmegaConf.to_container(self.config, resolve=True),
-        }
-        atomic_torch_save(
+        self._write(
+            {
+                "editor": self.editor.state_dict(),
+                "step": self.step,
+                "val_stats": {k: float(v) for k, v in stats.items()},
+                "stopper": self.stopper.state_dict(),
+                "meta": self._meta(),
+            },
+            BEST_NAME,
+        )
+
+    def save_last(self) -> None:
+        """Everything needed to continue exactly where training is now (checkpoints/last.pt)."""
+        if not self.config.save:
+            return
+        self._write(
             {
                 "editor": self.editor.state_dict(),
                 "opt": self.opt.state_dict() if self.opt is not None else {},
                 "lr_opt": self.lr_opt.state_dict() if self.lr_opt is not None else {},
+                "grads": {n: p.grad.detach().clone() for n, p in self.editor.named_parameters() if p.grad is not None},
                 "step": self.step,
-                "val_stats": {k: float(v) for k, v in stats.items()},
                 "stopper": self.stopper.state_dict(),
-                "meta": json.dumps(meta),
+                "trainer": {
+                    "n_skipped": self.n_skipped,
+                    "consecutive_nonfinite": self.consecutive_nonfinite,
+                    "last_val_step": self.last_val_step,
+                    "train_seconds": self.train_seconds,
+                    "finished": self.finished,
+                    "batches_drawn": self.step,  # one training batch per step
+                },
+                "rng": rng_state(),
+                "meta": self._meta(),
             },
-            os.path.join(self.ckpt_dir, CHECKPOINT_NAME),
+            LAST_NAME,
         )
+        self._last_saved_step = self.step
+
+    # -- signals --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT / SIGTERM ask training to stop after the current step; a second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                signal.signal(signum, signal.SIG_DFL)
+                raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+            self._stop_signal = signum
+            LOG.warning(
+                "%s received: stopping after the current step and writing checkpoints/%s (send it again to "
+                "stop at once).",
+                signal.Signals(signum).name,
+                LAST_NAME,
+            )
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
 
     # -- the loop -------------------------------------------------------------------------
+    def _train_batches(self):
+        """The training batches from the one after the last drawn (``self.step`` batches drawn so far)."""
+        make = self.train_set.edit_generator
+        if "start" in inspect.signature(make).parameters:
+            return make(self.config.batch_size, start=self.step)
+        gen = make(self.config.batch_size)
+        for _ in range(self.step):
+            next(gen)
+        return gen
+
+    def _validation_due(self, out_of_time: bool = False) -> bool:
+        cfg = self.config
+        due = self.step % cfg.val_interval == 0 or self.step >= cfg.max_iters or out_of_time
+        return self.step > 0 and due and self.last_val_step != self.step
+
     def train(self) -> None:
         cfg = self.config
-        gen = self.train_set.edit_generator(cfg.batch_size)
+        if self.finished:
+            return
         averager = StatAverager()
-        start = time.perf_counter()
-        bar = tqdm(total=cfg.max_iters, desc="train", disable=cfg.silent, dynamic_ncols=True)
-        self.last_val_step = -1
-        while self.step < cfg.max_iters:
-            # 1. one edit and its losses, gradients accumulated into the editor
-            averager.add(self.edit_step(next(gen), training=True))
-            self.step += 1
-            bar.update(1)
-            # 2. an optimiser step every accumulate_bs edits
-            if self.step % cfg.accumulate_bs == 0:
-                averager.add(self._optimizer_step())
-            # 3. console / wandb summaries of the last log_interval steps
-            if self.step % cfg.log_interval == 0:
-                stats = averager.summary()
-                averager = StatAverager()
-                bar.set_postfix({"loss": f"{stats['loss/total_edit']:.3f}", "ES": f"{stats['edit/acc']:.2f}"})
-                LOG.info("step %d: %s", self.step, _fmt(stats))
-                self._log(stats, self.step)
-            out_of_time = cfg.max_time is not None and time.perf_counter() - start >= cfg.max_time
-            # 4. validation, best checkpoint, early stopping
-            if self.step % cfg.val_interval == 0 or out_of_time or self.step == cfg.max_iters:
-                if self._validate_and_checkpoint():
-                    break
-            if out_of_time:
-                LOG.info("max_time=%ss reached after %d steps.", cfg.max_time, self.step)
-                break
-        bar.close()
-        self.train_seconds = time.perf_counter() - start
+        start = time.perf_counter() - self.train_seconds
+        interval = cfg.checkpoint_interval or cfg.val_interval
+        self._last_saved_step = self.step
+        bar = tqdm(total=cfg.max_iters, initial=self.step, desc="train", disable=cfg.silent, dynamic_ncols=True)
+        with self._stop_on_signals():
+            try:
+                stop = None
+                if self._validation_due() and self._validate_and_checkpoint():  # a resumed run's pending one
+                    stop = "early_stop"
+                gen = self._train_batches()
+                while not stop and self.step < cfg.max_iters and self._stop_signal is None:
+                    stop = self._train_step(next(gen), averager, start, interval)
+                    bar.update(1)
+                    if self.step % cfg.log_interval == 0:
+                        stats = averager.summary()
+                        averager = StatAverager()
+                        bar.set_postfix({"loss": f"{stats['loss/total_edit']:.3f}", "ES": f"{stats['edit/acc']:.2f}"})
+                        LOG.info("step %d: %s", self.step, _fmt(stats))
+                        self._log(stats, self.step)
+                # Over when early stopping said so or max_iters is reached; not after max_time (resume continues).
+                self.finished = stop == "early_stop" or self.step >= cfg.max_iters
+            except _StopRequested:
+                pass
+            except NonFiniteLossError:
+                self.train_seconds = time.perf_counter() - start
+                self.consecutive_nonfinite = 0  # a resumed run (say with a lower lr) starts a fresh count
+                self.save_last()  # the editor is still finite: keep the work, e.g. to resume with a lower lr
+                raise
+            finally:
+                bar.close()
+            self.train_seconds = time.perf_counter() - start
+            if self._stop_signal is not None:
+                name = signal.Signals(self._stop_signal).name
+                if not cfg.save:
+                    raise TrainingInterrupted(
+                        f"{name}: training stopped at step {self.step}; save=False, so nothing was kept.",
+                        self._stop_signal,
+                    )
+                self.save_last()
+                raise TrainingInterrupted(
+                    f"{name}: training stopped at step {self.step}; wrote {os.path.join(self.ckpt_dir, LAST_NAME)}. "
+                    f"Continue with resume={self.run_dir} (and the same settings).",
+                    self._stop_signal,
+                )
+        self.save_last()
         LOG.info("Training done: %d steps in %.0fs, %d skipped.", self.step, self.train_seconds, self.n_skipped)
+
+    def _train_step(self, batch: dict, averager: StatAverager, start: float, interval: int) -> Optional[str]:
+        """One training step and what follows it; "early_stop" or "out_of_time" when training should stop."""
+        cfg = self.config
+        # 1. one edit and its losses, gradients accumulated into the editor
+        averager.add(self.edit_step(batch, training=True))
+        self.step += 1
+        # 2. an optimiser step every accumulate_bs edits
+        if self.step % cfg.accumulate_bs == 0:
+            averager.add(self._optimizer_step())
+        out_of_time = cfg.max_time is not None and time.perf_counter() - start >= cfg.max_time
+        # 3. validation, best checkpoint, early stopping
+        self.train_seconds = time.perf_counter() - start
+        if self._validation_due(out_of_time) and self._validate_and_checkpoint():
+            return "early_stop"
+        # 4. the resume point
+        if self.step % interval == 0 and self._last_saved_step != self.step:
+            self.train_seconds = time.perf_counter() - start
+            self.save_last()
+        if out_of_time:
+            LOG.info("max_time=%ss reached after %d steps.", cfg.max_time, self.step)
+            return "out_of_time"
+        return None
 
     def _validate_and_checkpoint(self) -> bool:
         """Validate; save a new best. True when early stopping says to stop."""
-        if self.last_val_step == self.step:
-            return False
+        stats = self.validate(interruptible=True)
         self.last_val_step = self.step
-        stats = self.validate()
         LOG.info("validation at step %d: %s", self.step, _fmt(stats))
         self._log(stats, self.step)
         if self.stopper.update(self.step, stats):
@@ -311,9 +626,9 @@ class EditTrainer:
         cfg = self.config
         if not cfg.eval_only:
             self.train()
-            best = os.path.join(self.ckpt_dir, CHECKPOINT_NAME)
+            best = os.path.join(self.ckpt_dir, BEST_NAME)
             if cfg.save and os.path.exists(best):
-                ckpt = torch.load(best, map_location="cpu", weights_only=True)
+                ckpt = read_checkpoint(best)
                 self.editor.load_state_dict(ckpt["editor"])
                 LOG.info("Reloaded the best checkpoint (step %d).", ckpt["step"])
         if not cfg.eval.final_eval:
