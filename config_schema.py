@@ -108,22 +108,24 @@ class Config:
     # auto | cpu | cuda | cuda:N. auto picks cuda when available.
     device: str = "auto"
 
-    # Outer optimisation (the editor's parameters).
+    # Outer optimisation (the editor's parameters). Defaults: the paper's values, identical across
+    # models and datasets. Only model configs that carry a demo schedule (smollm2) change them, so the
+    # order of +alg / +experiment / +model on the command line does not matter.
     opt: str = "Adam"
-    lr: float = 1e-5
-    lr_lr: float = 1e-3  # learning rate of the learned per-weight edit step sizes
-    edit_lr: float = 1e-2  # initial per-weight edit step size
+    lr: float = 1e-6  # Adam learning rate of the editor MLPs
+    lr_lr: float = 1e-4  # Adam learning rate of the learned per-weight edit step sizes
+    edit_lr: float = 1e-4  # initial per-weight edit step size alpha_l
     cedit: float = 0.1
     cloc: float = 1.0
     cbase: float = 1.0
     train_base: bool = False
     grad_clip: float = 100.0
-    batch_size: int = 2
+    batch_size: int = 2  # edits + locality examples per training batch (see data.n_edits)
     val_batch_size: int = 2
     accumulate_bs: int = 10
 
     # Schedule.
-    max_iters: int = 1000000
+    max_iters: int = 500000
     # Wall-clock budget for training in seconds (None: no limit); the run then evaluates as usual.
     max_time: Optional[float] = None
     log_interval: int = 100
