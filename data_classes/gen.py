@@ -28,13 +28,14 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from utils import atomic_write_text
 
 from . import DataError
 from .corpus import CORPUS_NAME, corpus_version, factbook_documents, split_passages
@@ -96,16 +97,7 @@ def _encode(tokenizer, text: str) -> List[int]:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_text(json.dumps(obj, ensure_ascii=False), str(path))
 
 
 # --------------------------------------------------------------------------------------------
