@@ -944,6 +944,7 @@ def plot_sequential(rows: List[dict], path: str, title: str = "") -> str:
     ax2 = ax.twinx()
     ax2.plot(ks, [r["drawdown"] for r in rows], "^:", color="tab:red", label="perplexity drawdown")
     ax2.set_ylabel("perplexity drawdown (post - pre)")
+    ax2.set_yscale("symlog", linthresh=1.0)  # drawdowns span from below 1 to many orders of magnitude
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="best", fontsize=8)
