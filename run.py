@@ -34,18 +34,10 @@ def _load(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def main_job(cfg: DictConfig, run_dir: str) -> dict:
-    # Imported here so that config errors are reported before torch and transformers load.
+def build(cfg: DictConfig):
+    """The frozen base model, its tokenizer, the train and validation edit sets, and an editor factory."""
     from models import check_inner_params, get_model, get_tokenizer
-    from trainer import LAST_NAME, EditTrainer, load_checkpoint, resume_run_dir
     from utils import resolve_device, seed_everything
-
-    # 0. a checkpoint to resume or to start from must exist, be readable and fit this setting: refuse it early
-    if cfg.resume is not None:
-        load_checkpoint(cfg.resume, cfg, name=LAST_NAME, key="resume")
-        run_dir = resume_run_dir(cfg.resume)
-    elif cfg.archive is not None:
-        load_checkpoint(cfg.archive, cfg)
 
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -74,13 +66,28 @@ def main_job(cfg: DictConfig, run_dir: str) -> dict:
     ]
     LOG.info("Data: %d train and %d validation edits.", len(datasets[0]), len(datasets[1]))
 
-    # 3. the editor, trained then evaluated (or evaluated only)
+    # 3. the editor (a fresh, untrained one per call)
     editor_class = _load(ALGS[cfg.alg])
     seed_everything(cfg.seed)
 
     def make_editor():
         return editor_class(model, cfg).to(device)
 
+    return model, tokenizer, datasets, make_editor
+
+
+def main_job(cfg: DictConfig, run_dir: str) -> dict:
+    # Imported here so that config errors are reported before torch and transformers load.
+    from trainer import LAST_NAME, EditTrainer, load_checkpoint, resume_run_dir
+
+    # 0. a checkpoint to resume or to start from must exist, be readable and fit this setting: refuse it early
+    if cfg.resume is not None:
+        load_checkpoint(cfg.resume, cfg, name=LAST_NAME, key="resume")
+        run_dir = resume_run_dir(cfg.resume)
+    elif cfg.archive is not None:
+        load_checkpoint(cfg.archive, cfg)
+
+    _, _, datasets, make_editor = build(cfg)
     trainer = EditTrainer(make_editor, cfg, datasets[0], datasets[1], run_dir)
     return trainer.run()
 

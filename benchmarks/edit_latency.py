@@ -53,12 +53,10 @@ def peak_rss_mb() -> float:
 
 
 def measure(n_edits: int, args) -> dict:
-    from algs.mend import MEND
-    from data_classes.gen import GenDataset
     from losses import masked_log_probs
-    from models import check_inner_params, get_model, get_tokenizer
+    from run import build
     from trainer import EditTrainer
-    from utils import model_inputs, resolve_device, seed_everything, to_device
+    from utils import model_inputs, to_device
 
     overrides = [
         "+alg=mend",
@@ -74,26 +72,9 @@ def measure(n_edits: int, args) -> dict:
     if args.archive:
         overrides.append(f"archive={args.archive}")
     cfg = compose(overrides)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    cache_dir = os.path.expanduser(cfg.cache_dir)
-    model = get_model(cfg.model, cache_dir).to(device)
-    check_inner_params(model, list(cfg.model.inner_params))
-    tok = get_tokenizer(cfg.model, cache_dir)
-    sets = [
-        GenDataset(
-            tok,
-            cfg.data,
-            s,
-            seed=cfg.seed,
-            cache_dir=cache_dir,
-            model=model,
-            model_id=cfg.model.name,
-            device=device,
-        )
-        for s in ("train", "validation")
-    ]
-    trainer = EditTrainer(lambda: MEND(model, cfg).to(device), cfg, sets[0], sets[1], "/tmp/mend-bench")
+    model, _, sets, make_editor = build(cfg)
+    device = next(model.parameters()).device
+    trainer = EditTrainer(make_editor, cfg, sets[0], sets[1], "/tmp/mend-bench")
     editor = trainer.editor
     train_batches = sets[0].edit_generator(cfg.batch_size)
     if not args.archive:  # normalisation statistics from a few training edits, as training would gather

@@ -15,7 +15,6 @@ import pathlib
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 import transformers
 from conftest import TINY, SyntheticEdits, freeze, make_config
 from test_run import INNER, ROOT, workspace  # noqa: F401  (workspace is a fixture)
+from test_run import cli_command as cli
 
 import trainer as trainer_module
 import utils
@@ -363,27 +363,6 @@ CLI_TRAIN = (
     "eval.compare_untrained=false",
     "silent=true",
 )
-
-
-def cli(ws, *overrides, run_dir):
-    return [
-        sys.executable,
-        "-m",
-        "run",
-        "+alg=mend",
-        "+experiment=gen",
-        "+model=distilgpt2",
-        f"model.name={ws['model']}",
-        f"model.tokenizer_name={ws['model']}",
-        f"model.inner_params={INNER}",
-        f"data.path={ws['data']}",
-        f"cache_dir={ws['cache']}",
-        "device=cpu",
-        "wandb.enabled=false",
-        "mend.rank=8",
-        f"hydra.run.dir={run_dir}",
-        *overrides,
-    ]
 
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -61,8 +61,9 @@ def workspace(tmp_path_factory):
     return {"root": root, "model": str(model_dir), "data": str(data), "cache": str(cache)}
 
 
-def run_cli(ws, *overrides, run_dir):
-    cmd = [
+def cli_command(ws, *overrides, run_dir):
+    """``python -m run`` on the tiny GPT-2 and the small original-format data set of ``ws``."""
+    return [
         sys.executable,
         "-m",
         "run",
@@ -80,6 +81,10 @@ def run_cli(ws, *overrides, run_dir):
         f"hydra.run.dir={run_dir}",
         *overrides,
     ]
+
+
+def run_cli(ws, *overrides, run_dir):
+    cmd = cli_command(ws, *overrides, run_dir=run_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
 
