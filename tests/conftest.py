@@ -18,15 +18,15 @@ VOCAB = 64
 torch.set_num_threads(1)  # tiny models: threading overhead outweighs the work
 
 
-def tiny_gpt2(n_layer: int = 2, seed: int = 0):
+def tiny_gpt2(n_layer: int = 2, seed: int = 0, vocab: int = VOCAB):
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(
-        n_layer=n_layer, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0
+        n_layer=n_layer, n_embd=32, n_head=2, vocab_size=vocab, n_positions=64, bos_token_id=0, eos_token_id=0
     )
     return freeze(transformers.GPT2LMHeadModel(cfg))
 
 
-def tiny_llama(n_layer: int = 2, seed: int = 0):
+def tiny_llama(n_layer: int = 2, seed: int = 0, vocab: int = VOCAB, tie: bool = False):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
         hidden_size=32,
@@ -34,11 +34,12 @@ def tiny_llama(n_layer: int = 2, seed: int = 0):
         num_hidden_layers=n_layer,
         num_attention_heads=2,
         num_key_value_heads=2,
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         max_position_embeddings=64,
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
+        tie_word_embeddings=tie,
     )
     return freeze(transformers.LlamaForCausalLM(cfg))
 

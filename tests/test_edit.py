@@ -12,7 +12,7 @@ import pytest
 import test_run
 import torch
 import transformers
-from conftest import GPT2_INNER, LLAMA_INNER, make_config
+from conftest import GPT2_INNER, LLAMA_INNER, make_config, tiny_gpt2, tiny_llama
 
 from edit import (
     EditedModel,
@@ -50,25 +50,9 @@ def tokenizer(tmp_path_factory):
 
 
 def tiny_model(arch: str, vocab: int, seed: int = 0):
-    torch.manual_seed(seed)
     if arch == "gpt2":
-        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=64)
-        model = transformers.GPT2LMHeadModel(cfg)
-    else:
-        cfg = transformers.LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            vocab_size=vocab,
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-        )
-        model = transformers.LlamaForCausalLM(cfg)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+        return tiny_gpt2(seed=seed, vocab=vocab)
+    return tiny_llama(seed=seed, vocab=vocab, tie=True)
 
 
 def trained_editor(arch: str, tokenizer, seed: int = 0) -> Editor:
