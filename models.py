@@ -351,6 +351,17 @@ def _load(what: str, cls, name: str, cache_dir: str, offline_hint: str, validate
         if precheck is not None:
             precheck(source, local_files_only)
 
+    def load_or_raise(source: str, local_files_only: bool, error):
+        """Load from ``source``; any failure or unusable result becomes ``error(reason)``."""
+        before(source, local_files_only)
+        try:
+            obj, reason = check(cls.from_pretrained(source, **kwargs))
+        except Exception as e:
+            raise error(_one_line(e)) from e
+        if reason is not None:
+            raise error(reason)
+        return obj
+
     if os.path.isdir(resolved):
         contents = "config.json and the weights" if what == "model" else "tokenizer.json or vocab files"
 
@@ -360,14 +371,7 @@ def _load(what: str, cls, name: str, cache_dir: str, offline_hint: str, validate
                 f"{what} saved with save_pretrained ({contents}) matching {cls.__name__}."
             )
 
-        before(resolved, True)
-        try:
-            obj, reason = check(cls.from_pretrained(resolved, **kwargs))
-        except Exception as e:
-            raise local_error(_one_line(e)) from e
-        if reason is not None:
-            raise local_error(reason)
-        return obj
+        return load_or_raise(resolved, True, local_error)
     if _looks_like_path(name) or os.path.exists(resolved):
         raise ModelLoadError(f"Could not load {label}: {resolved} is not a directory. {offline_hint}")
 
@@ -394,14 +398,7 @@ def _load(what: str, cls, name: str, cache_dir: str, offline_hint: str, validate
             f"'distilgpt2' or a local directory). {offline_hint}"
         )
 
-    before(name, False)
-    try:
-        obj, reason = check(cls.from_pretrained(name, **kwargs))
-    except Exception as e:
-        raise hub_error(_one_line(e)) from e
-    if reason is not None:
-        raise hub_error(reason)
-    return obj
+    return load_or_raise(name, False, hub_error)
 
 
 def _tokenizer_problem(tokenizer) -> str | None:
