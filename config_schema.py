@@ -76,6 +76,46 @@ class MendConfig:
 
 
 @dataclass
+class EFKConfig:
+    # KnowledgeEditor (De Cao et al., 2021), as run in the MEND paper.
+    lr: float = 5e-5  # Adam learning rate of the editor (the original's efk.yaml)
+    lstm_hidden: int = 512  # hidden size of each direction of the bidirectional LSTM over the condition
+    condition_dim: int = 768  # size of the condition vector the LSTM's output is projected to
+    hidden_dim: int = 512  # hidden size of each weight's conditioned MLP
+    max_scale: float = 1.0  # the update is max_scale * sigmoid(s) * (grad * A + B)
+
+
+@dataclass
+class ENNConfig:
+    # Editable Neural Networks (Sinitsin et al., 2020). train_base (top level) also trains the edited weights
+    # of the base model with cbase * KL(original || current) on locality inputs.
+    lr: float = 5e-5  # Adam learning rate of the trained base weights (train_base=True)
+    n_edit_steps: int = 1  # SGD steps on the edit loss per edit
+    first_order: bool = False  # drop the second-order term (treat the inner gradients as constants)
+
+
+@dataclass
+class FTLocalityConfig:
+    # FT+KL: add the KL to the unedited model on locality batches drawn from the training set at edit time.
+    enabled: bool = False
+    cedit: float = 1e-2  # loss = KL + cedit * edit loss
+    batch_size: int = 1  # locality examples per fine-tuning step
+
+
+@dataclass
+class FTConfig:
+    # Fine-tuning the edited weights on the edit example; no training.
+    edit_lr: float = 5e-6  # learning rate of the fine-tuning optimizer (the original's ft.yaml)
+    opt: str = "RMSprop"  # a torch.optim class name
+    max_edit_steps: int = 100  # stop after this many steps even if the target is not yet the greedy prediction
+    time_limit: Optional[float] = None  # seconds per edit (None: no limit)
+    rank: Optional[int] = None  # fine-tune a rank-r residual U V (U random, V zero) instead of a full one
+    init_std: float = 0.01  # std of U's initialisation when rank is set
+    locality: FTLocalityConfig = field(default_factory=FTLocalityConfig)
+    verbose: bool = False  # log every fine-tuning step
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = True
     project: str = "mend"
@@ -101,6 +141,9 @@ class Config:
     model: ModelConfig = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     mend: MendConfig = field(default_factory=MendConfig)
+    efk: EFKConfig = field(default_factory=EFKConfig)
+    enn: ENNConfig = field(default_factory=ENNConfig)
+    ft: FTConfig = field(default_factory=FTConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -157,6 +200,9 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
 
 
+# Editors that need no training (eval_only runs them directly) and those that can train the base model too.
+TRAINING_FREE_ALGS = ("ft",)
+TRAIN_BASE_ALGS = ("enn",)
 TASKS_BY_KIND = {"causal_lm": ("gen", "qa"), "seq2seq": ("qa",), "classifier": ("fc",)}
 
 
@@ -204,8 +250,21 @@ def validate_config(cfg, algs=(), tasks=()) -> None:
         )
     if cfg.resume is not None and cfg.eval_only:
         raise ConfigError("resume= continues training; to evaluate a run's editor use eval_only=True archive=<run>.")
-    if cfg.eval_only and cfg.archive is None:
+    if cfg.eval_only and cfg.archive is None and cfg.alg not in TRAINING_FREE_ALGS:
         raise ConfigError("eval_only=True needs archive=<checkpoint file or run directory> holding a trained editor.")
+    if cfg.train_base and cfg.alg not in TRAIN_BASE_ALGS:
+        raise ConfigError(
+            f"train_base=True is supported by {', '.join(TRAIN_BASE_ALGS)} only, not alg={cfg.alg}; "
+            "set train_base=False."
+        )
+    if cfg.enn.n_edit_steps < 1:
+        raise ConfigError(f"enn.n_edit_steps={cfg.enn.n_edit_steps} must be >= 1.")
+    if cfg.ft.max_edit_steps < 1:
+        raise ConfigError(f"ft.max_edit_steps={cfg.ft.max_edit_steps} must be >= 1.")
+    if cfg.ft.rank is not None and cfg.ft.rank < 1:
+        raise ConfigError(f"ft.rank={cfg.ft.rank} must be >= 1 (or null: a full-rank residual).")
+    if cfg.ft.locality.batch_size < 1:
+        raise ConfigError(f"ft.locality.batch_size={cfg.ft.locality.batch_size} must be >= 1.")
     if cfg.wandb.mode not in ("online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}: expected online, offline or disabled.")
     valid = TASKS_BY_KIND.get(cfg.model.kind)

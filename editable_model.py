@@ -8,8 +8,13 @@ The base model's parameters are never written to.
 A subclass implements exactly:
   - ``edit(batch, condition=None) -> (EditableModel, info: dict[str, float])``
   - ``outer_parameters() -> list[nn.Parameter]``: everything the outer (editor-training) optimiser updates.
-It may also override ``step_size_parameters()`` when some outer parameters (learned step sizes)
-take their own optimiser with learning rate ``lr_lr``.
+It may also override:
+  - ``step_size_parameters()`` when some outer parameters (learned step sizes) take their own
+    optimiser with learning rate ``lr_lr``;
+  - ``outer_lr()``, the learning rate of the other outer parameters (default: ``lr``);
+  - ``base_loss(loc_inputs, mask)``, an extra training loss on the locality inputs (ENN's ``train_base``);
+  - ``attach_training_data(dataset)``, for editors that draw data at edit time (FT+KL).
+An editor whose ``outer_parameters()`` is empty (FT) needs no training: the trainer evaluates it directly.
 """
 
 from __future__ import annotations
@@ -52,6 +57,15 @@ class EditableModel(nn.Module, ABC):
             out = self.model(*args, **kwargs)
         return logits_of(out)
 
+    def logits_with(self, inputs: dict, weights: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of this model on ``inputs`` with ``weights`` in place of the same-named weights."""
+        inputs = {k: v for k, v in inputs.items() if k != "labels" and isinstance(v, torch.Tensor)}
+        return logits_of(functional_call(self.model, {**self.weights, **weights}, (), inputs, strict=False))
+
+    def loss_with(self, batch: dict, weights: Dict[str, torch.Tensor]) -> dict:
+        """Edit-loss metrics of ``batch`` (with labels) with ``weights`` in place of the same-named weights."""
+        return self.edit_loss_fn(self.logits_with(batch, weights), batch["labels"])
+
     def current_weight(self, name: str) -> torch.Tensor:
         """The weight ``name`` as this (possibly edited) model uses it."""
         if name in self.weights:
@@ -82,6 +96,21 @@ class EditableModel(nn.Module, ABC):
     def step_size_parameters(self) -> List[nn.Parameter]:
         """Outer parameters that take the separate step-size optimiser (lr_lr). Default: none."""
         return []
+
+    def outer_lr(self) -> float:
+        """Learning rate of the outer parameters that are not step sizes."""
+        return float(self.config.lr)
+
+    def base_loss(self, loc_inputs: dict, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """An extra training loss on the locality inputs, weighted by ``cbase``; None: no such term."""
+        return None
+
+    def attach_training_data(self, dataset) -> None:
+        """Give the editor the training set, for editors that draw batches at edit time. Default: unused."""
+
+    @property
+    def needs_training(self) -> bool:
+        return any(p.requires_grad for p in self.outer_parameters())
 
     def edited_state_dict(self) -> Dict[str, torch.Tensor]:
         """The base model's state dict with the edited weights substituted (detached copies)."""

@@ -14,6 +14,11 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
+def _fp32_or_more(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are promoted to float32; float64 stays float64 (gradient checks use it)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _align(logits: torch.Tensor, labels: torch.Tensor, shift: bool):
     if shift:
         logits = logits[:, :-1]  # (B, T-1, V)
@@ -38,7 +43,7 @@ def masked_log_probs(logits: torch.Tensor, labels: torch.Tensor, shift: bool = T
     logits, labels = _align(logits, labels, shift)
     mask = labels != IGNORE  # (B, T)
     safe_labels = labels.masked_fill(~mask, 0)
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs = torch.log_softmax(_fp32_or_more(logits), dim=-1)
     token_lp = log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) * mask  # (B, T)
     n_tokens = mask.sum()
     denom = n_tokens.clamp(min=1)
@@ -60,8 +65,8 @@ def masked_log_probs(logits: torch.Tensor, labels: torch.Tensor, shift: bool = T
 
 def binary_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """Metrics for a classifier with one logit per example; labels are 0/1."""
-    logits = logits.reshape(-1).float()
-    labels = labels.reshape(-1).float()
+    logits = _fp32_or_more(logits.reshape(-1))
+    labels = labels.reshape(-1).to(logits.dtype)
     log_p = F.logsigmoid(logits) * labels + F.logsigmoid(-logits) * (1 - labels)
     acc = ((logits > 0).float() == labels).float().mean()
     n = torch.tensor(labels.numel())
@@ -82,8 +87,8 @@ def kl_loc_loss(pre_logits: torch.Tensor, post_logits: torch.Tensor, mask: torch
     ``pre_logits`` come from the unedited model and are treated as constants.
     A classifier's single logit is a Bernoulli distribution; a sequence model's last dimension is the vocabulary.
     """
-    pre_logits = pre_logits.detach().float()
-    post_logits = post_logits.float()
+    pre_logits = _fp32_or_more(pre_logits.detach())
+    post_logits = _fp32_or_more(post_logits)
     if pre_logits.dim() <= 1 or pre_logits.shape[-1] == 1:
         pre, post = pre_logits.reshape(-1), post_logits.reshape(-1)
         pre_p = torch.sigmoid(pre)

@@ -4,6 +4,9 @@ python -m run +alg=mend +experiment=gen +model=smollm2
 python -m run +alg=mend +experiment=gen +model=distilgpt2 data.n_edits=5 batch_size=6 val_batch_size=6
 python -m run +alg=mend +experiment=gen +model=smollm2 eval_only=True archive=outputs/<run>
 python -m run +alg=mend +experiment=gen +model=smollm2 resume=outputs/<run>   # continue an interrupted run
+python -m run +alg=efk|enn +experiment=gen +model=smollm2     # the learned baselines, trained the same way
+python -m run +alg=ft +experiment=gen +model=smollm2          # fine-tuning: nothing to train, evaluated directly
+python -m run +alg=ft +experiment=gen +model=smollm2 ft.locality.enabled=True   # FT+KL
 
 Exit status: 0 done; 2 a clear error (bad config, data, model or checkpoint; a loss that stays non-finite; a
 checkpoint that cannot be written), logged as one line; 128 + the signal number after SIGINT / SIGTERM, once
@@ -25,7 +28,12 @@ from config_schema import ConfigError, register_configs, validate_config
 
 LOG = logging.getLogger("run")
 
-ALGS = {"mend": "algs.mend.MEND"}
+ALGS = {
+    "mend": "algs.mend.MEND",
+    "efk": "algs.efk.EFK",
+    "enn": "algs.enn.ENN",
+    "ft": "algs.ft.FT",
+}
 DATASETS = {"gen": "data_classes.gen.GenDataset"}
 
 
@@ -71,7 +79,9 @@ def build(cfg: DictConfig):
     seed_everything(cfg.seed)
 
     def make_editor():
-        return editor_class(model, cfg).to(device)
+        editor = editor_class(model, cfg)
+        editor.attach_training_data(datasets[0])  # FT+KL draws locality batches from it at edit time
+        return editor.to(device)
 
     return model, tokenizer, datasets, make_editor
 

@@ -203,7 +203,7 @@ class EditTrainer:
         step_params = {id(p) for p in self.editor.step_size_parameters()}
         main_params = [p for p in self.editor.outer_parameters() if id(p) not in step_params]
         opt_class = getattr(torch.optim, config.opt)
-        self.opt = opt_class(main_params, lr=config.lr) if main_params else None
+        self.opt = opt_class(main_params, lr=self.editor.outer_lr()) if main_params else None
         step_size_params = self.editor.step_size_parameters()
         self.lr_opt = opt_class(step_size_params, lr=config.lr_lr) if step_size_params else None
 
@@ -239,7 +239,7 @@ class EditTrainer:
         if changed:
             LOG.warning("Resuming with settings that differ from the interrupted run: %s", "; ".join(changed))
         self._load_editor(ckpt)
-        for opt, key, lr in ((self.opt, "opt", cfg.lr), (self.lr_opt, "lr_opt", cfg.lr_lr)):
+        for opt, key, lr in ((self.opt, "opt", self.editor.outer_lr()), (self.lr_opt, "lr_opt", cfg.lr_lr)):
             if opt is not None and ckpt.get(key):
                 opt.load_state_dict(ckpt[key])
                 for group in opt.param_groups:  # a changed lr / lr_lr on the command line takes effect
@@ -314,9 +314,14 @@ class EditTrainer:
             l_edit = post_edit["nll"]
             l_loc = kl_loc_loss(pre_loc_logits, post_loc_logits, loc_mask)
             l_total_edit = cfg.cedit * l_edit + cfg.cloc * l_loc
+            l_total = l_total_edit
+            # An editor that also trains the base model (ENN's train_base) adds its own term on the locality inputs.
+            l_base = editor.base_loss(model_inputs(loc), loc_mask) if training else None
+            if l_base is not None:
+                l_total = l_total + cfg.cbase * l_base
 
         if training:
-            self._backward(l_total_edit)
+            self._backward(l_total)
 
         with torch.no_grad():
             pre_loc = editor.loc_loss_fn(pre_loc_logits, loc["labels"])
@@ -325,7 +330,7 @@ class EditTrainer:
             {
                 "loss/edit": l_edit.item(),
                 "loss/loc": l_loc.item(),
-                "loss/total": l_total_edit.item(),
+                "loss/total": l_total.item(),
                 "loss/total_edit": l_total_edit.item(),
                 "edit/acc": post_edit["acc"].item(),
                 "edit/acc_tok": post_edit["acc_tok"].item(),
@@ -342,6 +347,8 @@ class EditTrainer:
                 "time/edit": edit_time,
             }
         )
+        if l_base is not None:
+            info["loss/base"] = l_base.item()
         if pre_edit is not None:
             info["edit/acc_pre"] = pre_edit["acc"].item()
             info["edit/log_prob_pre"] = pre_edit["log_prob"].item()
@@ -624,7 +631,9 @@ class EditTrainer:
 
     def run(self) -> dict:
         cfg = self.config
-        if not cfg.eval_only:
+        if not self.editor.needs_training:
+            LOG.info("alg=%s has nothing to train: evaluating it directly.", cfg.alg)
+        elif not cfg.eval_only:
             self.train()
             best = os.path.join(self.ckpt_dir, BEST_NAME)
             if cfg.save and os.path.exists(best):
@@ -637,9 +646,10 @@ class EditTrainer:
         steps = cfg.eval.final_steps or cfg.val_steps
         results = self.validate(steps, desc="final evaluation")
         report = {"results": results}
-        if cfg.eval.compare_untrained and hasattr(self.editor, "copy_statistics_from"):
+        if cfg.eval.compare_untrained and self.editor.needs_training:
             untrained = self.make_editor()
-            untrained.copy_statistics_from(self.editor)
+            if hasattr(untrained, "copy_statistics_from"):  # data statistics (MEND's input normalisation)
+                untrained.copy_statistics_from(self.editor)
             report["untrained"] = self.validate(steps, desc="untrained editor", editor=untrained)
         report["train"] = {
             "steps": self.step,
@@ -686,7 +696,7 @@ def summary_table(report: dict, task: str) -> str:
     """A side-by-side table of the trained and untrained editor's final metrics."""
     cols = [("trained", report["results"])]
     if "untrained" in report:
-        cols.append(("untrained (identity init)", report["untrained"]))
+        cols.append(("untrained editor", report["untrained"]))
     rows = [
         ("edit success (edit/acc_val)", "edit/acc_val", "{:.3f}"),
         ("edit success before the edit", "edit/acc_pre_val", "{:.3f}"),

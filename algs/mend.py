@@ -14,10 +14,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
-from editable_model import EditableModel, logits_of
+from editable_model import EditableModel
 
 LOG = logging.getLogger(__name__)
 
@@ -271,16 +270,13 @@ class MEND(EditableModel):
             own[name].copy_(buf)
 
     def edit(self, batch: dict, condition: Optional[dict] = None):
-        labels = batch["labels"]
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
         names = self.inner_params
         with torch.enable_grad():
             # Gradients of the edit loss at the current weights, through fresh leaves: the base model's own
             # parameters stay frozen and untouched.
             leaves = {n: self.current_weight(n).detach().requires_grad_(True) for n in names}
             with capture_factors(self.model, [module_name(n) for n in names]) as factors:
-                out = functional_call(self.model, leaves, (), inputs, strict=False)
-                loss = self.edit_loss_fn(logits_of(out), labels)["nll"]
+                loss = self.loss_with(batch, leaves)["nll"]
                 true_grads = torch.autograd.grad(loss, [leaves[n] for n in names])
 
         new_weights = dict(self.weights)

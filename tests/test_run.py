@@ -61,13 +61,13 @@ def workspace(tmp_path_factory):
     return {"root": root, "model": str(model_dir), "data": str(data), "cache": str(cache)}
 
 
-def cli_command(ws, *overrides, run_dir):
-    """``python -m run`` on the tiny GPT-2 and the small original-format data set of ``ws``."""
+def cli_command(ws, *overrides, run_dir, alg: str = "mend"):
+    """``python -m run +alg=<alg>`` on the tiny GPT-2 and the small original-format data set of ``ws``."""
     return [
         sys.executable,
         "-m",
         "run",
-        "+alg=mend",
+        f"+alg={alg}",
         "+experiment=gen",
         "+model=distilgpt2",
         f"model.name={ws['model']}",
@@ -83,8 +83,8 @@ def cli_command(ws, *overrides, run_dir):
     ]
 
 
-def run_cli(ws, *overrides, run_dir):
-    cmd = cli_command(ws, *overrides, run_dir=run_dir)
+def run_cli(ws, *overrides, run_dir, alg: str = "mend"):
+    cmd = cli_command(ws, *overrides, run_dir=run_dir, alg=alg)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
 

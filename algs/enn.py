@@ -1,0 +1,93 @@
+"""Editable Neural Networks (ENN; Sinitsin et al., "Editable Neural Networks", ICLR 2020).
+
+An edit is ``enn.n_edit_steps`` plain gradient steps on the edit loss over the edited weights, each weight
+with its own learned step size alpha_l:
+
+    W_{k+1} = W_k - alpha_l * grad_W L_e(W_k).
+
+Training the editor differentiates through these steps (the inner gradients are part of the graph, so the
+outer gradient has second-order terms; ``enn.first_order=True`` treats the inner gradients as constants).
+With ``train_base=True`` the edited weights themselves are trained as well, so that the model becomes easier
+to edit: the editor then holds a trainable copy of them, and adds ``cbase * KL(original || current)`` on the
+locality inputs, where the original is the untouched base model (no second copy of the model is made).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+from editable_model import EditableModel, logits_of
+from losses import kl_loc_loss
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "#")
+
+
+class ENN(EditableModel):
+    def __init__(
+        self,
+        model: nn.Module,
+        config,
+        weights=None,
+        edit_lrs: Optional[nn.Parameter] = None,
+        base_weights: Optional[nn.ParameterDict] = None,
+    ):
+        super().__init__(model, config, weights)
+        if edit_lrs is None:
+            edit_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(config.edit_lr)))
+        self.edit_lrs = edit_lrs
+        if config.train_base and base_weights is None:
+            base_weights = nn.ParameterDict(
+                {_key(n): nn.Parameter(model.get_parameter(n).detach().clone()) for n in self.inner_params}
+            )
+        self.base_weights = base_weights
+        if base_weights is not None and not self.weights:
+            # The unedited model runs with the trained base weights in place of the original ones.
+            self.weights = {n: base_weights[_key(n)] for n in self.inner_params}
+
+    def outer_parameters(self) -> List[nn.Parameter]:
+        base = list(self.base_weights.parameters()) if self.base_weights is not None else []
+        return base + [self.edit_lrs]
+
+    def step_size_parameters(self) -> List[nn.Parameter]:
+        return [self.edit_lrs]
+
+    def outer_lr(self) -> float:
+        return float(self.config.enn.lr)
+
+    def base_loss(self, loc_inputs: dict, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if self.base_weights is None:
+            return None
+        with torch.no_grad():
+            original = logits_of(self.model(**loc_inputs))
+        return kl_loc_loss(original, self(**loc_inputs), mask)
+
+    def edit(self, batch: dict, condition: Optional[dict] = None):
+        names = self.inner_params
+        # Differentiate through the inner steps only when the outer loop trains (and second order is asked for).
+        create_graph = self.training and torch.is_grad_enabled() and not self.config.enn.first_order
+        weights = {n: self.current_weight(n) for n in names}
+        info = {}
+        with torch.enable_grad():
+            for step in range(self.config.enn.n_edit_steps):
+                weights = {n: w if w.requires_grad else w.detach().requires_grad_(True) for n, w in weights.items()}
+                loss = self.loss_with(batch, weights)["nll"]
+                grads = torch.autograd.grad(loss, [weights[n] for n in names], create_graph=create_graph)
+                weights = {n: weights[n] - self.edit_lrs[i] * grads[i] for i, n in enumerate(names)}
+                if step == 0:
+                    info["loss/edit_inner"] = loss.item()
+        if not self.training:
+            weights = {n: w.detach() for n, w in weights.items()}
+        edited = ENN(
+            self.model,
+            self.config,
+            weights={**self.weights, **weights},
+            edit_lrs=self.edit_lrs,
+            base_weights=self.base_weights,
+        )
+        edited.train(self.training)
+        return edited, info
