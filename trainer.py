@@ -32,6 +32,7 @@ from utils import (
     StatAverager,
     atomic_torch_save,
     model_inputs,
+    peak_memory_mb,
     rng_state,
     set_rng_state,
     to_device,
@@ -657,6 +658,7 @@ class EditTrainer:
             "seconds": self.train_seconds,
             "best_step": self.stopper.best_step,
         }
+        report["memory"] = peak_memory_mb()
         report["config"] = OmegaConf.to_container(cfg, resolve=True)
 
         out_dir = cfg.results_dir or self.run_dir

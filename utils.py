@@ -71,6 +71,18 @@ def to_device(batch, device):
     return batch
 
 
+def peak_memory_mb() -> Dict[str, float]:
+    """Peak memory of this process so far: resident set size (CPU), and CUDA allocations when a GPU was used."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_mb": rss / (1024 * 1024 if sys.platform == "darwin" else 1024)}  # bytes on macOS, KiB on Linux
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def model_inputs(batch: dict) -> dict:
     """The tensors a model's forward takes: everything but the labels."""
     return {k: v for k, v in batch.items() if k != "labels" and isinstance(v, torch.Tensor)}

@@ -14,10 +14,12 @@ locality inputs, where the original is the untouched base model (no second copy 
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from editable_model import EditableModel, logits_of
 from losses import kl_loc_loss
@@ -72,10 +74,17 @@ class ENN(EditableModel):
         create_graph = self.training and torch.is_grad_enabled() and not self.config.enn.first_order
         weights = {n: self.current_weight(n) for n in names}
         info = {}
+
+        # Fused attention kernels have no double backward: the inner forward uses the composite (math) kernel
+        # whenever its gradient is differentiated again.
+        def kernel():
+            return sdpa_kernel(SDPBackend.MATH) if create_graph else contextlib.nullcontext()
+
         with torch.enable_grad():
             for step in range(self.config.enn.n_edit_steps):
                 weights = {n: w if w.requires_grad else w.detach().requires_grad_(True) for n, w in weights.items()}
-                loss = self.loss_with(batch, weights)["nll"]
+                with kernel():
+                    loss = self.loss_with(batch, weights)["nll"]
                 grads = torch.autograd.grad(loss, [weights[n] for n in names], create_graph=create_graph)
                 weights = {n: weights[n] - self.edit_lrs[i] * grads[i] for i, n in enumerate(names)}
                 if step == 0:

@@ -222,6 +222,23 @@ def test_enn_first_order_drops_the_second_order_term():
     assert (second - first).norm() > 1e-3 * first.norm()  # the Hessian term is really there without first_order
 
 
+def test_enn_second_order_runs_through_fused_attention():
+    """Fused SDPA kernels have no double backward; ENN's inner forward must not use them when differentiated twice."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    build, inner, _ = TINY["llama"]
+    model = build()
+    lower = [n.replace("layers.1", "layers.0") for n in inner]  # an attention layer above the edited weights
+    editor = make_editor("enn", model, **{"model.inner_params": lower})
+    editor.train()
+    batch = next(SyntheticEdits(8, seed=2).edit_generator(2, n=1))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # what CPU inference picks for real models
+        edited, _ = editor.edit(batch["edit_inner"])
+        loss = edited.loss_with(batch["edit_outer"], {})["nll"]
+        grads = torch.autograd.grad(loss, list(editor.base_weights.parameters()))
+    assert all(torch.isfinite(g).all() and g.norm() > 0 for g in grads)
+
+
 def test_enn_train_base_adds_a_kl_to_the_original_model_and_keeps_no_model_copy():
     build, inner, _ = TINY["llama"]
     model = build()

@@ -1,0 +1,214 @@
+"""MEND against the baselines (EFK, ENN, FT, FT+KL) on one task, in the form of the paper's Table 4.
+
+    python -m benchmarks.compare_editors                          # embedded SmolLM2-135M on gen, this machine
+    python -m benchmarks.compare_editors --steps 400 --eval-edits 100 --out outputs/compare
+    python -m benchmarks.compare_editors --model distilgpt2 --steps 100000 --eval-edits 500 -- device=cuda
+
+Every editor runs through ``python -m run`` with the same model, data, seed, training-step budget
+(``--steps``; FT and FT+KL train nothing) and held-out evaluation edits (``--eval-edits``). Each run
+writes its own directory under ``--out``; an editor whose run finished with the same settings is not
+run again, so an interrupted comparison continues where it stopped (``--force`` reruns everything).
+
+Written to ``--out``: ``comparison.csv`` and ``comparison.md`` (edit success and drawdown per editor,
+with the median edit time, the peak resident memory of the run, and the training time), and
+``comparison.png`` (edit success against drawdown, one point per editor).
+Arguments after ``--`` are passed to every run as Hydra overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (alg, overrides that make it this editor)
+EDITORS = {
+    "MEND": ("mend", []),
+    "EFK": ("efk", []),
+    "ENN": ("enn", []),
+    "FT": ("ft", []),
+    "FT+KL": ("ft", ["ft.locality.enabled=true"]),
+}
+# The paper's Table 4, Wikitext-103 with distilGPT-2 (edit success / perplexity drawdown); "KE" is EFK.
+PAPER_GEN = {"MEND": (0.86, 0.225), "EFK": (0.25, 0.595), "ENN": (0.93, 0.094), "FT": (0.29, 0.938)}
+
+COLUMNS = [
+    ("editor", "editor"),
+    ("edit success", "es"),
+    ("drawdown", "drawdown"),
+    ("perplexity before", "ppl_pre"),
+    ("perplexity after", "ppl_post"),
+    ("median edit time (s)", "edit_time"),
+    ("peak memory (MB)", "peak_mb"),
+    ("training steps", "steps"),
+    ("training time (min)", "train_min"),
+    ("paper ES / drawdown", "paper"),
+]
+
+
+def run_overrides(args, alg: str, extra) -> list:
+    return [
+        f"+alg={alg}",
+        f"+experiment={args.experiment}",
+        f"+model={args.model}",
+        f"seed={args.seed}",
+        f"max_iters={args.steps}",
+        f"val_interval={args.steps}",
+        f"checkpoint_interval={args.steps}",
+        f"early_stop_patience={args.steps}",
+        f"val_steps={args.val_edits}",
+        f"eval.final_steps={args.eval_edits}",
+        "eval.compare_untrained=false",
+        "wandb.enabled=false",
+        *extra,
+        *args.overrides,
+    ]
+
+
+def _finished(run_dir: str, overrides) -> dict | None:
+    path = os.path.join(run_dir, "results.json")
+    settings = os.path.join(run_dir, "compare_settings.json")
+    if not (os.path.isfile(path) and os.path.isfile(settings)):
+        return None
+    with open(settings) as f:
+        if json.load(f) != overrides:
+            return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_editor(name: str, args) -> dict:
+    alg, extra = EDITORS[name]
+    run_dir = os.path.abspath(os.path.join(args.out, name.replace("+", "_").lower()))
+    overrides = run_overrides(args, alg, extra)
+    if not args.force:
+        done = _finished(run_dir, overrides)
+        if done is not None:
+            print(f"[{name}] finished earlier with the same settings: {run_dir}", flush=True)
+            return done
+    if os.path.isdir(run_dir):
+        # A run of other settings, or one that did not finish: continue it if it can be, else start over.
+        last = os.path.join(run_dir, "checkpoints", "last.pt")
+        settings = os.path.join(run_dir, "compare_settings.json")
+        same = os.path.isfile(settings) and json.load(open(settings)) == overrides
+        if not (same and os.path.isfile(last)):
+            import shutil
+
+            shutil.rmtree(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "compare_settings.json"), "w") as f:
+        json.dump(overrides, f)
+    cmd = [sys.executable, "-m", "run", *overrides, f"hydra.run.dir={run_dir}"]
+    if os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt")):
+        cmd.append(f"resume={run_dir}")
+    print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    with open(os.path.join(run_dir, "compare.log"), "a") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"[{name}] python -m run failed (exit {proc.returncode}); see {os.path.join(run_dir, 'compare.log')}"
+        )
+    print(f"[{name}] done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    with open(os.path.join(run_dir, "results.json")) as f:
+        return json.load(f)
+
+
+def row(name: str, report: dict) -> dict:
+    res = report["results"]
+    paper = PAPER_GEN.get(name)
+    return {
+        "editor": name,
+        "es": res.get("edit/acc_val", math.nan),
+        "drawdown": res.get("perplexity/drawdown_val", res.get("acc/drawdown_val", math.nan)),
+        "ppl_pre": res.get("perplexity/pre_val", math.nan),
+        "ppl_post": res.get("perplexity/post_val", math.nan),
+        "edit_time": res.get("time/edit_val", math.nan),
+        "peak_mb": report.get("memory", {}).get("peak_rss_mb", math.nan),
+        "steps": report["train"]["steps"],
+        "train_min": report["train"]["seconds"] / 60,
+        "paper": f"{paper[0]:.2f} / {paper[1]:.3f}" if paper else "-",
+    }
+
+
+def _fmt(key: str, value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    fmt = {"es": "{:.2f}", "drawdown": "{:.3f}", "ppl_pre": "{:.2f}", "ppl_post": "{:.2f}", "edit_time": "{:.3f}"}
+    fmt.update({"peak_mb": "{:.0f}", "steps": "{:d}", "train_min": "{:.1f}"})
+    return fmt.get(key, "{}").format(value)
+
+
+def write_tables(rows, out: str) -> None:
+    with open(os.path.join(out, "comparison.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([c for c, _ in COLUMNS])
+        for r in rows:
+            writer.writerow([r[k] for _, k in COLUMNS])
+    lines = ["| " + " | ".join(c for c, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(k, r[k]) for _, k in COLUMNS) + " |")
+    with open(os.path.join(out, "comparison.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_plot(rows, out: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for r in rows:
+        ax.scatter(r["drawdown"], r["es"], s=50)
+        ax.annotate(r["editor"], (r["drawdown"], r["es"]), textcoords="offset points", xytext=(6, 4))
+    ax.set_xlabel("drawdown (locality perplexity increase; lower is better)")
+    ax.set_ylabel("edit success (higher is better)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "comparison.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help="a config/model name (default: the embedded SmolLM2)")
+    parser.add_argument("--experiment", default="gen")
+    parser.add_argument("--steps", type=int, default=250, help="training steps of each learned editor")
+    parser.add_argument("--val-edits", type=int, default=25, help="validation edits for the best checkpoint")
+    parser.add_argument("--eval-edits", type=int, default=50, help="held-out edits of the final evaluation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--editors", default=",".join(EDITORS), help=f"comma-separated subset of {list(EDITORS)}")
+    parser.add_argument("--out", default=os.path.join("outputs", "compare"))
+    parser.add_argument("--force", action="store_true", help="rerun editors that finished earlier")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.editors.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EDITORS]
+    if unknown:
+        parser.error(f"--editors: unknown {unknown}; choose from {list(EDITORS)}")
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    rows = [row(name, run_editor(name, args)) for name in names]
+    write_tables(rows, args.out)
+    title = f"{args.experiment}, {args.model}: {args.steps} training steps, {args.eval_edits} held-out edits"
+    write_plot(rows, args.out, title)
+    with open(os.path.join(args.out, "comparison.md")) as f:
+        print(f.read())
+    minutes = (time.perf_counter() - start) / 60
+    print(f"Wrote {args.out}/comparison.csv, comparison.md, comparison.png in {minutes:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
