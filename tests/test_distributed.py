@@ -183,3 +183,47 @@ def test_torchrun_two_nodes_by_rendezvous(workspace):  # noqa: F811
     assert all(n.returncode == 0 for n in nodes), "\n".join(o[-3000:] for o in outs)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train"]["steps"] == 8
+
+
+def _resume_worker(rank, world, port, out_dir):
+    import signal
+
+    _join(rank, world, port)
+    overrides = {"accumulate_bs": 4, "checkpoint_interval": 2}  # the stop falls inside a gradient accumulation
+    straight = make_trainer(os.path.join(out_dir, "straight"), **overrides)
+    straight.run()
+    stopped = make_trainer(os.path.join(out_dir, "stopped"), **overrides)
+    step = stopped._train_step
+
+    def step_then_signal(*args, **kwargs):  # SIGTERM reaches rank 1 only, after step 2
+        out = step(*args, **kwargs)
+        if rank == 1 and stopped.step == 2:
+            stopped._stop_signal = signal.SIGTERM
+        return out
+
+    stopped._train_step = step_then_signal
+    try:
+        stopped.run()
+        interrupted_at = None
+    except trainer_module.TrainingInterrupted:
+        interrupted_at = stopped.step
+    resumed = make_trainer(os.path.join(out_dir, "stopped"), resume=os.path.join(out_dir, "stopped"), **overrides)
+    resumed.run()
+    torch.save(
+        {
+            "interrupted_at": interrupted_at,
+            "straight": straight.editor.state_dict(),
+            "resumed": resumed.editor.state_dict(),
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+    distributed.shutdown()
+
+
+def test_a_signal_on_one_rank_stops_all_and_resume_ends_like_the_straight_run(tmp_path):
+    spawn(_resume_worker, str(tmp_path))
+    for r in range(2):
+        out = torch.load(tmp_path / f"rank{r}.pt")
+        assert out["interrupted_at"] == 2  # both ranks stopped at the same step
+        for key, value in out["straight"].items():
+            torch.testing.assert_close(out["resumed"][key], value, rtol=1e-5, atol=1e-7)
