@@ -12,7 +12,7 @@ Checks that span several keys (``combine`` with ``one_sided``, ``n_edits >= batc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -38,6 +38,12 @@ class ModelConfig:
     kind: str = "causal_lm"
     # Name of the input embedding module (used by editors that read the base model's embeddings).
     embedding_module: Optional[str] = None
+    # Storage type of the base model's weights: float32 | bfloat16 | float16 (the original's half=True). The editor,
+    # its optimiser state and the losses stay in float32 whatever this is.
+    dtype: str = "float32"
+    # The model's config.json sizes (model_type, hidden_size, ...), so that `python -m memory` can estimate the
+    # memory a run needs without downloading the model. Not used for loading.
+    arch: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -125,6 +131,14 @@ class WandbConfig:
 
 
 @dataclass
+class DistConfig:
+    # Used only under torchrun with more than one process (see distributed.py). auto: nccl on GPUs, gloo on CPUs.
+    backend: str = "auto"
+    # How long a rank waits in a collective (e.g. for rank 0 building the data cache) before the job fails.
+    timeout_minutes: float = 60.0
+
+
+@dataclass
 class EvalConfig:
     final_eval: bool = True
     # Held-out edits for the final evaluation; None uses val_steps.
@@ -146,6 +160,7 @@ class Config:
     ft: FTConfig = field(default_factory=FTConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     seed: int = 0
     # auto | cpu | cuda | cuda:N. auto picks cuda when available.
@@ -165,9 +180,15 @@ class Config:
     grad_clip: float = 100.0
     batch_size: int = 2  # edits + locality examples per training batch (see data.n_edits)
     val_batch_size: int = 2
+    # Training batches per optimiser step, over all processes (a multiple of their number under torchrun).
     accumulate_bs: int = 10
 
-    # Schedule.
+    # Recompute the activations of the blocks that carry edited weights (and those above them) during the backward
+    # pass instead of keeping them: less memory for long inputs, about one more forward pass of those blocks.
+    # The blocks below the lowest edited one never keep activations (nothing there needs a gradient).
+    activation_checkpointing: bool = False
+
+    # Schedule. Steps count training batches over all processes (a step of N processes draws N batches).
     max_iters: int = 500000
     # Wall-clock budget for training in seconds (None: no limit); the run then evaluates as usual.
     max_time: Optional[float] = None
@@ -203,6 +224,7 @@ def register_configs() -> None:
 # Editors that need no training (eval_only runs them directly) and those that can train the base model too.
 TRAINING_FREE_ALGS = ("ft",)
 TRAIN_BASE_ALGS = ("enn",)
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 TASKS_BY_KIND = {"causal_lm": ("gen", "qa"), "seq2seq": ("qa",), "classifier": ("fc",)}
 
 
@@ -265,6 +287,10 @@ def validate_config(cfg, algs=(), tasks=()) -> None:
         raise ConfigError(f"ft.rank={cfg.ft.rank} must be >= 1 (or null: a full-rank residual).")
     if cfg.ft.locality.batch_size < 1:
         raise ConfigError(f"ft.locality.batch_size={cfg.ft.locality.batch_size} must be >= 1.")
+    if cfg.model.dtype not in MODEL_DTYPES:
+        raise ConfigError(f"model.dtype={cfg.model.dtype!r}: expected one of {', '.join(MODEL_DTYPES)}.")
+    if cfg.dist.backend not in ("auto", "nccl", "gloo"):
+        raise ConfigError(f"dist.backend={cfg.dist.backend!r}: expected auto, nccl or gloo.")
     if cfg.wandb.mode not in ("online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}: expected online, offline or disabled.")
     valid = TASKS_BY_KIND.get(cfg.model.kind)

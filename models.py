@@ -434,11 +434,12 @@ def _tokenizer_hint(name: str, tokenizer_class: str) -> str:
 
 
 def get_model(model_cfg, cache_dir: str) -> torch.nn.Module:
-    """Load ``model_cfg.name`` with ``transformers.<model_cfg.class_name>`` in float32, frozen, in eval mode.
+    """Load ``model_cfg.name`` with ``transformers.<model_cfg.class_name>`` in ``model.dtype``, frozen, in eval mode.
 
     ``model_cfg.pt``, when set, is a state dict (``torch.save(model.state_dict())``) loaded on top.
     """
     name = model_cfg.name
+    dtype = getattr(torch, getattr(model_cfg, "dtype", None) or "float32")
     cls = _resolve_class(model_cfg.class_name, "model.class_name")
     with _quiet_progress_bars():
         loaded = _load(
@@ -448,7 +449,7 @@ def get_model(model_cfg, cache_dir: str) -> torch.nn.Module:
             cache_dir,
             _model_hint(name),
             precheck=_model_type_precheck(cls, name),
-            dtype=torch.float32,
+            dtype=dtype,
             output_loading_info=True,
         )
     model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
@@ -457,11 +458,11 @@ def get_model(model_cfg, cache_dir: str) -> torch.nn.Module:
     pt = getattr(model_cfg, "pt", None)
     if pt:
         _load_pt(model, pt)
-    model = model.float()
+    model = model.to(dtype)
     model.eval()
     model.requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
-    LOG.info("Loaded %s %r: %.1fM parameters", type(model).__name__, name, n_params / 1e6)
+    LOG.info("Loaded %s %r: %.1fM parameters (%s)", type(model).__name__, name, n_params / 1e6, str(dtype)[6:])
     return model
 
 

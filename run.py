@@ -7,6 +7,7 @@ python -m run +alg=mend +experiment=gen +model=smollm2 resume=outputs/<run>   # 
 python -m run +alg=efk|enn +experiment=gen +model=smollm2     # the learned baselines, trained the same way
 python -m run +alg=ft +experiment=gen +model=smollm2          # fine-tuning: nothing to train, evaluated directly
 python -m run +alg=ft +experiment=gen +model=smollm2 ft.locality.enabled=True   # FT+KL
+torchrun --nproc_per_node=4 -m run +alg=mend +experiment=gen +model=smollm2       # 4 processes (GPUs), DDP
 
 Exit status: 0 done; 2 a clear error (bad config, data, model or checkpoint; a loss that stays non-finite; a
 checkpoint that cannot be written), logged as one line; 128 + the signal number after SIGINT / SIGTERM, once
@@ -44,34 +45,37 @@ def _load(path: str):
 
 def build(cfg: DictConfig):
     """The frozen base model, its tokenizer, the train and validation edit sets, and an editor factory."""
+    import distributed
     from models import check_inner_params, get_model, get_tokenizer
     from utils import resolve_device, seed_everything
 
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
     seed_everything(cfg.seed)
     cache_dir = os.path.expanduser(cfg.cache_dir)
 
-    # 1. the frozen base model, its tokenizer, and the weights to edit
-    model = get_model(cfg.model, cache_dir)
+    # 1. the frozen base model (one replica per process), its tokenizer, and the weights to edit
+    with distributed.local_main_first():  # under torchrun, one process per machine fills the model cache
+        model = get_model(cfg.model, cache_dir)
     check_inner_params(model, list(cfg.model.inner_params))
     tokenizer = get_tokenizer(cfg.model, cache_dir)
     model.to(device)
 
     # 2. the edit data (built from the model itself on first use for the embedded gen set)
     dataset_class = _load(DATASETS[cfg.task])
-    datasets = [
-        dataset_class(
-            tokenizer,
-            cfg.data,
-            split,
-            seed=cfg.seed,
-            cache_dir=cache_dir,
-            model=model,
-            model_id=cfg.model.name,
-            device=device,
-        )
-        for split in ("train", "validation")
-    ]
+    with distributed.local_main_first():
+        datasets = [
+            dataset_class(
+                tokenizer,
+                cfg.data,
+                split,
+                seed=cfg.seed,
+                cache_dir=cache_dir,
+                model=model,
+                model_id=cfg.model.name,
+                device=device,
+            )
+            for split in ("train", "validation")
+        ]
     LOG.info("Data: %d train and %d validation edits.", len(datasets[0]), len(datasets[1]))
 
     # 3. the editor (a fresh, untrained one per call)
@@ -88,7 +92,15 @@ def build(cfg: DictConfig):
 
 def main_job(cfg: DictConfig, run_dir: str) -> dict:
     # Imported here so that config errors are reported before torch and transformers load.
+    import distributed
+    from memory import log_estimate
     from trainer import LAST_NAME, EditTrainer, load_checkpoint, resume_run_dir
+    from utils import resolve_device
+
+    # Under torchrun: join the other processes; every rank works in rank 0's run directory.
+    dist_env = distributed.init(cfg, distributed.local_device(resolve_device(cfg.device)))
+    distributed.check_world_size(cfg, dist_env.world_size)
+    run_dir = distributed.broadcast_object(run_dir)
 
     # 0. a checkpoint to resume or to start from must exist, be readable and fit this setting: refuse it early
     if cfg.resume is not None:
@@ -97,9 +109,14 @@ def main_job(cfg: DictConfig, run_dir: str) -> dict:
     elif cfg.archive is not None:
         load_checkpoint(cfg.archive, cfg)
 
-    _, _, datasets, make_editor = build(cfg)
+    model, _, datasets, make_editor = build(cfg)
+    if dist_env.is_main:
+        log_estimate(cfg, model, dist_env.world_size)  # what the run will need per device, before it needs it
     trainer = EditTrainer(make_editor, cfg, datasets[0], datasets[1], run_dir)
-    return trainer.run()
+    try:
+        return trainer.run()
+    finally:
+        distributed.shutdown()
 
 
 register_configs()
@@ -141,5 +158,15 @@ def _fail(error: Exception) -> None:
     sys.exit(2)
 
 
+def _quiet_hydra_on_other_ranks(argv: list) -> list:
+    """Under torchrun only rank 0 writes Hydra's run directory (.hydra/, run.log); the other ranks log to stderr
+    and take rank 0's directory at start (distributed.init), so no rank creates a second, timestamped one."""
+    if int(os.environ.get("RANK", "0")) == 0:  # read without importing torch: config errors come first
+        return argv
+    kept = [a for a in argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir=", "hydra/job_logging="))]
+    return kept + ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
 if __name__ == "__main__":
+    sys.argv = _quiet_hydra_on_other_ranks(sys.argv)
     main()

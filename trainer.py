@@ -25,8 +25,10 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+import distributed
 from editable_model import EditableModel
 from losses import kl_loc_loss
+from memory import activation_checkpointing
 from utils import (
     EarlyStopper,
     StatAverager,
@@ -34,6 +36,7 @@ from utils import (
     model_inputs,
     peak_memory_mb,
     rng_state,
+    seed_everything,
     set_rng_state,
     to_device,
     write_json,
@@ -45,7 +48,18 @@ BEST_NAME = "best.pt"  # the editor with the best validation score: what archive
 LAST_NAME = "last.pt"  # the full training state at the latest checkpoint: what resume= continues from
 CHECKPOINT_NAME = BEST_NAME
 # Config keys whose change on resume cannot affect the training itself.
-_RESUME_FREE_KEYS = ("resume", "archive", "silent", "wandb", "eval", "results_dir", "cache_dir", "device", "max_time")
+_RESUME_FREE_KEYS = (
+    "resume",
+    "archive",
+    "silent",
+    "wandb",
+    "eval",
+    "results_dir",
+    "cache_dir",
+    "device",
+    "max_time",
+    "dist",
+)
 
 
 class CheckpointError(RuntimeError):
@@ -186,6 +200,8 @@ def _flatten(d, prefix=""):
 class EditTrainer:
     def __init__(self, make_editor: Callable[[], EditableModel], config, train_set, val_set, run_dir: str):
         self.config = config
+        self.dist = distributed.env()  # rank and world size; a single process unless launched by torchrun
+        distributed.check_world_size(config, self.dist.world_size)
         self.make_editor = make_editor
         self.editor = make_editor()
         self.train_set, self.val_set = train_set, val_set
@@ -215,7 +231,12 @@ class EditTrainer:
             self._load_editor(ckpt)
             LOG.info("Loaded editor from %s (step %s)", ckpt["path"], ckpt.get("step"))
 
-        self.wandb = self._init_wandb()
+        # Under torchrun: DDP over the editor's parameters (it starts every rank from rank 0's editor).
+        wrap = self.dist.enabled and self.editor.needs_training  # FT trains nothing: no DDP wrapper
+        self._ddp = distributed.wrap(self.editor, self._edit_losses, self.device) if wrap else None
+        if self.dist.enabled and config.resume is None:
+            seed_everything(config.seed + self.dist.rank)  # rank 0 keeps the single-process stream
+        self.wandb = self._init_wandb() if self.dist.is_main else None
 
     def _load_editor(self, ckpt: dict) -> None:
         try:
@@ -246,8 +267,9 @@ class EditTrainer:
                 for group in opt.param_groups:  # a changed lr / lr_lr on the command line takes effect
                     group["lr"] = lr
         params = dict(self.editor.named_parameters())
-        for name, grad in ckpt.get("grads", {}).items():  # gradients accumulated since the last optimiser step
-            params[name].grad = grad.to(params[name].device)
+        if self.dist.is_main:  # gradients accumulated since the last optimiser step (see distributed.mean_gradients)
+            for name, grad in ckpt.get("grads", {}).items():
+                params[name].grad = grad.to(params[name].device) * self.dist.world_size
         state = ckpt["trainer"]
         self.step = int(ckpt["step"])
         self.n_skipped = int(state["n_skipped"])
@@ -256,7 +278,7 @@ class EditTrainer:
         self.train_seconds = float(state["train_seconds"])
         self.finished = bool(state["finished"])
         self.stopper.load_state_dict(ckpt["stopper"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(distributed.per_rank(ckpt.get("rng_ranks"), self.dist.rank, ckpt["rng"]))
         LOG.info(
             "Resuming %s from step %d%s; checkpoints and results go to %s.",
             ckpt["path"],
@@ -294,32 +316,23 @@ class EditTrainer:
 
     # -- one edit step ----------------------------------------------------------------------
     def edit_step(self, batch: dict, training: bool) -> Dict[str, float]:
-        cfg = self.config
         editor = self.editor
         editor.train(training)
         batch = to_device(batch, self.device)
         loc, outer = batch["loc"], batch["edit_outer"]
-        loc_mask = loc.get("decoder_attention_mask", loc["attention_mask"])
 
         with torch.no_grad():
             pre_loc_logits = editor(**model_inputs(loc))
             pre_edit = None if training else editor.edit_loss_fn(editor(**model_inputs(outer)), outer["labels"])
 
-        start = time.perf_counter()
-        edited, info = editor.edit(batch["edit_inner"], batch.get("cond"))
-        edit_time = time.perf_counter() - start
-
-        with torch.set_grad_enabled(training):
-            post_edit = edited.edit_loss_fn(edited(**model_inputs(outer)), outer["labels"])
-            post_loc_logits = edited(**model_inputs(loc))
-            l_edit = post_edit["nll"]
-            l_loc = kl_loc_loss(pre_loc_logits, post_loc_logits, loc_mask)
-            l_total_edit = cfg.cedit * l_edit + cfg.cloc * l_loc
-            l_total = l_total_edit
-            # An editor that also trains the base model (ENN's train_base) adds its own term on the locality inputs.
-            l_base = editor.base_loss(model_inputs(loc), loc_mask) if training else None
-            if l_base is not None:
-                l_total = l_total + cfg.cbase * l_base
+        if training and self._ddp is not None:  # through DDP, which then averages the gradients over ranks
+            with distributed.optional_no_sync(self._ddp, self._sync_due()):
+                out = self._ddp(batch, pre_loc_logits, training)
+        else:
+            out = self._edit_losses(batch, pre_loc_logits, training)
+        info, edit_time, post_edit = out["info"], out["edit_time"], out["post_edit"]
+        post_loc_logits, l_edit, l_loc, l_total = out["post_loc_logits"], out["l_edit"], out["l_loc"], out["loss"]
+        l_total_edit, l_base = out["l_total_edit"], out["l_base"]
 
         if training:
             self._backward(l_total)
@@ -357,22 +370,102 @@ class EditTrainer:
             info.update({f"lr/lr{i}": lr.item() for i, lr in enumerate(p.detach().reshape(-1))})
         return info
 
+    def _edit_losses(self, batch: dict, pre_loc_logits: torch.Tensor, training: bool) -> dict:
+        """The differentiable part of an edit step: the edit, then the losses of the edited model.
+
+        Returns the total loss under "loss" with what the metrics need. Under torchrun this is the forward of the
+        module DDP wraps (distributed.EditStep).
+        """
+        cfg = self.config
+        loc, outer = batch["loc"], batch["edit_outer"]
+        loc_mask = loc.get("decoder_attention_mask", loc["attention_mask"])
+
+        start = time.perf_counter()
+        edited, info = self.editor.edit(batch["edit_inner"], batch.get("cond"))
+        edit_time = time.perf_counter() - start
+
+        with torch.set_grad_enabled(training), activation_checkpointing(edited.model, self._checkpointed_blocks()):
+            post_edit = edited.edit_loss_fn(edited(**model_inputs(outer)), outer["labels"])
+            post_loc_logits = edited(**model_inputs(loc))
+            l_edit = post_edit["nll"]
+            l_loc = kl_loc_loss(pre_loc_logits, post_loc_logits, loc_mask)
+            l_total_edit = cfg.cedit * l_edit + cfg.cloc * l_loc
+            l_total = l_total_edit
+            # An editor that also trains the base model (ENN's train_base) adds its own term on the locality inputs.
+            l_base = self.editor.base_loss(model_inputs(loc), loc_mask) if training else None
+            if l_base is not None:
+                l_total = l_total + cfg.cbase * l_base
+        return {
+            "loss": l_total,
+            "l_total_edit": l_total_edit,
+            "l_base": l_base,
+            "l_edit": l_edit,
+            "l_loc": l_loc,
+            "post_edit": post_edit,
+            "post_loc_logits": post_loc_logits,
+            "info": info,
+            "edit_time": edit_time,
+        }
+
+    def _checkpointed_blocks(self) -> list:
+        """The blocks whose activations are recomputed in the backward pass (activation_checkpointing=True)."""
+        if not self.config.activation_checkpointing:
+            return []
+        if not hasattr(self, "_blocks"):
+            from memory import grad_blocks
+
+            self._blocks = grad_blocks(self.editor.model, self.config.model.inner_params)
+        return self._blocks
+
+    def _skip_nonfinite(self) -> None:
+        """Count a skipped step; too many in a row stop training."""
+        self.n_skipped += 1
+        self.consecutive_nonfinite += 1
+        LOG.warning("Step %d: non-finite loss or gradient, step skipped (%d so far).", self.step, self.n_skipped)
+        if self.consecutive_nonfinite >= self.config.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} consecutive training steps (up to step {self.step + 1}) had "
+                f"non-finite losses or gradients (max_nonfinite_steps={self.config.max_nonfinite_steps}); "
+                f"stopping. Lower lr / edit_lr, check cedit / cloc, or raise max_nonfinite_steps."
+            )
+
+    def _sync_due(self) -> bool:
+        """The coming step ends a gradient accumulation: DDP all-reduces in its backward pass."""
+        acc, w = self.config.accumulate_bs, self.dist.world_size
+        return (self.step + w) // acc != self.step // acc
+
+    def _backward_ddp(self, loss: torch.Tensor) -> None:
+        """loss.backward() through DDP (all-reduce on the step that ends an accumulation, no_sync before).
+
+        Skipping is agreed: when any rank's loss is non-finite, every rank drops this step's contribution; a
+        non-finite all-reduced gradient (identical on all ranks) drops the whole accumulation.
+        """
+        params = [p for p in self.editor.outer_parameters() if p.requires_grad]
+        sync = self._sync_due()
+        if distributed.any_rank(not bool(torch.isfinite(loss))):
+            if sync:  # the ranks still all-reduce what they accumulated before this step: a zero-gradient backward
+                sum(p.sum() * 0.0 for p in params).backward()
+            self._skip_nonfinite()
+            return
+        (loss * distributed.per_rank_loss_scale(self.config, self.dist.world_size)).backward()
+        if sync and not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
+            for p in params:
+                p.grad = None
+            self._skip_nonfinite()
+            return
+        self.consecutive_nonfinite = 0
+
     def _backward(self, loss: torch.Tensor) -> None:
         """Accumulate d(loss)/d(outer params); a step with non-finite loss or gradients is skipped and counted."""
+        if self._ddp is not None:
+            self._backward_ddp(loss)
+            return
         params = [p for p in self.editor.outer_parameters() if p.requires_grad]
         grads = None
         if torch.isfinite(loss):
             grads = torch.autograd.grad(loss / self.config.accumulate_bs, params, allow_unused=True)
         if grads is None or not all(g is None or torch.isfinite(g).all() for g in grads):
-            self.n_skipped += 1
-            self.consecutive_nonfinite += 1
-            LOG.warning("Step %d: non-finite loss or gradient, step skipped (%d so far).", self.step, self.n_skipped)
-            if self.consecutive_nonfinite >= self.config.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{self.consecutive_nonfinite} consecutive training steps (up to step {self.step + 1}) had "
-                    f"non-finite losses or gradients (max_nonfinite_steps={self.config.max_nonfinite_steps}); "
-                    f"stopping. Lower lr / edit_lr, check cedit / cloc, or raise max_nonfinite_steps."
-                )
+            self._skip_nonfinite()
             return
         self.consecutive_nonfinite = 0
         for p, g in zip(params, grads):
@@ -408,10 +501,20 @@ class EditTrainer:
             averager = StatAverager("_val")
             gen = self.val_set.edit_generator(self.config.val_batch_size, n=steps)
             start = time.perf_counter()
-            for batch in tqdm(gen, total=steps, desc=desc, leave=False, disable=self.config.silent):
-                if interruptible and self._stop_signal is not None:
-                    raise _StopRequested()
-                averager.add(self.edit_step(batch, training=False))
+            rank, world = self.dist.rank, self.dist.world_size
+            mine = []  # (batch index, metrics) of the batches this rank evaluates: rank, rank+W, ...
+            bar = tqdm(total=steps, desc=desc, leave=False, disable=self.config.silent or not self.dist.is_main)
+            for i, batch in enumerate(gen):
+                if i % world == rank:
+                    mine.append((i, self.edit_step(batch, training=False)))
+                if i % world == world - 1 or i == steps - 1:  # every rank is at the same point here
+                    bar.update(min(world, i % world + 1))
+                    if interruptible and self._stop_requested():
+                        bar.close()
+                        raise _StopRequested()
+            bar.close()
+            for _, info in sorted(sum(distributed.gather_objects(mine), [])):  # the single-process order
+                averager.add(info)
             stats = averager.summary()
             stats["eval_time/elapsed"] = time.perf_counter() - start
             stats["eval_time/n_edits"] = steps * self.config.data.n_edits
@@ -436,11 +539,19 @@ class EditTrainer:
             self._base_identity = base_model_identity(self.editor.model, self.config.model.inner_params)
         return self._base_identity
 
-    def _write(self, obj: dict, name: str) -> None:
+    def _write(self, obj: Optional[dict], name: str) -> None:
+        """Rank 0 writes ``obj`` atomically; under torchrun every rank learns whether that worked."""
         path = os.path.join(self.ckpt_dir, name)
-        try:
-            atomic_torch_save(obj, path)
-        except OSError as e:
+        error: Optional[OSError] = None
+        if self.dist.is_main:
+            try:
+                atomic_torch_save(obj, path)
+            except OSError as e:
+                error = e
+        if distributed.any_rank(error is not None) and error is None:  # the other ranks stop with rank 0
+            raise CheckpointWriteError(f"Rank 0 could not write the checkpoint {path} (its log says why).")
+        if error is not None:
+            e = error
             reason = "no space left on the device" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
             last = os.path.join(self.ckpt_dir, LAST_NAME)
             kept = [f"the previous {name} is intact" if os.path.exists(path) else f"no {name} was written before"]
@@ -454,6 +565,9 @@ class EditTrainer:
     def save_checkpoint(self, stats: Dict[str, float]) -> None:
         """The best editor so far (checkpoints/best.pt): what archive= and the final evaluation load."""
         if not self.config.save:
+            return
+        if not self.dist.is_main:  # the editor is the same on every rank: rank 0 writes it
+            self._write(None, BEST_NAME)
             return
         self._write(
             {
@@ -470,12 +584,19 @@ class EditTrainer:
         """Everything needed to continue exactly where training is now (checkpoints/last.pt)."""
         if not self.config.save:
             return
+        # Collective parts first (every rank takes part): the accumulated gradients and each rank's RNG state.
+        grads = distributed.mean_gradients(self.editor.named_parameters())
+        rng_ranks = distributed.gather_objects(rng_state())
+        if not self.dist.is_main:
+            self._write(None, LAST_NAME)
+            self._last_saved_step = self.step
+            return
         self._write(
             {
                 "editor": self.editor.state_dict(),
                 "opt": self.opt.state_dict() if self.opt is not None else {},
                 "lr_opt": self.lr_opt.state_dict() if self.lr_opt is not None else {},
-                "grads": {n: p.grad.detach().clone() for n, p in self.editor.named_parameters() if p.grad is not None},
+                "grads": grads,
                 "step": self.step,
                 "stopper": self.stopper.state_dict(),
                 "trainer": {
@@ -486,7 +607,8 @@ class EditTrainer:
                     "finished": self.finished,
                     "batches_drawn": self.step,  # one training batch per step
                 },
-                "rng": rng_state(),
+                "rng": rng_ranks[0],
+                "rng_ranks": rng_ranks if self.dist.enabled else [],
                 "meta": self._meta(),
             },
             LAST_NAME,
@@ -533,9 +655,21 @@ class EditTrainer:
             next(gen)
         return gen
 
+    def _crossed(self, interval: int) -> bool:
+        """The last step reached a multiple of ``interval`` (a step of N processes advances by N batches)."""
+        return self.step // interval != (self.step - self.dist.world_size) // interval
+
+    def _stop_requested(self) -> bool:
+        """A stop signal arrived (on any rank: all ranks then stop at the same step)."""
+        if self.dist.enabled:
+            signum = distributed.max_int(self._stop_signal or 0)
+            if signum and self._stop_signal is None:
+                self._stop_signal = signum
+        return self._stop_signal is not None
+
     def _validation_due(self, out_of_time: bool = False) -> bool:
         cfg = self.config
-        due = self.step % cfg.val_interval == 0 or self.step >= cfg.max_iters or out_of_time
+        due = self._crossed(cfg.val_interval) or self.step >= cfg.max_iters or out_of_time
         return self.step > 0 and due and self.last_val_step != self.step
 
     def train(self) -> None:
@@ -546,17 +680,18 @@ class EditTrainer:
         start = time.perf_counter() - self.train_seconds
         interval = cfg.checkpoint_interval or cfg.val_interval
         self._last_saved_step = self.step
-        bar = tqdm(total=cfg.max_iters, initial=self.step, desc="train", disable=cfg.silent, dynamic_ncols=True)
+        quiet = cfg.silent or not self.dist.is_main
+        bar = tqdm(total=cfg.max_iters, initial=self.step, desc="train", disable=quiet, dynamic_ncols=True)
         with self._stop_on_signals():
             try:
                 stop = None
                 if self._validation_due() and self._validate_and_checkpoint():  # a resumed run's pending one
                     stop = "early_stop"
-                gen = self._train_batches()
-                while not stop and self.step < cfg.max_iters and self._stop_signal is None:
+                gen = distributed.rank_stream(self._train_batches(), self.dist.rank, self.dist.world_size)
+                while not stop and self.step < cfg.max_iters and not self._stop_requested():
                     stop = self._train_step(next(gen), averager, start, interval)
-                    bar.update(1)
-                    if self.step % cfg.log_interval == 0:
+                    bar.update(self.dist.world_size)
+                    if self._crossed(cfg.log_interval):
                         stats = averager.summary()
                         averager = StatAverager()
                         bar.set_postfix({"loss": f"{stats['loss/total_edit']:.3f}", "ES": f"{stats['edit/acc']:.2f}"})
@@ -593,19 +728,24 @@ class EditTrainer:
     def _train_step(self, batch: dict, averager: StatAverager, start: float, interval: int) -> Optional[str]:
         """One training step and what follows it; "early_stop" or "out_of_time" when training should stop."""
         cfg = self.config
-        # 1. one edit and its losses, gradients accumulated into the editor
+        # 1. one edit and its losses, gradients accumulated into the editor (on N processes: N batches at once,
+        #    and the normalisation statistics merged over them)
+        before = distributed.stats_snapshot(self.editor)
         averager.add(self.edit_step(batch, training=True))
-        self.step += 1
+        distributed.merge_running_stats(self.editor, before)
+        self.step += self.dist.world_size
         # 2. an optimiser step every accumulate_bs edits
-        if self.step % cfg.accumulate_bs == 0:
+        if self._crossed(cfg.accumulate_bs):
             averager.add(self._optimizer_step())
         out_of_time = cfg.max_time is not None and time.perf_counter() - start >= cfg.max_time
+        if cfg.max_time is not None:
+            out_of_time = distributed.any_rank(out_of_time)
         # 3. validation, best checkpoint, early stopping
         self.train_seconds = time.perf_counter() - start
         if self._validation_due(out_of_time) and self._validate_and_checkpoint():
             return "early_stop"
         # 4. the resume point
-        if self.step % interval == 0 and self._last_saved_step != self.step:
+        if self._crossed(interval) and self._last_saved_step != self.step:
             self.train_seconds = time.perf_counter() - start
             self.save_last()
         if out_of_time:
@@ -637,10 +777,12 @@ class EditTrainer:
         elif not cfg.eval_only:
             self.train()
             best = os.path.join(self.ckpt_dir, BEST_NAME)
-            if cfg.save and os.path.exists(best):
-                ckpt = read_checkpoint(best)
-                self.editor.load_state_dict(ckpt["editor"])
-                LOG.info("Reloaded the best checkpoint (step %d).", ckpt["step"])
+            if cfg.save and distributed.broadcast_object(os.path.exists(best)):  # rank 0 reads it, then shares it
+                if self.dist.is_main:
+                    ckpt = read_checkpoint(best)
+                    self.editor.load_state_dict(ckpt["editor"])
+                    LOG.info("Reloaded the best checkpoint (step %d).", ckpt["step"])
+                distributed.broadcast_module(self.editor)
         if not cfg.eval.final_eval:
             return {}
 
@@ -649,6 +791,7 @@ class EditTrainer:
         report = {"results": results}
         if cfg.eval.compare_untrained and self.editor.needs_training:
             untrained = self.make_editor()
+            distributed.broadcast_module(untrained)  # the same untrained editor on every rank
             if hasattr(untrained, "copy_statistics_from"):  # data statistics (MEND's input normalisation)
                 untrained.copy_statistics_from(self.editor)
             report["untrained"] = self.validate(steps, desc="untrained editor", editor=untrained)
@@ -663,6 +806,8 @@ class EditTrainer:
 
         out_dir = cfg.results_dir or self.run_dir
         path = os.path.join(os.path.expanduser(out_dir), "results.json")
+        if not self.dist.is_main:  # every rank holds the same report; rank 0 writes it
+            return report
         write_json(report, path)
         self._log(results, self.step + 1)
         LOG.info("\n%s", summary_table(report, cfg.task))

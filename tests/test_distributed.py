@@ -1,0 +1,229 @@
+"""Editor training on several processes (CPU, gloo, 2 processes): the same gradient and editor as one process,
+rank 0 alone writing, and the README's torchrun command lines (scaled down) end to end.
+
+In-process tests start 2 workers with torch.multiprocessing on a tiny Llama and the synthetic edit set; the
+command-line tests run ``torchrun`` (as ``python -m torch.distributed.run``) on the tiny GPT-2 of test_run.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import TINY, SyntheticEdits, make_config
+from test_run import ROOT, workspace  # noqa: F401  (workspace is a fixture)
+from test_run import cli_command as cli
+
+import distributed
+import trainer as trainer_module
+import utils
+from algs.mend import MEND
+from trainer import EditTrainer
+
+TRAIN = dict(
+    lr=1e-3,
+    lr_lr=1e-2,
+    edit_lr=1e-3,
+    accumulate_bs=2,
+    max_iters=8,
+    val_interval=4,
+    val_steps=3,  # not a multiple of 2: ranks evaluate 2 and 1 batches
+    log_interval=2,
+    **{"eval.compare_untrained": True, "eval.final_steps": 3},
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_trainer(run_dir, **overrides):
+    build, _, _ = TINY["llama"]
+    model = build()
+    cfg = make_config("llama", **{**TRAIN, **overrides})
+    utils.seed_everything(cfg.seed)
+    return EditTrainer(
+        lambda: MEND(model, cfg), cfg, SyntheticEdits(48, seed=0), SyntheticEdits(16, seed=1), str(run_dir)
+    )
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    distributed.init(make_config("llama"), torch.device("cpu"))
+
+
+def _first_step(trainer) -> dict:
+    """The gradient of one accumulation window (before the optimiser step), then the editor after it."""
+    gen = distributed.rank_stream(trainer._train_batches(), trainer.dist.rank, trainer.dist.world_size)
+    for _ in range(trainer.config.accumulate_bs // trainer.dist.world_size):
+        before = distributed.stats_snapshot(trainer.editor)
+        trainer.edit_step(next(gen), training=True)
+        distributed.merge_running_stats(trainer.editor, before)
+        trainer.step += trainer.dist.world_size
+    grads = {n: p.grad.detach().clone() for n, p in trainer.editor.named_parameters()}
+    trainer._optimizer_step()
+    return {"grads": grads, "editor": {k: v.clone() for k, v in trainer.editor.state_dict().items()}}
+
+
+def _grad_worker(rank, world, port, out_dir, overrides):
+    _join(rank, world, port)
+    result = _first_step(make_trainer(os.path.join(out_dir, "run"), **overrides))
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    distributed.shutdown()
+
+
+def _run_worker(rank, world, port, out_dir):
+    _join(rank, world, port)
+    writes = []
+    save, write_json = trainer_module.atomic_torch_save, trainer_module.write_json
+    trainer_module.atomic_torch_save = lambda obj, path: (writes.append(os.path.basename(path)), save(obj, path))
+    trainer_module.write_json = lambda obj, path: (writes.append(os.path.basename(path)), write_json(obj, path))
+    t = make_trainer(os.path.join(out_dir, "run"))
+    report = t.run()
+    torch.save(
+        {"writes": writes, "editor": t.editor.state_dict(), "report": report, "step": t.step},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+    distributed.shutdown()
+
+
+def spawn(fn, *args, world=2):
+    mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_two_processes_give_the_gradient_and_editor_of_one(tmp_path, norm):
+    overrides = {"mend.norm": norm}
+    one = _first_step(make_trainer(tmp_path / "one", **overrides))  # one process accumulating batches 0 and 1
+    spawn(_grad_worker, str(tmp_path), overrides)  # rank 0 takes batch 0, rank 1 batch 1
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, g in one["grads"].items():
+        # DDP all-reduces: both ranks hold the same averaged gradient
+        assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), name
+        if not norm:  # equal to one process's; with normalisation each rank normalises with its own batch first
+            torch.testing.assert_close(ranks[0]["grads"][name], g, rtol=1e-4, atol=1e-7)
+    for key, value in one["editor"].items():
+        assert torch.equal(ranks[0]["editor"][key], ranks[1]["editor"][key]), key
+        if not norm or key.endswith(("count", "mean", "m2")):
+            # the merged normalisation statistics are those of one process after the same two batches
+            torch.testing.assert_close(ranks[0]["editor"][key].double(), value.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_two_process_run_ends_with_one_editor_and_rank_0_alone_writes(tmp_path):
+    spawn(_run_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r1["writes"] == []
+    assert {"best.pt", "last.pt", "results.json"} <= set(r0["writes"])
+    for key in r0["editor"]:
+        assert torch.equal(r0["editor"][key], r1["editor"][key]), key
+    assert r0["step"] == r1["step"] == TRAIN["max_iters"]
+    for key, value in r0["report"]["results"].items():  # validation reduced over ranks: the same everywhere
+        assert key.startswith(("time/", "eval_time/elapsed")) or r1["report"]["results"][key] == value, key
+    assert r0["report"]["results"]["eval_time/n_edits"] == 3
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["train"]["steps"] == TRAIN["max_iters"]
+    last = trainer_module.read_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.pt"))
+    assert len(last["rng_ranks"]) == 2
+
+
+def test_accumulate_bs_must_split_over_the_processes():
+    with pytest.raises(Exception, match=r"accumulate_bs=3 .* multiple of the number of processes"):
+        distributed.check_world_size(make_config("llama", accumulate_bs=3), 2)
+
+
+# -- the README's command lines, scaled down ------------------------------------------------------------------
+
+SCALED_DOWN = ("max_iters=8", "val_interval=4", "val_steps=3", "accumulate_bs=2", "log_interval=2")
+
+
+def torchrun(ws, launcher: list, *overrides, run_dir, timeout=300):
+    cmd = cli(ws, *SCALED_DOWN, *overrides, run_dir=run_dir)
+    assert cmd[1:3] == ["-m", "run"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, *cmd[1:]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_torchrun_two_processes_on_one_machine(workspace):  # noqa: F811
+    run_dir = workspace["root"] / "torchrun-2"
+    proc = torchrun(workspace, ["--standalone", "--nproc_per_node=2"], run_dir=run_dir)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "Distributed: 2 processes, backend gloo" in out
+    assert "Estimated memory per device" in out
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["train"]["steps"] == 8 and results["results"]["eval_time/n_edits"] == 3
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    assert (run_dir / ".hydra").is_dir() and not os.path.exists(os.path.join(ROOT, ".hydra"))
+
+
+def test_torchrun_two_nodes_by_rendezvous(workspace):  # noqa: F811
+    """Two 'nodes' (here both on localhost), one process each, meeting at a c10d rendezvous endpoint."""
+    run_dir = workspace["root"] / "torchrun-nodes"
+    port = free_port()
+    launcher = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}"]
+    launcher.append("--rdzv_id=mend-test")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = cli(workspace, *SCALED_DOWN, run_dir=run_dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, *cmd[1:]]
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)]
+    nodes.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), "\n".join(o[-3000:] for o in outs)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["train"]["steps"] == 8
+
+
+def _resume_worker(rank, world, port, out_dir):
+    import signal
+
+    _join(rank, world, port)
+    overrides = {"accumulate_bs": 4, "checkpoint_interval": 2}  # the stop falls inside a gradient accumulation
+    straight = make_trainer(os.path.join(out_dir, "straight"), **overrides)
+    straight.run()
+    stopped = make_trainer(os.path.join(out_dir, "stopped"), **overrides)
+    step = stopped._train_step
+
+    def step_then_signal(*args, **kwargs):  # SIGTERM reaches rank 1 only, after step 2
+        out = step(*args, **kwargs)
+        if rank == 1 and stopped.step == 2:
+            stopped._stop_signal = signal.SIGTERM
+        return out
+
+    stopped._train_step = step_then_signal
+    try:
+        stopped.run()
+        interrupted_at = None
+    except trainer_module.TrainingInterrupted:
+        interrupted_at = stopped.step
+    resumed = make_trainer(os.path.join(out_dir, "stopped"), resume=os.path.join(out_dir, "stopped"), **overrides)
+    resumed.run()
+    torch.save(
+        {
+            "interrupted_at": interrupted_at,
+            "straight": straight.editor.state_dict(),
+            "resumed": resumed.editor.state_dict(),
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+    distributed.shutdown()
+
+
+def test_a_signal_on_one_rank_stops_all_and_resume_ends_like_the_straight_run(tmp_path):
+    spawn(_resume_worker, str(tmp_path))
+    for r in range(2):
+        out = torch.load(tmp_path / f"rank{r}.pt")
+        assert out["interrupted_at"] == 2  # both ranks stopped at the same step
+        for key, value in out["straight"].items():
+            torch.testing.assert_close(out["resumed"][key], value, rtol=1e-5, atol=1e-7)
