@@ -111,7 +111,10 @@ def run_editor(name: str, args) -> dict:
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
     with open(os.path.join(run_dir, "compare.log"), "a") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        env = dict(os.environ)
+        if args.threads is not None:
+            env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         raise SystemExit(
             f"[{name}] python -m run failed (exit {proc.returncode}); see {os.path.join(run_dir, 'compare.log')}"
@@ -192,6 +195,9 @@ def main(argv=None) -> None:
     parser.add_argument("--editors", default=",".join(EDITORS), help=f"comma-separated subset of {list(EDITORS)}")
     parser.add_argument("--out", default=os.path.join("outputs", "compare"))
     parser.add_argument("--force", action="store_true", help="rerun editors that finished earlier")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads per run (OMP_NUM_THREADS); default: torch's choice"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.editors.split(",") if n.strip()]
@@ -200,7 +206,8 @@ def main(argv=None) -> None:
         parser.error(f"--editors: unknown {unknown}; choose from {list(EDITORS)}")
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    rows = [row(name, run_editor(name, args)) for name in names]
+    reports = {name: run_editor(name, args) for name in names}
+    rows = [row(name, reports[name]) for name in EDITORS if name in reports]
     write_tables(rows, args.out)
     title = f"{args.experiment}, {args.model}: {args.steps} training steps, {args.eval_edits} held-out edits"
     write_plot(rows, args.out, title)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -48,15 +47,11 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def measure(n_edits: int, args) -> dict:
     from losses import masked_log_probs
     from run import build
     from trainer import EditTrainer
-    from utils import model_inputs, to_device
+    from utils import model_inputs, peak_memory_mb, to_device
 
     overrides = [
         "+alg=mend",
@@ -115,7 +110,7 @@ def measure(n_edits: int, args) -> dict:
         "mend_edit_s": edit,
         "ratio": edit / ref,
         "train_step_s": step,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_memory_mb()["peak_rss_mb"],
         "model": cfg.model.name,
         "device": str(device),
         "threads": torch.get_num_threads(),
