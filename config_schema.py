@@ -58,6 +58,8 @@ class DataConfig:
     wiki_webtext: bool = False
     # qa: take locality questions from Natural Questions instead of zsRE.
     zsre_nq: bool = False
+    # qa: directory with the Natural Questions train.json / validation.json; None: <path>/nq or <path>/../nq.
+    nq_path: Optional[str] = None
     # gen: length in tokens of the sampled edit target.
     n_tokens: int = 10
     # gen: passages are cut to at most this many tokens.

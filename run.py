@@ -35,7 +35,7 @@ ALGS = {
     "enn": "algs.enn.ENN",
     "ft": "algs.ft.FT",
 }
-DATASETS = {"gen": "data_classes.gen.GenDataset"}
+DATASETS = {"gen": "data_classes.gen.GenDataset", "qa": "data_classes.qa.QADataset"}
 
 
 def _load(path: str):

@@ -1,0 +1,510 @@
+"""Data for the ``qa`` experiment (zsRE question answering): make a model give a new answer to a question.
+
+An edit example is a question x_e and an alternative answer y_e (a plausible but different answer, drawn
+with a seeded choice from the example's ``alternatives``). The equivalence input x'_e is a rephrasing of
+the question (``filtered_rephrases``, with the question itself removed); locality inputs are other
+questions with their true answers. The condition text for EFK is ``"<prediction> >> <alternative> || <question>"``.
+
+Sources:
+
+* ``data.path``: a directory holding the zsRE files of De Cao et al. as the original MEND uses them,
+  ``structured_zeroshot-train-new_annotated_final.jsonl`` and ``structured_zeroshot-dev-new_annotated_final.jsonl``
+  (``train.jsonl`` and ``validation.jsonl`` / ``dev.jsonl`` are accepted too). JSON lines, each
+  ``{"input": question, "prediction": the model's answer, "alternatives": [answers], "filtered_rephrases": [questions],
+  "output": [{"answer": ...}, ...]}``. Examples without alternatives or (other) rephrases are skipped.
+* ``data.zsre_nq=True``: locality questions come from Natural Questions, in the original's format
+  ``{"questions": [...], "answers": [...]}`` (an answer may be a string or a list whose first entry is used),
+  one file per split: ``train.json`` and ``validation.json`` (or ``dev.json``) in the directory ``data.nq_path``,
+  by default ``<data.path>/nq`` or, as in the original's ``data/zsre`` + ``data/nq`` layout, ``<data.path>/../nq``.
+* otherwise the embedded set: one question per fact of :mod:`data_classes.facts` (country capitals, regions,
+  demonyms, languages, currencies), its three other question templates as rephrases, the true object as the
+  answer and objects of the same relation as alternatives; train and validation are split by country. It is
+  written once, in the zsRE format above, to ``<cache_dir>/data/qa/<key>/{train,validation}.jsonl``.
+
+Batches follow the model (see :class:`QADataset`): for a causal LM the question and the answer are one text
+(``"<question> <answer>"``) with labels on the answer tokens only; for an encoder-decoder (BART, T5) the question
+is the encoder input, the labels are the tokenised answer (with its end-of-sequence token) and
+``decoder_input_ids`` are the labels shifted right behind the model's decoder start token (``</s>`` for BART,
+the pad token for T5), exactly what the model builds itself from ``labels``, so logits and labels line up
+without a shift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from utils import atomic_write_text
+
+from . import DataError
+
+LOG = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+N_ALTERNATIVES = 3  # alternatives per embedded question
+TRAIN_FILES = ("structured_zeroshot-train-new_annotated_final.jsonl", "train.jsonl")
+VALIDATION_FILES = ("structured_zeroshot-dev-new_annotated_final.jsonl", "validation.jsonl", "dev.jsonl")
+NQ_FILES = {"train": ("train.json",), "validation": ("validation.json", "dev.json")}
+FORMAT_HINT = (
+    'one JSON object per line: {"input": question, "prediction": answer, "alternatives": [answers], '
+    '"filtered_rephrases": [questions], "output": [{"answer": ...}]}'
+)
+NQ_HINT = '{"questions": [...], "answers": [...]}'
+
+_SALT_ALT, _SALT_REPHRASE, _SALT_LOC, _SALT_TRAIN_ORDER, _SALT_EVAL_ORDER, _SALT_EMBED = range(6)
+
+
+def _opt(cfg, name: str, default):
+    try:
+        return getattr(cfg, name, default)
+    except Exception:
+        return default
+
+
+def _rng(*entropy: int) -> np.random.Generator:
+    return np.random.default_rng([int(e) for e in entropy])
+
+
+def _normalise_split(split: str) -> str:
+    if split == "train":
+        return "train"
+    if split in ("validation", "val", "valid", "dev"):
+        return "validation"
+    raise DataError(f"split={split!r}: expected 'train' or 'validation'.")
+
+
+def _find(directory: Path, names: Sequence[str], what: str, key: str) -> Path:
+    if not directory.is_dir():
+        raise DataError(f"{key}={str(directory)!r} is not a directory; it must hold {' or '.join(names)} ({what}).")
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    raise DataError(
+        f"{directory / names[0]} not found: {key}={str(directory)!r} must hold {' or '.join(names)} ({what})."
+    )
+
+
+def zsre_file(directory: Path, split: str) -> Path:
+    names = TRAIN_FILES if split == "train" else VALIDATION_FILES
+    return _find(directory, names, f"zsRE {split} split, {FORMAT_HINT}", "data.path")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the original formats
+
+
+def read_zsre(path: Path) -> Tuple[List[dict], int]:
+    """The usable records of a zsRE JSON-lines file, and how many were skipped.
+
+    Each record: input, prediction, alternatives, rephrases (input removed), answer (the first ``output`` answer,
+    else the prediction), plus any ``country`` key (the embedded set's, for locality). A line that is not a JSON
+    object of the right shape raises DataError naming the file and the line.
+    """
+    records, skipped = [], 0
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror}).") from e
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}); expected {FORMAT_HINT}.") from e
+            if not isinstance(d, dict):
+                raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(d).__name__}.")
+            question = d.get("input")
+            if not isinstance(question, str) or not question.strip():
+                raise DataError(f"{path}, line {lineno}: 'input' must be a non-empty string (the question).")
+            for key in ("alternatives", "filtered_rephrases", "output"):
+                if key in d and not isinstance(d[key], list):
+                    raise DataError(f"{path}, line {lineno}: {key!r} must be a list, got {type(d[key]).__name__}.")
+            alternatives = [a for a in d.get("alternatives") or [] if isinstance(a, str) and a.strip()]
+            rephrases = [r for r in d.get("filtered_rephrases") or [] if isinstance(r, str) and r.strip()]
+            rephrases = [r for r in rephrases if r.strip() != question.strip()]
+            prediction = d.get("prediction") if isinstance(d.get("prediction"), str) else ""
+            answers = [
+                o["answer"] for o in d.get("output") or [] if isinstance(o, dict) and isinstance(o.get("answer"), str)
+            ]
+            answer = next((a for a in answers if a.strip()), prediction)
+            if not alternatives or not rephrases or not answer.strip():
+                skipped += 1
+                continue
+            records.append(
+                {
+                    "input": question,
+                    "prediction": prediction or answer,
+                    "alternatives": alternatives,
+                    "rephrases": rephrases,
+                    "answer": answer,
+                    "country": d.get("country"),
+                    "line": lineno,
+                }
+            )
+    return records, skipped
+
+
+def read_nq(path: Path) -> List[Tuple[str, str]]:
+    """(question, answer) pairs from a Natural Questions file in the original's format."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror}).") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); expected {NQ_HINT}.") from e
+    if (
+        not isinstance(obj, dict)
+        or not isinstance(obj.get("questions"), list)
+        or not isinstance(obj.get("answers"), list)
+    ):
+        raise DataError(f"{path}: expected a JSON object {NQ_HINT}.")
+    if len(obj["questions"]) != len(obj["answers"]):
+        raise DataError(f"{path}: {len(obj['questions'])} questions but {len(obj['answers'])} answers.")
+    pairs = []
+    for q, a in zip(obj["questions"], obj["answers"]):
+        if isinstance(a, list):
+            a = next((x for x in a if isinstance(x, str) and x.strip()), None)
+        if isinstance(q, str) and q.strip() and isinstance(a, str) and a.strip():
+            pairs.append((q, a))
+    if not pairs:
+        raise DataError(f"{path}: no usable question/answer pair; expected {NQ_HINT}.")
+    return pairs
+
+
+def nq_file(data_cfg, split: str) -> Path:
+    nq_path = _opt(data_cfg, "nq_path", None)
+    if nq_path:
+        return _find(
+            Path(os.path.expanduser(str(nq_path))), NQ_FILES[split], f"Natural Questions {NQ_HINT}", "data.nq_path"
+        )
+    path = _opt(data_cfg, "path", None)
+    if not path:
+        raise DataError(
+            "data.zsre_nq=True takes locality questions from Natural Questions files, which the embedded set does not "
+            "have: set data.nq_path=<directory with train.json and validation.json> (or data.zsre_nq=False)."
+        )
+    root = Path(os.path.expanduser(str(path)))
+    for candidate in (root / "nq", root.parent / "nq"):
+        if candidate.is_dir():
+            return _find(candidate, NQ_FILES[split], f"Natural Questions {NQ_HINT}", "data.nq_path")
+    raise DataError(
+        f"data.zsre_nq=True: no Natural Questions directory at {root / 'nq'} or {root.parent / 'nq'}; set "
+        f"data.nq_path=<directory with {' and '.join(n[0] for n in NQ_FILES.values())}> ({NQ_HINT})."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded set
+
+
+def embedded_params(data_cfg, seed: int) -> dict:
+    from .facts import FACT_PACKAGES
+
+    return {
+        "format": CACHE_FORMAT,
+        "facts": FACT_PACKAGES,
+        "seed": int(seed),
+        "val_fraction": float(_opt(data_cfg, "val_fraction", 0.15)),
+        "n_alternatives": N_ALTERNATIVES,
+    }
+
+
+def embedded_cache_dir(cache_dir: str, params: dict) -> Path:
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(os.path.expanduser(str(cache_dir))) / "data" / "qa" / key
+
+
+def build_embedded(params: dict) -> Dict[str, List[dict]]:
+    """Both splits of the embedded question set as zsRE records (plus each fact's country and relation)."""
+    from .facts import load_facts, objects_by_relation, other_object, split_countries
+
+    val_fraction = params["val_fraction"]
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"data.val_fraction={val_fraction} must be strictly between 0 and 1.")
+    facts = load_facts()
+    pools = objects_by_relation(facts)
+    train_c, _ = split_countries(facts, val_fraction, params["seed"])
+    train_c = set(train_c)
+    out: Dict[str, List[dict]] = {"train": [], "validation": []}
+    for i, fact in enumerate(facts):
+        rng = _rng(params["seed"], _SALT_EMBED, i)
+        alternatives: List[str] = []
+        n_distinct = len(pools[fact.relation]) - 1
+        while len(alternatives) < min(params["n_alternatives"], n_distinct):
+            alt = other_object(fact, pools, rng)
+            if alt not in alternatives:
+                alternatives.append(alt)
+        if not alternatives:
+            continue
+        out["train" if fact.country in train_c else "validation"].append(
+            {
+                "input": fact.question(0),
+                # The embedded set has no model answer; the true object stands in for it (used in EFK's condition).
+                "prediction": fact.obj,
+                "alternatives": alternatives,
+                "filtered_rephrases": [fact.question(k) for k in range(1, len(_questions(fact)))],
+                "output": [{"answer": fact.obj}],
+                "country": fact.country,
+                "relation": fact.relation,
+            }
+        )
+    return out
+
+
+def _questions(fact) -> Tuple[str, ...]:
+    from .facts import RELATIONS
+
+    return RELATIONS[fact.relation][1]
+
+
+def ensure_embedded(cache_dir: str, data_cfg, seed: int) -> Path:
+    params = embedded_params(data_cfg, seed)
+    out_dir = embedded_cache_dir(cache_dir, params)
+    if all((out_dir / f"{s}.jsonl").is_file() for s in ("train", "validation")):
+        return out_dir
+    splits = build_embedded(params)
+    for split, records in splits.items():
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        atomic_write_text(text, str(out_dir / f"{split}.jsonl"))
+    atomic_write_text(json.dumps(params, indent=2) + "\n", str(out_dir / "params.json"))
+    LOG.info(
+        "Built the embedded qa set (%d train, %d validation questions) in %s",
+        len(splits["train"]),
+        len(splits["validation"]),
+        out_dir,
+    )
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset
+
+
+def seq2seq_start_id(model) -> Optional[int]:
+    """The decoder start token of an encoder-decoder model (BART: </s>, T5: the pad token)."""
+    config = model.config
+    start = getattr(config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
+    if start is None:
+        start = config.pad_token_id if getattr(config, "model_type", "") == "t5" else config.eos_token_id
+    return int(start)
+
+
+class QADataset(torch.utils.data.Dataset):
+    """zsRE-style edit examples of one split and the batches the trainer consumes (see :meth:`edit_generator`).
+
+    ``model`` decides the batch layout: an encoder-decoder model (``config.is_encoder_decoder``) gets encoder
+    inputs, labels, ``decoder_input_ids`` and ``decoder_attention_mask``; any other model is treated as a causal LM.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        data_cfg,
+        split: str,
+        seed: int,
+        cache_dir: str,
+        model=None,
+        model_id: str = "",
+        device="cpu",
+    ):
+        self.tok = tokenizer
+        self.cfg = data_cfg
+        self.split = _normalise_split(split)
+        self.seed = int(seed)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise DataError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
+        self.seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        self.start_id = seq2seq_start_id(model) if self.seq2seq else None
+        self.eos_id = tokenizer.eos_token_id
+
+        path = _opt(data_cfg, "path", None)
+        if path:
+            self.source = zsre_file(Path(os.path.expanduser(str(path))), self.split)
+        else:
+            self.source = ensure_embedded(cache_dir, data_cfg, self.seed) / f"{self.split}.jsonl"
+        records, skipped = read_zsre(self.source)
+        if skipped:
+            LOG.info(
+                "%s: %d examples without alternatives or rephrases skipped (as the original does).",
+                self.source,
+                skipped,
+            )
+        if not records:
+            raise DataError(
+                f"{self.source}: no usable example (each needs alternatives and a rephrase); {FORMAT_HINT}."
+            )
+        self.records = records
+        for i, r in enumerate(records):
+            r["alt"] = r["alternatives"][int(_rng(self.seed, _SALT_ALT, i).integers(len(r["alternatives"])))]
+            r["rephrase"] = r["rephrases"][int(_rng(self.seed, _SALT_REPHRASE, i).integers(len(r["rephrases"])))]
+            r["cond"] = f"{r['prediction']} >> {r['alt']} || {r['input']}"
+        self.nq: Optional[List[Tuple[str, str]]] = None
+        if _opt(data_cfg, "zsre_nq", False):
+            self.nq = read_nq(nq_file(data_cfg, self.split))
+        elif len(records) < 2:
+            raise DataError(f"{self.source}: the {self.split} split needs at least 2 examples (locality uses others).")
+        self._enc_cache: Dict[Tuple[str, str], Tuple[List[int], List[int]]] = {}
+        LOG.info("qa %s split: %d edit examples from %s", self.split, len(self), self.source)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        q, a = self._loc(i, 0)
+        return {
+            "question": r["input"],
+            "target": r["alt"],
+            "rephrase": r["rephrase"],
+            "answer": r["answer"],
+            "cond": r["cond"],
+            "loc": q,
+            "loc_ans": a,
+        }
+
+    # ---- locality
+
+    def _loc(self, i: int, k: int) -> Tuple[str, str]:
+        """The k-th locality partner of edit i: another question with its true answer (another country's, for the
+        embedded set), or a Natural Questions pair with data.zsre_nq; a deterministic draw from (seed, i, k)."""
+        rng = _rng(self.seed, _SALT_LOC, i, k)
+        if self.nq is not None:
+            return self.nq[int(rng.integers(len(self.nq)))]
+        r = self.records[i]
+        for _ in range(64):
+            j = int(rng.integers(len(self.records)))
+            other = self.records[j]
+            if j != i and (r["country"] is None or other["country"] != r["country"]):
+                return other["input"], other["answer"]
+        j = (i + 1 + int(rng.integers(len(self.records) - 1))) % len(self.records)
+        return self.records[j]["input"], self.records[j]["answer"]
+
+    # ---- tokenisation
+
+    def _ids(self, text: str, special: bool) -> List[int]:
+        return list(self.tok(text, add_special_tokens=special)["input_ids"])
+
+    def encode_pair(self, question: str, answer: str) -> Tuple[List[int], List[int]]:
+        """(prompt ids, answer ids): encoder input and labels for seq2seq; the two parts of one text for a causal LM."""
+        key = (question, answer)
+        if key in self._enc_cache:
+            return self._enc_cache[key]
+        if self.seq2seq:
+            prompt = self._ids(question, True)
+            target = self._ids(answer, True)
+            if self.eos_id is not None and (not target or target[-1] != self.eos_id):
+                target = target + [self.eos_id]
+        else:
+            prompt = self._ids(question, False)
+            full = self._ids(question + " " + answer, False)
+            if full[: len(prompt)] == prompt and len(full) > len(prompt):
+                target = full[len(prompt) :]
+            else:  # the tokenizer merges across the boundary: keep the two parts apart
+                target = self._ids(" " + answer, False)
+        if not target:
+            raise DataError(f"{self.source}: the answer {answer!r} tokenises to nothing.")
+        self._enc_cache[key] = (prompt, target)
+        return prompt, target
+
+    def _pad(self, rows: List[List[int]], value: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), value, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for n, r in enumerate(rows):
+            ids[n, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[n, : len(r)] = 1
+        return ids, mask
+
+    def tensors(self, pairs: List[Tuple[str, str]]) -> Dict[str, torch.Tensor]:
+        """One batch role (edit_inner, edit_outer or loc) for (question, answer) pairs."""
+        enc = [self.encode_pair(q, a) for q, a in pairs]
+        if self.seq2seq:
+            ids, mask = self._pad([p for p, _ in enc], self.pad_id)
+            labels, dec_mask = self._pad([t for _, t in enc], -100)
+            # The model's own shift: the decoder reads the start token, then the labels up to the last one.
+            dec_ids = torch.full_like(labels, self.pad_id)
+            dec_ids[:, 0] = self.start_id
+            dec_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, self.pad_id)
+            return {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "labels": labels,
+                "decoder_input_ids": dec_ids,
+                "decoder_attention_mask": dec_mask,
+            }
+        ids, mask = self._pad([p + t for p, t in enc], self.pad_id)
+        labels = torch.full_like(ids, -100)
+        for n, (p, t) in enumerate(enc):
+            labels[n, len(p) : len(p) + len(t)] = torch.tensor(t, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def _batch(self, edits: List[int], n_loc: int) -> dict:
+        recs = [self.records[i] for i in edits]
+        inner = self.tensors([(r["input"], r["alt"]) for r in recs])
+        if _opt(self.cfg, "rephrase", True):
+            outer = self.tensors([(r["rephrase"], r["alt"]) for r in recs])
+        else:
+            outer = {k: v.clone() for k, v in inner.items()}
+        # Slot k holds partner k // n_edits of edit k % n_edits (as in gen).
+        locs = [self._loc(edits[k % len(edits)], k // len(edits)) for k in range(n_loc)]
+        loc = self.tensors(locs)
+        cond_ids, cond_mask = self._pad([self._ids(r["cond"], True) for r in recs], self.pad_id)
+        return {
+            "edit_inner": inner,
+            "edit_outer": outer,
+            "loc": loc,
+            "cond": {"input_ids": cond_ids, "attention_mask": cond_mask},
+            "raw": {
+                "question": [r["input"] for r in recs],
+                "target": [r["alt"] for r in recs],
+                "rephrase": [r["rephrase"] for r in recs],
+                "cond": [r["cond"] for r in recs],
+                "loc": [q for q, _ in locs],
+                "loc_ans": [a for _, a in locs],
+            },
+        }
+
+    def edit_generator(self, batch_size: int, n: Optional[int] = None, start: int = 0) -> Iterator[dict]:
+        """Batches of ``data.n_edits`` edits plus ``batch_size - n_edits`` locality questions, as gen's:
+        endless seeded epochs for training (``start`` skips batches to resume), ``n`` fixed batches otherwise."""
+        n_edits = int(_opt(self.cfg, "n_edits", 1))
+        n_loc = int(batch_size) - n_edits
+        if n_edits < 1:
+            raise DataError(f"data.n_edits={n_edits} must be >= 1.")
+        if n_loc < 1:
+            raise DataError(
+                f"data.n_edits={n_edits} must be smaller than batch_size={batch_size}: each batch holds n_edits "
+                f"edits plus at least one locality question (e.g. data.n_edits=5 batch_size=6)."
+            )
+        if len(self) < n_edits:
+            raise DataError(f"The {self.split} split has {len(self)} examples, fewer than data.n_edits={n_edits}.")
+        if self.split == "train" and n is None:
+            return self._train_batches(n_edits, n_loc, start)
+        return self._fixed_batches(n_edits, n_loc, len(self) // n_edits if n is None else int(n))
+
+    def _train_batches(self, n_edits: int, n_loc: int, start: int = 0) -> Iterator[dict]:
+        per_epoch = len(self) // n_edits
+        epoch, first = divmod(int(start), per_epoch)
+        while True:
+            order = _rng(self.seed, _SALT_TRAIN_ORDER, epoch).permutation(len(self)).tolist()
+            for b in range(first, per_epoch):
+                yield self._batch(order[b * n_edits : (b + 1) * n_edits], n_loc)
+            epoch, first = epoch + 1, 0
+
+    def _fixed_batches(self, n_edits: int, n_loc: int, n: int) -> Iterator[dict]:
+        order = _rng(self.seed, _SALT_EVAL_ORDER).permutation(len(self)).tolist()
+        for b in range(n):
+            yield self._batch([order[(b * n_edits + j) % len(order)] for j in range(n_edits)], n_loc)
