@@ -432,36 +432,38 @@ def test_fine_tune_then_every_editor_from_the_command_line(ws):
         "enn": [],
         "ft": ["ft.max_edit_steps=3"],
     }
-    procs = {}
+    schedule = [
+        "device=cpu",
+        "wandb.enabled=false",
+        "max_iters=2",
+        "val_interval=2",
+        "val_steps=2",
+        "log_interval=1",
+        "accumulate_bs=1",
+        "eval.compare_untrained=false",
+    ]
+    # MEND through the command line (in the background), the baselines through run.main_job in this process
+    mend_dir = ws["root"] / "run-mend"
+    cmd = [sys.executable, "-m", "run", "+alg=mend", "+experiment=fc", *common, *runs.pop("mend"), *schedule]
+    mend = subprocess.Popen(
+        [*cmd, f"hydra.run.dir={mend_dir}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
+    from run import main_job
+
+    reports = {}
     for alg, extra in runs.items():
-        run_dir = ws["root"] / f"run-{alg}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "run",
-            f"+alg={alg}",
-            "+experiment=fc",
-            *common,
-            *extra,
-            "device=cpu",
-            "wandb.enabled=false",
-            "max_iters=2",
-            "val_interval=2",
-            "val_steps=2",
-            "log_interval=1",
-            "accumulate_bs=1",
-            "eval.compare_untrained=false",
-            f"hydra.run.dir={run_dir}",
-        ]
-        procs[alg] = (
-            run_dir,
-            subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True),
-        )
-    for alg, (run_dir, proc) in procs.items():
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-3000:]
-        report = json.loads((run_dir / "results.json").read_text())
-        assert report["config"]["task"] == "fc" and report["train"]["steps"] == (0 if alg == "ft" else 2)
+        reports[alg] = main_job(compose([f"+alg={alg}", *common, *extra, *schedule]), str(ws["root"] / f"run-{alg}"))
+    out, _ = mend.communicate(timeout=300)
+    assert mend.returncode == 0, out[-3000:]
+    assert "locality accuracy, pre-edit" in out
+    reports["mend"] = json.loads((mend_dir / "results.json").read_text())
+    for alg, report in reports.items():
+        assert report["config"]["task"] == "fc" and report["config"]["alg"] == alg
+        assert report["train"]["steps"] == (0 if alg == "ft" else 2)
         for key in ("edit/acc_val", "acc/pre_val", "acc/post_val", "acc/drawdown_val", "time/edit_val"):
             assert key in report["results"], (alg, key)
-        assert "locality accuracy, pre-edit" in out
