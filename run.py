@@ -106,7 +106,7 @@ def check_fact_checker(cfg: DictConfig, overrides=None) -> None:
 
     raise ModelLoadError(
         f"model.pt={cfg.model.pt}: no fine-tuned fact-checker there. The fc experiment edits a trained classifier; "
-        f"fine-tune it first (a few minutes): {command_hint(overrides)} (or set model.pt=null to edit the "
+        f"fine-tune it first: {command_hint(overrides)} (or set model.pt=null to edit the "
         f"pre-trained encoder with an untrained head)."
     )
 
