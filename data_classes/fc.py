@@ -1,0 +1,426 @@
+"""Data for the ``fc`` experiment: flip (or keep) a binary fact-checker's verdict on a claim.
+
+An edit example is a claim x_e and a binary label y_e (1: SUPPORTS, 0: REFUTES). As in the original, the
+label is drawn at random with p=0.5: the classifier's recorded prediction, or its alternative (the other
+label); the condition text that EFK reads is ``"<prediction> >> <new label> || <claim>"``. The equivalence
+input is a rephrasing of the claim with the same label; the locality inputs are other claims, labelled with
+their true (gold) label, so that their accuracy before and after the edit can be compared (drawdown).
+
+Sources:
+
+* ``data.path``: a directory with the original FEVER files (KILT format, De Cao et al.), one JSON object a
+  line: ``fever-train-kilt.jsonl`` and ``fever-dev-kilt.jsonl`` (or ``train.jsonl`` and ``validation.jsonl``
+  / ``dev.jsonl`` / ``val.jsonl``). Each line is
+  ``{"input": claim, "prediction": "SUPPORTS"|"REFUTES", "alternatives": [...], "filtered_rephrases": [...],
+  "output": [{"answer": "SUPPORTS"|"REFUTES"}], "logit": float}``. Lines without alternatives or rephrases are
+  skipped (as the original does); a line that is not valid JSON or lacks a key is a :class:`DataError` naming
+  the file and the line number.
+* otherwise the embedded claim set, built from :mod:`data_classes.facts`: each fact gives a true claim
+  (SUPPORTS) and a false one, its object swapped for another of the same relation (REFUTES), each with the
+  other claim templates as rephrasings. Train and validation are split by country. It is written once in the
+  same format under ``<cache_dir>/data/fc/<key>/{train,validation}.jsonl``. The ``prediction`` field holds the
+  true label there (the set is built without a model); ``logit`` is null.
+
+Batches have the layout of :mod:`data_classes.gen`: ``edit_inner``, ``edit_outer``, ``loc`` and ``cond``, each
+a dict of ``input_ids``, ``attention_mask`` and ``labels`` (shape (rows, 1), 0/1), and ``raw`` (the texts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from utils import atomic_write_text
+
+from . import DataError
+
+LOG = logging.getLogger(__name__)
+
+POSITIVE, NEGATIVE = "SUPPORTS", "REFUTES"
+LABELS = (POSITIVE, NEGATIVE)
+TRAIN_FILES = ("fever-train-kilt.jsonl", "train.jsonl")
+VALIDATION_FILES = ("fever-dev-kilt.jsonl", "validation.jsonl", "dev.jsonl", "val.jsonl")
+FORMAT_HINT = (
+    '{"input": claim, "prediction": "SUPPORTS"|"REFUTES", "alternatives": [...], "filtered_rephrases": [...], '
+    '"output": [{"answer": "SUPPORTS"|"REFUTES"}], "logit": float}'
+)
+DEFAULT_MAX_LENGTH = 128
+# Bump when the embedded build changes in a way that invalidates cached files.
+CACHE_FORMAT = 1
+
+_SALT_FALSE, _SALT_FLIP, _SALT_REPHRASE, _SALT_LOC, _SALT_TRAIN_ORDER, _SALT_EVAL_ORDER = range(100, 106)
+_SPLIT_IDS = {"train": 0, "validation": 1}
+
+
+def _opt(cfg, name: str, default):
+    try:
+        return getattr(cfg, name, default)
+    except Exception:
+        return default
+
+
+def _rng(*entropy: int) -> np.random.Generator:
+    return np.random.default_rng([int(e) for e in entropy])
+
+
+def _normalise_split(split: str) -> str:
+    if split == "train":
+        return "train"
+    if split in ("validation", "val", "valid", "dev"):
+        return "validation"
+    raise DataError(f"split={split!r}: expected 'train' or 'validation'.")
+
+
+# --------------------------------------------------------------------------------------------
+# The FEVER (KILT) format
+
+
+def split_file(directory: Path, split: str) -> Path:
+    """The file of ``split`` in a data directory; raises DataError saying what is expected."""
+    names = TRAIN_FILES if split == "train" else VALIDATION_FILES
+    if not directory.is_dir():
+        raise DataError(
+            f"data.path={str(directory)!r} is not a directory. For fc it must hold {TRAIN_FILES[0]} and "
+            f"{VALIDATION_FILES[0]} (or train.jsonl and validation.jsonl), one JSON object a line: {FORMAT_HINT}."
+        )
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    raise DataError(
+        f"{directory / names[0]} not found: data.path={str(directory)!r} must hold {' or '.join(names)} for the "
+        f"{split} split (FEVER, KILT format, one JSON object a line: {FORMAT_HINT})."
+    )
+
+
+def _check_record(d, where: str) -> dict:
+    """One line of a FEVER file, checked; returns the fields the data set uses."""
+    if not isinstance(d, dict):
+        raise DataError(f"{where}: expected a JSON object {FORMAT_HINT}, got {type(d).__name__}.")
+    for key in ("input", "prediction", "alternatives", "filtered_rephrases", "output"):
+        if key not in d:
+            raise DataError(f"{where}: missing key {key!r}; each line must be {FORMAT_HINT}.")
+    if not isinstance(d["input"], str) or not d["input"].strip():
+        raise DataError(f"{where}: 'input' must be a non-empty string (the claim).")
+    if d["prediction"] not in LABELS:
+        raise DataError(f"{where}: 'prediction' is {d['prediction']!r}; expected {POSITIVE!r} or {NEGATIVE!r}.")
+    for key in ("alternatives", "filtered_rephrases"):
+        if not isinstance(d[key], list) or not all(isinstance(x, str) for x in d[key]):
+            raise DataError(f"{where}: {key!r} must be a list of strings.")
+    bad_alt = [a for a in d["alternatives"] if a not in LABELS]
+    if bad_alt:
+        raise DataError(f"{where}: 'alternatives' holds {bad_alt[0]!r}; expected {POSITIVE!r} or {NEGATIVE!r}.")
+    out = d["output"]
+    if not isinstance(out, list) or not out or not isinstance(out[0], dict) or out[0].get("answer") not in LABELS:
+        raise DataError(
+            f"{where}: 'output' must be a non-empty list whose first entry is {{\"answer\": {POSITIVE!r} or "
+            f"{NEGATIVE!r}}} (the true label)."
+        )
+    logit = d.get("logit")
+    if logit is not None and not isinstance(logit, (int, float)):
+        raise DataError(f"{where}: 'logit' must be a number or null, got {type(logit).__name__}.")
+    return d
+
+
+def read_fever(path: Path) -> Tuple[List[dict], int]:
+    """Read one FEVER (KILT) JSONL file. Returns (usable records, number skipped).
+
+    A record keeps ``input``, ``prediction``, ``alternatives``, ``rephrases`` (the filtered rephrases without the
+    claim itself), ``label`` (the true label) and ``group`` (``country`` when the line has one, else its line
+    number: locality claims come from another group). Lines without alternatives or rephrases are skipped.
+    """
+    records, skipped = [], 0
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror}).") from e
+    with f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from e
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be {FORMAT_HINT}."
+            ) from e
+        d = _check_record(d, where)
+        rephrases = [r for r in d["filtered_rephrases"] if r.strip() and r != d["input"]]
+        if not d["alternatives"] or not rephrases:
+            skipped += 1
+            continue
+        records.append(
+            {
+                "input": d["input"],
+                "prediction": d["prediction"],
+                "alternatives": list(d["alternatives"]),
+                "rephrases": rephrases,
+                "label": d["output"][0]["answer"],
+                "group": str(d.get("country") or f"line {lineno}"),
+            }
+        )
+    if not records:
+        raise DataError(
+            f"{path}: no usable example ({skipped} lines without alternatives or rephrases were skipped); "
+            f"expected lines {FORMAT_HINT}."
+        )
+    return records, skipped
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded claim set
+
+
+def embedded_params(data_cfg, seed: int) -> dict:
+    from .facts import FACT_PACKAGES
+
+    return {
+        "format": CACHE_FORMAT,
+        "facts": FACT_PACKAGES,
+        "seed": int(seed),
+        "val_fraction": float(_opt(data_cfg, "val_fraction", 0.15)),
+        "max_countries": _opt(data_cfg, "max_countries", None),
+    }
+
+
+def embedded_cache_dir(cache_dir: str, params: dict) -> Path:
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(os.path.expanduser(str(cache_dir))) / "data" / "fc" / key
+
+
+def build_claims(facts, val_fraction: float, seed: int) -> Dict[str, List[dict]]:
+    """FEVER-format records from facts: a true and a false claim per fact, split by country (seeded)."""
+    from .facts import RELATIONS, objects_by_relation, other_object, split_countries
+
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"data.val_fraction={val_fraction} must be strictly between 0 and 1.")
+    pools = objects_by_relation(facts)
+    train_countries, val_countries = split_countries(facts, val_fraction, seed)
+    side = {c: "train" for c in train_countries}
+    side.update({c: "validation" for c in val_countries})
+    out: Dict[str, List[dict]] = {"train": [], "validation": []}
+    for index, fact in enumerate(facts):
+        n = len(RELATIONS[fact.relation][0])
+        false_obj = other_object(fact, pools, _rng(seed, _SALT_FALSE, index))
+        for obj, label in ((None, POSITIVE), (false_obj, NEGATIVE)):
+            other = NEGATIVE if label == POSITIVE else POSITIVE
+            out[side[fact.country]].append(
+                {
+                    "id": f"{fact.country}|{fact.relation}|{'true' if label == POSITIVE else 'false'}",
+                    "input": fact.claim(0, obj),
+                    "prediction": label,
+                    "alternatives": [other],
+                    "filtered_rephrases": [fact.claim(k, obj) for k in range(1, n)],
+                    "output": [{"answer": label}],
+                    "logit": None,
+                    "country": fact.country,
+                    "relation": fact.relation,
+                }
+            )
+    return out
+
+
+def build_embedded(out_dir: Path, params: dict) -> None:
+    from .facts import load_facts
+
+    facts = load_facts()
+    limit = params.get("max_countries")
+    if limit:
+        keep = sorted({f.country for f in facts})[: int(limit)]
+        facts = [f for f in facts if f.country in keep]
+    claims = build_claims(facts, params["val_fraction"], params["seed"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, records in claims.items():
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        atomic_write_text(text, str(out_dir / f"{split}.jsonl"))
+    atomic_write_text(json.dumps(params, indent=1, sort_keys=True) + "\n", str(out_dir / "params.json"))
+    LOG.info(
+        "Built the embedded fc claim set in %s: %d train and %d validation claims from %d facts.",
+        out_dir,
+        len(claims["train"]),
+        len(claims["validation"]),
+        len(facts),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The data set
+
+
+class FCDataset(torch.utils.data.Dataset):
+    """Claims of one split and the edit batches the trainer consumes (see :meth:`edit_generator`)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        data_cfg,
+        split: str,
+        seed: int,
+        cache_dir: str = "~/.cache/mend-repro",
+        model=None,
+        model_id: str = "",
+        device="cpu",
+        max_length: Optional[int] = None,
+    ):
+        self.tok = tokenizer
+        self.cfg = data_cfg
+        self.split = _normalise_split(split)
+        self.split_id = _SPLIT_IDS[self.split]
+        self.seed = int(seed)
+        if max_length is None:
+            max_length = int(_opt(data_cfg, "max_length", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH)
+            context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+            if isinstance(context, int) and context > 0:
+                max_length = min(max_length, context)
+        self.max_length = max_length
+
+        path = _opt(data_cfg, "path", None)
+        if path:
+            self.source = split_file(Path(os.path.expanduser(str(path))), self.split)
+        else:
+            params = embedded_params(data_cfg, self.seed)
+            out_dir = embedded_cache_dir(cache_dir, params)
+            if not all((out_dir / f"{s}.jsonl").is_file() for s in ("train", "validation")):
+                build_embedded(out_dir, params)
+            else:
+                LOG.info("Loading the embedded fc claim set from %s", out_dir)
+            self.source = out_dir / f"{self.split}.jsonl"
+        self.records, self.n_skipped = read_fever(self.source)
+        if self.n_skipped:
+            LOG.info("%s: %d lines without alternatives or rephrases skipped.", self.source, self.n_skipped)
+        if len({r["group"] for r in self.records}) < 2:
+            raise DataError(f"{self.source}: at least two claims are needed (locality claims come from another).")
+
+        self.claims = [r["input"] for r in self.records]
+        self.gold = [int(r["label"] == POSITIVE) for r in self.records]
+        self.edit_labels, self.conds = [], []
+        for i, r in enumerate(self.records):
+            flip = bool(_rng(self.seed, _SALT_FLIP, self.split_id, i).random() < 0.5)
+            new = r["alternatives"][0] if flip else r["prediction"]
+            self.edit_labels.append(int(new == POSITIVE))
+            self.conds.append(f"{r['prediction']} >> {new} || {r['input']}")
+        self.groups = [r["group"] for r in self.records]
+        LOG.info("fc %s split: %d claims from %s", self.split, len(self), self.source)
+
+    # ---- access
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        return {
+            "claim": r["input"],
+            "rephrases": list(r["rephrases"]),
+            "label": self.edit_labels[i],
+            "true_label": self.gold[i],
+            "cond": self.conds[i],
+        }
+
+    def rephrase(self, i: int, epoch: int = -1) -> str:
+        """The rephrasing used for example i: a fixed seeded pick (epoch -1), or a new one per training epoch."""
+        options = self.records[i]["rephrases"]
+        return options[int(_rng(self.seed, _SALT_REPHRASE, self.split_id, i, epoch + 1).integers(len(options)))]
+
+    def loc_partner(self, i: int, r: int, avoid: Sequence[int] = ()) -> int:
+        """The r-th locality claim of edit i: another claim of the split, from another group (country) than
+        edit i and the edits ``avoid`` (the rest of its batch) when there is one, drawn from (seed, i, r)."""
+        groups = self.groups
+        banned = {groups[i]} | {groups[k] for k in avoid}
+        rng = _rng(self.seed, _SALT_LOC, self.split_id, i, r)
+        for _ in range(64):
+            j = int(rng.integers(len(self)))
+            if groups[j] not in banned:
+                return j
+        others = [k for k in range(len(self)) if groups[k] not in banned]
+        if not others:  # fewer groups than edits in the batch: only the edit's own group is excluded
+            others = [k for k in range(len(self)) if groups[k] != groups[i]]
+        return others[int(rng.integers(len(others)))]
+
+    # ---- batches
+
+    def _encode(self, texts: Sequence[str], labels: Sequence[int]) -> Dict[str, torch.Tensor]:
+        enc = self.tok(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor(list(labels), dtype=torch.long).view(-1, 1),
+        }
+
+    def _batch(self, edits: List[int], n_loc: int, epoch: int = -1) -> dict:
+        labels = [self.edit_labels[i] for i in edits]
+        inner = self._encode([self.claims[i] for i in edits], labels)
+        if _opt(self.cfg, "rephrase", True):
+            rephrases = [self.rephrase(i, epoch) for i in edits]
+            outer = self._encode(rephrases, labels)
+        else:
+            rephrases = [self.claims[i] for i in edits]
+            outer = {k: v.clone() for k, v in inner.items()}
+        # Slot k holds partner k // n_edits of edit k % n_edits (as in gen).
+        locs = [self.loc_partner(edits[k % len(edits)], k // len(edits), edits) for k in range(n_loc)]
+        loc = self._encode([self.claims[j] for j in locs], [self.gold[j] for j in locs])
+        cond = self._encode([self.conds[i] for i in edits], labels)
+        return {
+            "edit_inner": inner,
+            "edit_outer": outer,
+            "loc": loc,
+            "cond": cond,
+            "raw": {
+                "claim": [self.claims[i] for i in edits],
+                "rephrase": rephrases,
+                "label": labels,
+                "true_label": [self.gold[i] for i in edits],
+                "cond": [self.conds[i] for i in edits],
+                "loc": [self.claims[j] for j in locs],
+                "loc_label": [self.gold[j] for j in locs],
+            },
+        }
+
+    def edit_generator(self, batch_size: int, n: Optional[int] = None, start: int = 0) -> Iterator[dict]:
+        """Batches of ``data.n_edits`` edits plus ``batch_size - n_edits`` locality claims.
+
+        As in :meth:`data_classes.gen.GenDataset.edit_generator`: the train split with ``n=None`` is endless (a
+        new seeded order each epoch, with new rephrasings; ``start`` skips that many batches); otherwise exactly
+        ``n`` batches (default ``len(self) // n_edits``) in a fixed seeded order, the same on every call.
+        """
+        n_edits = int(_opt(self.cfg, "n_edits", 1))
+        n_loc = int(batch_size) - n_edits
+        if n_edits < 1:
+            raise DataError(f"data.n_edits={n_edits} must be >= 1.")
+        if n_loc < 1:
+            raise DataError(
+                f"data.n_edits={n_edits} must be smaller than batch_size={batch_size}: each batch holds n_edits "
+                f"edits plus at least one locality claim (e.g. data.n_edits=5 batch_size=6)."
+            )
+        if len(self) < n_edits:
+            raise DataError(f"The {self.split} split has {len(self)} claims, fewer than data.n_edits={n_edits}.")
+        if self.split == "train" and n is None:
+            return self._train_batches(n_edits, n_loc, start)
+        if n is None:
+            n = len(self) // n_edits
+        return self._fixed_batches(n_edits, n_loc, int(n))
+
+    def _train_batches(self, n_edits: int, n_loc: int, start: int = 0) -> Iterator[dict]:
+        per_epoch = len(self) // n_edits
+        epoch, first = divmod(int(start), per_epoch)
+        while True:
+            order = _rng(self.seed, _SALT_TRAIN_ORDER, epoch).permutation(len(self)).tolist()
+            for b in range(first, per_epoch):
+                yield self._batch(order[b * n_edits : (b + 1) * n_edits], n_loc, epoch)
+            epoch, first = epoch + 1, 0
+
+    def _fixed_batches(self, n_edits: int, n_loc: int, n: int) -> Iterator[dict]:
+        order = _rng(self.seed, _SALT_EVAL_ORDER).permutation(len(self)).tolist()
+        for b in range(n):
+            yield self._batch([order[(b * n_edits + j) % len(order)] for j in range(n_edits)], n_loc)
