@@ -32,14 +32,15 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from utils import atomic_write_text
 
 from . import DataError
+from .base import EditDataset, normalise_split, opt
+from .base import rng as _rng
 
 LOG = logging.getLogger(__name__)
 
@@ -57,25 +58,6 @@ CACHE_FORMAT = 1
 
 _SALT_FALSE, _SALT_FLIP, _SALT_REPHRASE, _SALT_LOC, _SALT_TRAIN_ORDER, _SALT_EVAL_ORDER = range(100, 106)
 _SPLIT_IDS = {"train": 0, "validation": 1}
-
-
-def _opt(cfg, name: str, default):
-    try:
-        return getattr(cfg, name, default)
-    except Exception:
-        return default
-
-
-def _rng(*entropy: int) -> np.random.Generator:
-    return np.random.default_rng([int(e) for e in entropy])
-
-
-def _normalise_split(split: str) -> str:
-    if split == "train":
-        return "train"
-    if split in ("validation", "val", "valid", "dev"):
-        return "validation"
-    raise DataError(f"split={split!r}: expected 'train' or 'validation'.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,8 +171,8 @@ def embedded_params(data_cfg, seed: int) -> dict:
         "format": CACHE_FORMAT,
         "facts": FACT_PACKAGES,
         "seed": int(seed),
-        "val_fraction": float(_opt(data_cfg, "val_fraction", 0.15)),
-        "max_countries": _opt(data_cfg, "max_countries", None),
+        "val_fraction": float(opt(data_cfg, "val_fraction", 0.15)),
+        "max_countries": opt(data_cfg, "max_countries", None),
     }
 
 
@@ -258,8 +240,12 @@ def build_embedded(out_dir: Path, params: dict) -> None:
 # The data set
 
 
-class FCDataset(torch.utils.data.Dataset):
+class FCDataset(EditDataset):
     """Claims of one split and the edit batches the trainer consumes (see :meth:`edit_generator`)."""
+
+    TRAIN_ORDER_SALT = _SALT_TRAIN_ORDER
+    EVAL_ORDER_SALT = _SALT_EVAL_ORDER
+    LOC_NAME = "locality claim"
 
     def __init__(
         self,
@@ -275,17 +261,17 @@ class FCDataset(torch.utils.data.Dataset):
     ):
         self.tok = tokenizer
         self.cfg = data_cfg
-        self.split = _normalise_split(split)
+        self.split = normalise_split(split)
         self.split_id = _SPLIT_IDS[self.split]
         self.seed = int(seed)
         if max_length is None:
-            max_length = int(_opt(data_cfg, "max_length", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH)
+            max_length = int(opt(data_cfg, "max_length", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH)
             context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
             if isinstance(context, int) and context > 0:
                 max_length = min(max_length, context)
         self.max_length = max_length
 
-        path = _opt(data_cfg, "path", None)
+        path = opt(data_cfg, "path", None)
         if path:
             self.source = split_file(Path(os.path.expanduser(str(path))), self.split)
         else:
@@ -361,7 +347,7 @@ class FCDataset(torch.utils.data.Dataset):
     def _batch(self, edits: List[int], n_loc: int, epoch: int = -1) -> dict:
         labels = [self.edit_labels[i] for i in edits]
         inner = self._encode([self.claims[i] for i in edits], labels)
-        if _opt(self.cfg, "rephrase", True):
+        if opt(self.cfg, "rephrase", True):
             rephrases = [self.rephrase(i, epoch) for i in edits]
             outer = self._encode(rephrases, labels)
         else:
@@ -386,41 +372,3 @@ class FCDataset(torch.utils.data.Dataset):
                 "loc_label": [self.gold[j] for j in locs],
             },
         }
-
-    def edit_generator(self, batch_size: int, n: Optional[int] = None, start: int = 0) -> Iterator[dict]:
-        """Batches of ``data.n_edits`` edits plus ``batch_size - n_edits`` locality claims.
-
-        As in :meth:`data_classes.gen.GenDataset.edit_generator`: the train split with ``n=None`` is endless (a
-        new seeded order each epoch, with new rephrasings; ``start`` skips that many batches); otherwise exactly
-        ``n`` batches (default ``len(self) // n_edits``) in a fixed seeded order, the same on every call.
-        """
-        n_edits = int(_opt(self.cfg, "n_edits", 1))
-        n_loc = int(batch_size) - n_edits
-        if n_edits < 1:
-            raise DataError(f"data.n_edits={n_edits} must be >= 1.")
-        if n_loc < 1:
-            raise DataError(
-                f"data.n_edits={n_edits} must be smaller than batch_size={batch_size}: each batch holds n_edits "
-                f"edits plus at least one locality claim (e.g. data.n_edits=5 batch_size=6)."
-            )
-        if len(self) < n_edits:
-            raise DataError(f"The {self.split} split has {len(self)} claims, fewer than data.n_edits={n_edits}.")
-        if self.split == "train" and n is None:
-            return self._train_batches(n_edits, n_loc, start)
-        if n is None:
-            n = len(self) // n_edits
-        return self._fixed_batches(n_edits, n_loc, int(n))
-
-    def _train_batches(self, n_edits: int, n_loc: int, start: int = 0) -> Iterator[dict]:
-        per_epoch = len(self) // n_edits
-        epoch, first = divmod(int(start), per_epoch)
-        while True:
-            order = _rng(self.seed, _SALT_TRAIN_ORDER, epoch).permutation(len(self)).tolist()
-            for b in range(first, per_epoch):
-                yield self._batch(order[b * n_edits : (b + 1) * n_edits], n_loc, epoch)
-            epoch, first = epoch + 1, 0
-
-    def _fixed_batches(self, n_edits: int, n_loc: int, n: int) -> Iterator[dict]:
-        order = _rng(self.seed, _SALT_EVAL_ORDER).permutation(len(self)).tolist()
-        for b in range(n):
-            yield self._batch([order[(b * n_edits + j) % len(order)] for j in range(n_edits)], n_loc)

@@ -30,14 +30,15 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from utils import atomic_write_text
 
 from . import DataError
+from .base import EditDataset, normalise_split, opt
+from .base import rng as _rng
 from .corpus import CORPUS_NAME, corpus_version, factbook_documents, split_passages
 
 LOG = logging.getLogger(__name__)
@@ -58,22 +59,6 @@ FORMAT_HINT = '{"original": [passages], "completions": [passage + sampled contin
 _SALT_SPLIT, _SALT_LOC, _SALT_REPHRASE, _SALT_TRAIN_ORDER, _SALT_EVAL_ORDER, _SALT_CAP = range(6)
 
 
-def _opt(cfg, name: str, default):
-    """A data option that may be absent from the config (read with getattr)."""
-    try:
-        return getattr(cfg, name, default)
-    except Exception:  # omegaconf raises its own errors for unknown keys in some modes
-        return default
-
-
-def _normalise_split(split: str) -> str:
-    if split == "train":
-        return "train"
-    if split in ("validation", "val", "valid"):
-        return "validation"
-    raise DataError(f"split={split!r}: expected 'train' or 'validation'.")
-
-
 def context_length(model) -> Optional[int]:
     """The longest input ``model`` takes (n_positions / max_position_embeddings of its config), if it says."""
     config = getattr(model, "config", None)
@@ -82,10 +67,6 @@ def context_length(model) -> Optional[int]:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def _rng(*entropy: int) -> np.random.Generator:
-    return np.random.default_rng([int(e) for e in entropy])
 
 
 def _decode(tokenizer, ids: Sequence[int]) -> str:
@@ -193,18 +174,18 @@ def embedded_params(data_cfg, seed: int, model_id: str) -> dict:
         "corpus": CORPUS_NAME,
         "corpus_version": corpus_version(),
         "seed": int(seed),
-        "n_tokens": int(_opt(data_cfg, "n_tokens", 10)),
-        "max_passage_tokens": int(_opt(data_cfg, "max_passage_tokens", 64)),
+        "n_tokens": int(opt(data_cfg, "n_tokens", 10)),
+        "max_passage_tokens": int(opt(data_cfg, "max_passage_tokens", 64)),
         "min_passage_tokens": MIN_PASSAGE_TOKENS,
-        "val_fraction": float(_opt(data_cfg, "val_fraction", 0.15)),
-        "sample_temperature": float(_opt(data_cfg, "sample_temperature", 1.0)),
+        "val_fraction": float(opt(data_cfg, "val_fraction", 0.15)),
+        "sample_temperature": float(opt(data_cfg, "sample_temperature", 1.0)),
         "max_documents": _positive_or_none(data_cfg, "max_documents", None),
         "max_passages": _positive_or_none(data_cfg, "max_passages", DEFAULT_MAX_PASSAGES),
     }
 
 
 def _positive_or_none(cfg, name: str, default: Optional[int]) -> Optional[int]:
-    value = _opt(cfg, name, default)
+    value = opt(cfg, name, default)
     if value is None:
         return None
     if int(value) < 1:
@@ -437,8 +418,12 @@ def webtext_passages(split: str) -> List[str]:
 # The dataset
 
 
-class GenDataset(torch.utils.data.Dataset):
+class GenDataset(EditDataset):
     """Edit examples of one split and the batches the trainer consumes (see :meth:`edit_generator`)."""
+
+    TRAIN_ORDER_SALT = _SALT_TRAIN_ORDER
+    EVAL_ORDER_SALT = _SALT_EVAL_ORDER
+    LOC_NAME = "locality passage"
 
     def __init__(
         self,
@@ -454,18 +439,18 @@ class GenDataset(torch.utils.data.Dataset):
     ):
         self.tok = tokenizer
         self.cfg = data_cfg
-        self.split = _normalise_split(split)
+        self.split = normalise_split(split)
         self.seed = int(seed)
         self.device = device  # generation runs on the model's own device; batches are on the CPU
-        self.n_tokens = int(_opt(data_cfg, "n_tokens", 10))
-        self.max_passage_tokens = int(_opt(data_cfg, "max_passage_tokens", 64))
+        self.n_tokens = int(opt(data_cfg, "n_tokens", 10))
+        self.max_passage_tokens = int(opt(data_cfg, "max_passage_tokens", 64))
         # The model's context: no row (passage + target) may be longer. Defaults to the model's own.
         self.max_length = max_length if max_length is not None else context_length(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None:
             raise DataError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
 
-        path = _opt(data_cfg, "path", None)
+        path = opt(data_cfg, "path", None)
         stored_ids: Optional[List[List[int]]] = None
         if path:
             self.source = split_file(Path(os.path.expanduser(str(path))), self.split)
@@ -606,7 +591,7 @@ class GenDataset(torch.utils.data.Dataset):
     def _build_locality(self) -> None:
         self._webtext: Optional[List[str]] = None
         self._loc_cache: Dict[Tuple[int, int], Tuple[str, List[int]]] = {}
-        if _opt(self.cfg, "wiki_webtext", False):
+        if opt(self.cfg, "wiki_webtext", False):
             self._webtext = webtext_passages(self.split)
         elif len(set(self.documents)) < 2:
             raise DataError(
@@ -667,11 +652,11 @@ class GenDataset(torch.utils.data.Dataset):
             labels[r, k : len(s)] = row[k:]
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    def _batch(self, edits: List[int], n_loc: int) -> dict:
+    def _batch(self, edits: List[int], n_loc: int, epoch: int = 0) -> dict:
         inner = self._pad(
             [self.passage_ids[i] + self.target_ids[i] for i in edits], [len(self.passage_ids[i]) for i in edits]
         )
-        if _opt(self.cfg, "rephrase", True):
+        if opt(self.cfg, "rephrase", True):
             outer = self._pad(
                 [self.rephrase_ids[i] + self.target_ids[i] for i in edits], [len(self.rephrase_ids[i]) for i in edits]
             )
@@ -692,53 +677,3 @@ class GenDataset(torch.utils.data.Dataset):
                 "loc": [text for text, _ in locs],
             },
         }
-
-    def edit_generator(self, batch_size: int, n: Optional[int] = None, start: int = 0) -> Iterator[dict]:
-        """Batches of ``data.n_edits`` edits plus ``batch_size - n_edits`` locality passages.
-
-        Train split with ``n=None``: endless, a new seeded permutation of the examples each epoch;
-        ``start`` skips that many batches without building them (to resume a run where it stopped).
-        Validation split, or any split with ``n`` given: exactly ``n`` batches (``n=None``:
-        ``len(self) // n_edits``) from the start of a fixed seeded order, the same on every call;
-        the order wraps around when ``n * n_edits`` exceeds the number of examples.
-        """
-        n_edits = int(_opt(self.cfg, "n_edits", 1))
-        n_loc = int(batch_size) - n_edits
-        if n_edits < 1:
-            raise DataError(f"data.n_edits={n_edits} must be >= 1.")
-        if n_loc < 1:
-            raise DataError(
-                f"data.n_edits={n_edits} must be smaller than batch_size={batch_size}: each batch holds n_edits "
-                f"edits plus at least one locality passage (e.g. data.n_edits=5 batch_size=6)."
-            )
-        size = len(self)
-        if size < n_edits:
-            raise DataError(f"The {self.split} split has {size} examples, fewer than data.n_edits={n_edits}.")
-        if self.split == "train" and n is None:
-            return self._train_batches(n_edits, n_loc, start)
-        if n is None:
-            n = size // n_edits
-        return self._fixed_batches(n_edits, n_loc, int(n))
-
-    def _train_batches(self, n_edits: int, n_loc: int, start: int = 0) -> Iterator[dict]:
-        per_epoch = len(self) // n_edits
-        epoch, first = divmod(int(start), per_epoch)
-        while True:
-            order = _rng(self.seed, _SALT_TRAIN_ORDER, epoch).permutation(len(self)).tolist()
-            for b in range(first, per_epoch):
-                yield self._batch(order[b * n_edits : (b + 1) * n_edits], n_loc)
-            epoch, first = epoch + 1, 0
-
-    def _fixed_batches(self, n_edits: int, n_loc: int, n: int) -> Iterator[dict]:
-        order = _rng(self.seed, _SALT_EVAL_ORDER).permutation(len(self)).tolist()
-        if n * n_edits > len(order):
-            LOG.info(
-                "%d %s batches of %d edits need %d examples; the split has %d, so the order wraps around.",
-                n,
-                self.split,
-                n_edits,
-                n * n_edits,
-                len(order),
-            )
-        for b in range(n):
-            yield self._batch([order[(b * n_edits + j) % len(order)] for j in range(n_edits)], n_loc)

@@ -36,14 +36,15 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from utils import atomic_write_text
 
 from . import DataError
+from .base import EditDataset, normalise_split, opt
+from .base import rng as _rng
 
 LOG = logging.getLogger(__name__)
 
@@ -59,25 +60,6 @@ FORMAT_HINT = (
 NQ_HINT = '{"questions": [...], "answers": [...]}'
 
 _SALT_ALT, _SALT_REPHRASE, _SALT_LOC, _SALT_TRAIN_ORDER, _SALT_EVAL_ORDER, _SALT_EMBED = range(6)
-
-
-def _opt(cfg, name: str, default):
-    try:
-        return getattr(cfg, name, default)
-    except Exception:
-        return default
-
-
-def _rng(*entropy: int) -> np.random.Generator:
-    return np.random.default_rng([int(e) for e in entropy])
-
-
-def _normalise_split(split: str) -> str:
-    if split == "train":
-        return "train"
-    if split in ("validation", "val", "valid", "dev"):
-        return "validation"
-    raise DataError(f"split={split!r}: expected 'train' or 'validation'.")
 
 
 def _find(directory: Path, names: Sequence[str], what: str, key: str) -> Path:
@@ -182,12 +164,12 @@ def read_nq(path: Path) -> List[Tuple[str, str]]:
 
 
 def nq_file(data_cfg, split: str) -> Path:
-    nq_path = _opt(data_cfg, "nq_path", None)
+    nq_path = opt(data_cfg, "nq_path", None)
     if nq_path:
         return _find(
             Path(os.path.expanduser(str(nq_path))), NQ_FILES[split], f"Natural Questions {NQ_HINT}", "data.nq_path"
         )
-    path = _opt(data_cfg, "path", None)
+    path = opt(data_cfg, "path", None)
     if not path:
         raise DataError(
             "data.zsre_nq=True takes locality questions from Natural Questions files, which the embedded set does not "
@@ -214,7 +196,7 @@ def embedded_params(data_cfg, seed: int) -> dict:
         "format": CACHE_FORMAT,
         "facts": FACT_PACKAGES,
         "seed": int(seed),
-        "val_fraction": float(_opt(data_cfg, "val_fraction", 0.15)),
+        "val_fraction": float(opt(data_cfg, "val_fraction", 0.15)),
         "n_alternatives": N_ALTERNATIVES,
     }
 
@@ -301,12 +283,16 @@ def seq2seq_start_id(model) -> Optional[int]:
     return int(start)
 
 
-class QADataset(torch.utils.data.Dataset):
+class QADataset(EditDataset):
     """zsRE-style edit examples of one split and the batches the trainer consumes (see :meth:`edit_generator`).
 
     ``model`` decides the batch layout: an encoder-decoder model (``config.is_encoder_decoder``) gets encoder
     inputs, labels, ``decoder_input_ids`` and ``decoder_attention_mask``; any other model is treated as a causal LM.
     """
+
+    TRAIN_ORDER_SALT = _SALT_TRAIN_ORDER
+    EVAL_ORDER_SALT = _SALT_EVAL_ORDER
+    LOC_NAME = "locality question"
 
     def __init__(
         self,
@@ -321,7 +307,7 @@ class QADataset(torch.utils.data.Dataset):
     ):
         self.tok = tokenizer
         self.cfg = data_cfg
-        self.split = _normalise_split(split)
+        self.split = normalise_split(split)
         self.seed = int(seed)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None:
@@ -330,7 +316,7 @@ class QADataset(torch.utils.data.Dataset):
         self.start_id = seq2seq_start_id(model) if self.seq2seq else None
         self.eos_id = tokenizer.eos_token_id
 
-        path = _opt(data_cfg, "path", None)
+        path = opt(data_cfg, "path", None)
         if path:
             self.source = zsre_file(Path(os.path.expanduser(str(path))), self.split)
         else:
@@ -352,7 +338,7 @@ class QADataset(torch.utils.data.Dataset):
             r["rephrase"] = r["rephrases"][int(_rng(self.seed, _SALT_REPHRASE, i).integers(len(r["rephrases"])))]
             r["cond"] = f"{r['prediction']} >> {r['alt']} || {r['input']}"
         self.nq: Optional[List[Tuple[str, str]]] = None
-        if _opt(data_cfg, "zsre_nq", False):
+        if opt(data_cfg, "zsre_nq", False):
             self.nq = read_nq(nq_file(data_cfg, self.split))
         elif len(records) < 2:
             raise DataError(f"{self.source}: the {self.split} split needs at least 2 examples (locality uses others).")
@@ -451,10 +437,10 @@ class QADataset(torch.utils.data.Dataset):
             labels[n, len(p) : len(p) + len(t)] = torch.tensor(t, dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    def _batch(self, edits: List[int], n_loc: int) -> dict:
+    def _batch(self, edits: List[int], n_loc: int, epoch: int = 0) -> dict:
         recs = [self.records[i] for i in edits]
         inner = self.tensors([(r["input"], r["alt"]) for r in recs])
-        if _opt(self.cfg, "rephrase", True):
+        if opt(self.cfg, "rephrase", True):
             outer = self.tensors([(r["rephrase"], r["alt"]) for r in recs])
         else:
             outer = {k: v.clone() for k, v in inner.items()}
@@ -476,35 +462,3 @@ class QADataset(torch.utils.data.Dataset):
                 "loc_ans": [a for _, a in locs],
             },
         }
-
-    def edit_generator(self, batch_size: int, n: Optional[int] = None, start: int = 0) -> Iterator[dict]:
-        """Batches of ``data.n_edits`` edits plus ``batch_size - n_edits`` locality questions, as gen's:
-        endless seeded epochs for training (``start`` skips batches to resume), ``n`` fixed batches otherwise."""
-        n_edits = int(_opt(self.cfg, "n_edits", 1))
-        n_loc = int(batch_size) - n_edits
-        if n_edits < 1:
-            raise DataError(f"data.n_edits={n_edits} must be >= 1.")
-        if n_loc < 1:
-            raise DataError(
-                f"data.n_edits={n_edits} must be smaller than batch_size={batch_size}: each batch holds n_edits "
-                f"edits plus at least one locality question (e.g. data.n_edits=5 batch_size=6)."
-            )
-        if len(self) < n_edits:
-            raise DataError(f"The {self.split} split has {len(self)} examples, fewer than data.n_edits={n_edits}.")
-        if self.split == "train" and n is None:
-            return self._train_batches(n_edits, n_loc, start)
-        return self._fixed_batches(n_edits, n_loc, len(self) // n_edits if n is None else int(n))
-
-    def _train_batches(self, n_edits: int, n_loc: int, start: int = 0) -> Iterator[dict]:
-        per_epoch = len(self) // n_edits
-        epoch, first = divmod(int(start), per_epoch)
-        while True:
-            order = _rng(self.seed, _SALT_TRAIN_ORDER, epoch).permutation(len(self)).tolist()
-            for b in range(first, per_epoch):
-                yield self._batch(order[b * n_edits : (b + 1) * n_edits], n_loc)
-            epoch, first = epoch + 1, 0
-
-    def _fixed_batches(self, n_edits: int, n_loc: int, n: int) -> Iterator[dict]:
-        order = _rng(self.seed, _SALT_EVAL_ORDER).permutation(len(self)).tolist()
-        for b in range(n):
-            yield self._batch([order[(b * n_edits + j) % len(order)] for j in range(n_edits)], n_loc)

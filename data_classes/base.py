@@ -1,0 +1,105 @@
+"""What the edit sets of every experiment share: option reading, seeded streams, and the batch schedule.
+
+A data set subclasses :class:`EditDataset` and implements ``__len__`` and ``_batch(edits, n_loc, epoch)``,
+which builds one batch (the ``edit_inner`` / ``edit_outer`` / ``loc`` / ``cond`` / ``raw`` layout described in
+``data_classes/gen.py``) from the indices of its edits. :meth:`EditDataset.edit_generator` decides which edits
+go together, in which order, and how many locality examples each batch gets.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator, List, Optional
+
+import numpy as np
+import torch
+
+from . import DataError
+
+LOG = logging.getLogger(__name__)
+
+
+def opt(cfg, name: str, default):
+    """A data option that may be absent from the config (read with getattr)."""
+    try:
+        return getattr(cfg, name, default)
+    except Exception:  # omegaconf raises its own errors for unknown keys in some modes
+        return default
+
+
+def rng(*entropy: int) -> np.random.Generator:
+    """A generator seeded by the integers given (the seed, a salt that names the use, indices)."""
+    return np.random.default_rng([int(e) for e in entropy])
+
+
+def normalise_split(split: str) -> str:
+    if split == "train":
+        return "train"
+    if split in ("validation", "val", "valid", "dev"):
+        return "validation"
+    raise DataError(f"split={split!r}: expected 'train' or 'validation'.")
+
+
+class EditDataset(torch.utils.data.Dataset):
+    """The batch schedule shared by the experiments. Subclasses set ``split``, ``seed`` and ``cfg`` (the data
+    config), the two order salts, and what one locality example is called in messages."""
+
+    TRAIN_ORDER_SALT: int
+    EVAL_ORDER_SALT: int
+    LOC_NAME = "locality example"
+
+    split: str
+    seed: int
+
+    def _batch(self, edits: List[int], n_loc: int, epoch: int = 0) -> dict:
+        raise NotImplementedError
+
+    def edit_generator(self, batch_size: int, n: Optional[int] = None, start: int = 0) -> Iterator[dict]:
+        """Batches of ``data.n_edits`` edits plus ``batch_size - n_edits`` locality examples.
+
+        Train split with ``n=None``: endless, a new seeded permutation of the examples each epoch;
+        ``start`` skips that many batches without building them (to resume a run where it stopped).
+        Validation split, or any split with ``n`` given: exactly ``n`` batches (``n=None``:
+        ``len(self) // n_edits``) from the start of a fixed seeded order, the same on every call;
+        the order wraps around when ``n * n_edits`` exceeds the number of examples.
+        """
+        n_edits = int(opt(self.cfg, "n_edits", 1))
+        n_loc = int(batch_size) - n_edits
+        if n_edits < 1:
+            raise DataError(f"data.n_edits={n_edits} must be >= 1.")
+        if n_loc < 1:
+            raise DataError(
+                f"data.n_edits={n_edits} must be smaller than batch_size={batch_size}: each batch holds n_edits "
+                f"edits plus at least one {self.LOC_NAME} (e.g. data.n_edits=5 batch_size=6)."
+            )
+        size = len(self)
+        if size < n_edits:
+            raise DataError(f"The {self.split} split has {size} examples, fewer than data.n_edits={n_edits}.")
+        if self.split == "train" and n is None:
+            return self._train_batches(n_edits, n_loc, start)
+        if n is None:
+            n = size // n_edits
+        return self._fixed_batches(n_edits, n_loc, int(n))
+
+    def _train_batches(self, n_edits: int, n_loc: int, start: int = 0) -> Iterator[dict]:
+        per_epoch = len(self) // n_edits
+        epoch, first = divmod(int(start), per_epoch)
+        while True:
+            order = rng(self.seed, self.TRAIN_ORDER_SALT, epoch).permutation(len(self)).tolist()
+            for b in range(first, per_epoch):
+                yield self._batch(order[b * n_edits : (b + 1) * n_edits], n_loc, epoch)
+            epoch, first = epoch + 1, 0
+
+    def _fixed_batches(self, n_edits: int, n_loc: int, n: int) -> Iterator[dict]:
+        order = rng(self.seed, self.EVAL_ORDER_SALT).permutation(len(self)).tolist()
+        if n * n_edits > len(order):
+            LOG.info(
+                "%d %s batches of %d edits need %d examples; the split has %d, so the order wraps around.",
+                n,
+                self.split,
+                n_edits,
+                n * n_edits,
+                len(order),
+            )
+        for b in range(n):
+            yield self._batch([order[(b * n_edits + j) % len(order)] for j in range(n_edits)], n_loc)
