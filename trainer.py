@@ -354,13 +354,18 @@ class EditTrainer:
                 "acc/post": post_loc["acc_tok"].item(),
                 "nll/pre": pre_loc["nll"].item(),
                 "nll/post": post_loc["nll"].item(),
-                "nll_sum/pre": pre_loc["nll_sum"].item(),
-                "nll_sum/post": post_loc["nll_sum"].item(),
-                "n_tokens/pre": pre_loc["n_tokens"].item(),
-                "n_tokens/post": post_loc["n_tokens"].item(),
                 "time/edit": edit_time,
             }
         )
+        if not editor.is_classifier:  # token-weighted perplexity (StatAverager); meaningless for one logit
+            info.update(
+                {
+                    "nll_sum/pre": pre_loc["nll_sum"].item(),
+                    "nll_sum/post": post_loc["nll_sum"].item(),
+                    "n_tokens/pre": pre_loc["n_tokens"].item(),
+                    "n_tokens/post": post_loc["n_tokens"].item(),
+                }
+            )
         if l_base is not None:
             info["loss/base"] = l_base.item()
         if pre_edit is not None:

@@ -394,6 +394,7 @@ def test_editing_the_classifier_moves_the_label(ws, tmp_path, name, overrides, s
     res = report["results"]
     assert res["edit/log_prob_val"] > res["edit/log_prob_pre_val"] + margin, res
     assert {"acc/pre_val", "acc/post_val", "acc/drawdown_val", "time/edit_val"} <= set(res)
+    assert not [k for k in res if k.startswith("perplexity/")], "a classifier has no locality perplexity"
     if name == "ft":
         assert res["edit/acc_val"] == 1.0 and report["train"]["steps"] == 0
     else:
