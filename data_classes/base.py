@@ -8,7 +8,11 @@ go together, in which order, and how many locality examples each batch gets.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+from pathlib import Path
 from typing import Iterator, List, Optional
 
 import numpy as np
@@ -38,6 +42,12 @@ def normalise_split(split: str) -> str:
     if split in ("validation", "val", "valid", "dev"):
         return "validation"
     raise DataError(f"split={split!r}: expected 'train' or 'validation'.")
+
+
+def data_cache_dir(cache_dir: str, task: str, params: dict) -> Path:
+    """Where an embedded set built with ``params`` is cached: ``<cache_dir>/data/<task>/<hash of params>``."""
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(os.path.expanduser(str(cache_dir))) / "data" / task / key
 
 
 class EditDataset(torch.utils.data.Dataset):

@@ -27,7 +27,6 @@ a dict of ``input_ids``, ``attention_mask`` and ``labels`` (shape (rows, 1), 0/1
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ import torch
 from utils import atomic_write_text
 
 from . import DataError
-from .base import EditDataset, normalise_split, opt
+from .base import EditDataset, data_cache_dir, normalise_split, opt
 from .base import rng as _rng
 
 LOG = logging.getLogger(__name__)
@@ -177,8 +176,7 @@ def embedded_params(data_cfg, seed: int) -> dict:
 
 
 def embedded_cache_dir(cache_dir: str, params: dict) -> Path:
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(os.path.expanduser(str(cache_dir))) / "data" / "fc" / key
+    return data_cache_dir(cache_dir, "fc", params)
 
 
 def build_claims(facts, val_fraction: float, seed: int) -> Dict[str, List[dict]]:

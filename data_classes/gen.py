@@ -24,7 +24,6 @@ sampled, a seeded draw that keeps each split's share; None samples all ~2,265).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ import torch
 from utils import atomic_write_text
 
 from . import DataError
-from .base import EditDataset, normalise_split, opt
+from .base import EditDataset, data_cache_dir, normalise_split, opt
 from .base import rng as _rng
 from .corpus import CORPUS_NAME, corpus_version, factbook_documents, split_passages
 
@@ -194,8 +193,7 @@ def _positive_or_none(cfg, name: str, default: Optional[int]) -> Optional[int]:
 
 
 def embedded_cache_dir(cache_dir: str, params: dict) -> Path:
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(os.path.expanduser(str(cache_dir))) / "data" / "gen" / key
+    return data_cache_dir(cache_dir, "gen", params)
 
 
 def split_documents(doc_ids: Sequence[str], val_fraction: float, seed: int) -> Tuple[List[str], List[str]]:

@@ -31,7 +31,6 @@ without a shift.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ import torch
 from utils import atomic_write_text
 
 from . import DataError
-from .base import EditDataset, normalise_split, opt
+from .base import EditDataset, data_cache_dir, normalise_split, opt
 from .base import rng as _rng
 
 LOG = logging.getLogger(__name__)
@@ -202,8 +201,7 @@ def embedded_params(data_cfg, seed: int) -> dict:
 
 
 def embedded_cache_dir(cache_dir: str, params: dict) -> Path:
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(os.path.expanduser(str(cache_dir))) / "data" / "qa" / key
+    return data_cache_dir(cache_dir, "qa", params)
 
 
 def build_embedded(params: dict) -> Dict[str, List[dict]]:
