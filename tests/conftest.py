@@ -63,9 +63,15 @@ TINY = {"gpt2": (tiny_gpt2, GPT2_INNER, "GPT2LMHeadModel"), "llama": (tiny_llama
 def make_config(arch: str = "llama", **overrides):
     """A full, typed run config for a tiny model, with overrides as dotted keys."""
     _, inner, cls = TINY[arch]
+    model = ModelConfig(name=f"tiny-{arch}", class_name=cls, inner_params=inner, kind="causal_lm")
+    return config_for(model, overrides.pop("task", "gen"), **overrides)
+
+
+def config_for(model: ModelConfig, task: str, **overrides):
+    """A full, typed run config of ``task`` for ``model`` (MEND, rank 16, quiet), with overrides as dotted keys."""
     cfg = OmegaConf.structured(Config)
-    cfg.alg, cfg.task = "mend", "gen"
-    cfg.model = ModelConfig(name=f"tiny-{arch}", class_name=cls, inner_params=inner, kind="causal_lm")
+    cfg.alg, cfg.task = "mend", task
+    cfg.model = model
     cfg.mend.rank = 16
     cfg.wandb.enabled = False
     cfg.silent = True

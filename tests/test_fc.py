@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import freeze
+from conftest import config_for, freeze
 from omegaconf import OmegaConf
 
 from algs.efk import EFK
@@ -118,16 +118,8 @@ def _data_cfg(**kw):
 
 
 def make_config(ws, **overrides):
-    cfg = OmegaConf.structured(Config)
-    cfg.alg, cfg.task = "mend", "fc"
-    cfg.model = ModelConfig(name=ws["model"], class_name="BertModel", inner_params=INNER, kind="classifier", pt=None)
-    cfg.data.path = ws["data"]
-    cfg.mend.rank = 16
-    cfg.wandb.enabled = False
-    cfg.silent = True
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key.replace("__", "."), value)
-    return cfg
+    model = ModelConfig(name=ws["model"], class_name="BertModel", inner_params=INNER, kind="classifier", pt=None)
+    return config_for(model, "fc", data__path=ws["data"], **overrides)
 
 
 # ------------------------------------------------------------------------------------------------
