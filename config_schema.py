@@ -81,6 +81,9 @@ class MendConfig:
     x_only: bool = False
     delta_only: bool = False
     shared: bool = True
+    # paper: W~ = W - alpha * g~ (the paper's rule); original: W~ = W + alpha * g~, as the original code applies
+    # it (with a positive initial edit_lr its first edits step uphill, and training learns to flip the sign).
+    update_rule: str = "paper"
 
 
 @dataclass
@@ -250,6 +253,8 @@ def validate_config(cfg, algs=(), tasks=()) -> None:
         raise ConfigError(f"mend.{variants[0]} and mend.{variants[1]} are exclusive; set only one.")
     if m.init not in ("id", "xavier"):
         raise ConfigError(f"mend.init={m.init!r}: expected 'id' or 'xavier'.")
+    if m.update_rule not in ("paper", "original"):
+        raise ConfigError(f"mend.update_rule={m.update_rule!r}: expected 'paper' (W - alpha * g) or 'original' (W + alpha * g).")
     if m.rank < 1 or m.n_hidden < 0:
         raise ConfigError("mend.rank must be >= 1 and mend.n_hidden >= 0.")
     for key in ("batch_size", "val_batch_size"):

@@ -750,7 +750,8 @@ class Editor:
         batch = self._batch([(t.prompt, t.target) for t in toks])
         with torch.no_grad():
             edited, _ = alg.edit(batch)
-        alphas = {n: self.alg.edit_lrs[i].detach().clone() for i, n in enumerate(self.inner_params)}
+        steps = self.alg.descent_step_sizes().detach()
+        alphas = {n: steps[i].clone() for i, n in enumerate(self.inner_params)}
         layout = {n: alg.layout[n][0] for n in self.inner_params}
         meta = {
             "model": self.config.model.name,

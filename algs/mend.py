@@ -20,6 +20,10 @@ from editable_model import EditableModel
 
 LOG = logging.getLogger(__name__)
 
+# mend.update_rule: "paper" edits W~ = W - alpha * g~ (Mitchell et al., eq. 3); "original" W~ = W + alpha * g~, as the
+# original code (eric-mitchell/mend, algs/mend.py: updates = lr * g, then p + updates) applies it.
+UPDATE_RULES = ("paper", "original")
+
 
 # ---------------------------------------------------------------------------------------------
 # Capturing layer inputs and output gradients
@@ -118,23 +122,31 @@ class RunningNorm(nn.Module):
 
 
 class LowRankResidual(nn.Module):
-    """h -> h + act(U V h + b), U (d x r), V (r x d); optionally a per-mode scale and shift of the pre-activation.
+    """One layer of the editor MLP: h -> act + h (init 'id') or h -> act (init 'xavier'), act = clamp(U V h + b, 0).
 
-    With init 'id', U starts at zero so the layer is the identity. The activation is a clamp at 0, whose gradient
-    at 0 is 1 (ReLU's is 0), so U receives gradients from the first step.
+    U is (d x r), V (r x d). Every layer clamps, the last one included, and the shared editor scales and shifts the
+    pre-activation per edited weight (``mode``) before the clamp. The clamp (not ReLU) has gradient 1 at 0, so that
+    U, which starts at zero under init 'id', receives gradients from the first step.
+
+    Initialisation, as in the original code's ``nn.LRLinear``: 'id' draws V from a standard normal (std 1) and sets
+    U to zero (the layer is the identity); 'xavier' draws U and V xavier-uniform (ReLU gain on U, gain 1 on V) and
+    drops the residual.
     """
 
-    def __init__(self, dim: int, rank: int, last: bool, init: str, n_modes: Optional[int]):
+    def __init__(self, dim: int, rank: int, init: str, n_modes: Optional[int]):
         super().__init__()
-        self.last = last
+        if init not in ("id", "xavier"):
+            raise ValueError(f"mend.init={init!r}: expected 'id' or 'xavier'.")
+        self.residual = init == "id"
         self.v = nn.Parameter(torch.empty(rank, dim))
         self.u = nn.Parameter(torch.empty(dim, rank))
         self.bias = nn.Parameter(torch.zeros(dim))
-        nn.init.xavier_normal_(self.v)
-        if init == "id":
+        if self.residual:
+            nn.init.normal_(self.v, std=1.0)
             nn.init.zeros_(self.u)
         else:
-            nn.init.xavier_normal_(self.u)
+            nn.init.xavier_uniform_(self.u, gain=nn.init.calculate_gain("relu"))
+            nn.init.xavier_uniform_(self.v, gain=1.0)
         if n_modes is not None:
             self.scale = nn.Embedding(n_modes, dim)
             self.shift = nn.Embedding(n_modes, dim)
@@ -148,20 +160,17 @@ class LowRankResidual(nn.Module):
         if self.scale is not None and mode is not None:
             idx = torch.tensor(mode, device=h.device)
             pre = pre * self.scale(idx) + self.shift(idx)
-        if not self.last:
-            pre = pre.clamp(min=0)
-        return h + pre
+        act = pre.clamp(min=0)
+        return h + act if self.residual else act
 
 
 class IDMLP(nn.Module):
-    """n_hidden + 1 residual low-rank layers; the identity map at initialisation (init='id')."""
+    """n_hidden + 1 low-rank layers (r = min(rank, d)); the identity map at initialisation with init='id'."""
 
     def __init__(self, dim: int, n_hidden: int, rank: int, init: str = "id", n_modes: Optional[int] = None):
         super().__init__()
         r = min(rank, dim)
-        self.layers = nn.ModuleList(
-            LowRankResidual(dim, r, last=(i == n_hidden), init=init, n_modes=n_modes) for i in range(n_hidden + 1)
-        )
+        self.layers = nn.ModuleList(LowRankResidual(dim, r, init=init, n_modes=n_modes) for _ in range(n_hidden + 1))
 
     def forward(self, h: torch.Tensor, mode: Optional[int] = None) -> torch.Tensor:
         for layer in self.layers:
@@ -254,6 +263,10 @@ class MEND(EditableModel):
         if edit_lrs is None:
             edit_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(config.edit_lr)))
         self.edit_lrs = edit_lrs
+        if config.mend.update_rule not in UPDATE_RULES:
+            raise ValueError(f"mend.update_rule={config.mend.update_rule!r}: expected one of {', '.join(UPDATE_RULES)}.")
+        # W~ = W - alpha * g~ (the paper) or W + alpha * g~ (the original code, whose alphas train to negative values).
+        self.update_sign = -1.0 if config.mend.update_rule == "paper" else 1.0
         # Set on the editor that edit() returns: name -> (u~, v~) of the update it applied.
         self.last_factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -262,6 +275,10 @@ class MEND(EditableModel):
 
     def step_size_parameters(self) -> List[nn.Parameter]:
         return [self.edit_lrs]
+
+    def descent_step_sizes(self) -> torch.Tensor:
+        """The step sizes alpha_l of the paper's rule W~ = W - alpha_l * g~, whichever rule the editor applies."""
+        return -self.update_sign * self.edit_lrs
 
     def copy_statistics_from(self, other: MEND) -> None:
         """Take another editor's normalisation statistics (data statistics, not learned parameters)."""
@@ -301,12 +318,12 @@ class MEND(EditableModel):
                 info[f"grad/true_mag{i}"] = true_grads[i].norm().item()
                 info[f"grad/pseudo_mag{i}"] = pseudo.detach().norm().item()
             w = self.current_weight(name)
-            new_weights[name] = w - self.edit_lrs[i] * pseudo.to(w.dtype)
+            new_weights[name] = w + self.update_sign * self.edit_lrs[i] * pseudo.to(w.dtype)
             factors_out[name] = (u.detach(), v.detach())
 
         edited = MEND(self.model, self.config, weights=new_weights, mend=self.mend, edit_lrs=self.edit_lrs)
         edited.train(self.training)
         # The update as low-rank factors: W~ = W - alpha * (v~^T u~) (nn.Linear) or (u~^T v~) (Conv1D), with
-        # u~ (N, d_in), v~ (N, d_out) over the N positions that carried gradient and alpha = edit_lrs[i].
+        # u~ (N, d_in), v~ (N, d_out) over the N positions that carried gradient and alpha = descent_step_sizes()[i].
         edited.last_factors = factors_out
         return edited, info
