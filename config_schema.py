@@ -89,7 +89,7 @@ class MendConfig:
 @dataclass
 class EFKConfig:
     # KnowledgeEditor (De Cao et al., 2021), as run in the MEND paper.
-    lr: float = 5e-5  # Adam learning rate of the editor (the original's efk.yaml)
+    lr: float = 1e-5  # Adam learning rate of the editor (the original's efk.yaml)
     lstm_hidden: int = 512  # hidden size of each direction of the bidirectional LSTM over the condition
     condition_dim: int = 768  # size of the condition vector the LSTM's output is projected to
     hidden_dim: int = 512  # hidden size of each weight's conditioned MLP
@@ -98,9 +98,12 @@ class EFKConfig:
 
 @dataclass
 class ENNConfig:
-    # Editable Neural Networks (Sinitsin et al., 2020). train_base (top level) also trains the edited weights
-    # of the base model with cbase * KL(original || current) on locality inputs.
-    lr: float = 5e-5  # Adam learning rate of the trained base weights (train_base=True)
+    # Editable Neural Networks (Sinitsin et al., 2020), at the original's settings (its config.yaml, which enn.yaml
+    # does not override). train_base (top level) also trains every parameter of the base model (the original's
+    # outer_parameters() is all of them) with KL(original || current) on the locality inputs.
+    lr: float = 1e-5  # Adam learning rate of the trained base model (train_base=True)
+    edit_lr: float = 1e-2  # initial per-weight step size of the inner SGD steps
+    lr_lr: float = 1e-3  # Adam learning rate of those step sizes
     n_edit_steps: int = 1  # SGD steps on the edit loss per edit
     first_order: bool = False  # drop the second-order term (treat the inner gradients as constants)
 
@@ -180,11 +183,13 @@ class Config:
     edit_lr: float = 1e-4  # initial per-weight edit step size alpha_l
     cedit: float = 0.1
     cloc: float = 1.0
+    # Weight of the base-model loss (ENN's train_base) in the logged loss/total only: as in the original, that loss
+    # enters the gradient unweighted. The experiments set the original's values (gen 10, fc and qa 1).
     cbase: float = 1.0
     train_base: bool = False
     grad_clip: float = 100.0
     batch_size: int = 2  # edits + locality examples per training batch (see data.n_edits)
-    val_batch_size: int = 2
+    val_batch_size: int = 5  # the same for validation: the original's 5 (4 locality examples per edit)
     # Training batches per optimiser step, over all processes (a multiple of their number under torchrun).
     accumulate_bs: int = 10
 
@@ -254,7 +259,9 @@ def validate_config(cfg, algs=(), tasks=()) -> None:
     if m.init not in ("id", "xavier"):
         raise ConfigError(f"mend.init={m.init!r}: expected 'id' or 'xavier'.")
     if m.update_rule not in ("paper", "original"):
-        raise ConfigError(f"mend.update_rule={m.update_rule!r}: expected 'paper' (W - alpha * g) or 'original' (W + alpha * g).")
+        raise ConfigError(
+            f"mend.update_rule={m.update_rule!r}: expected 'paper' (W - alpha * g) or 'original' (W + alpha * g)."
+        )
     if m.rank < 1 or m.n_hidden < 0:
         raise ConfigError("mend.rank must be >= 1 and mend.n_hidden >= 0.")
     for key in ("batch_size", "val_batch_size"):

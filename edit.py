@@ -881,7 +881,7 @@ class Editor:
         )
         order = np.random.default_rng(int(self.config.seed)).permutation(len(ds)).tolist()
         picks = [order[k % len(order)] for k in range(n)]
-        toks = [_Tokens(ds.passage_ids[i], ds.target_ids[i], [ds.rephrase_ids[i]]) for i in picks]
+        toks = [_Tokens(ds.passage_ids[i], ds.target_ids[i], [ds.rephrase(i)[1]]) for i in picks]
         loc_ids = []
         for i in picks:
             ids = ds._loc(i, 0)[1]

@@ -11,7 +11,8 @@ A subclass implements exactly:
 It may also override:
   - ``step_size_parameters()`` when some outer parameters (learned step sizes) take their own
     optimiser with learning rate ``lr_lr``;
-  - ``outer_lr()``, the learning rate of the other outer parameters (default: ``lr``);
+  - ``outer_lr()``, the learning rate of the other outer parameters (default: ``lr``), and ``step_size_lr()``,
+    that of the step sizes (default: ``lr_lr``);
   - ``base_loss(loc_inputs, mask)``, an extra training loss on the locality inputs (ENN's ``train_base``);
   - ``attach_training_data(dataset)``, for editors that draw data at edit time (FT+KL).
 An editor whose ``outer_parameters()`` is empty (FT) needs no training: the trainer evaluates it directly.
@@ -101,8 +102,15 @@ class EditableModel(nn.Module, ABC):
         """Learning rate of the outer parameters that are not step sizes."""
         return float(self.config.lr)
 
+    def step_size_lr(self) -> float:
+        """Learning rate of the step-size optimiser (``step_size_parameters()``)."""
+        return float(self.config.lr_lr)
+
     def base_loss(self, loc_inputs: dict, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """An extra training loss on the locality inputs, weighted by ``cbase``; None: no such term."""
+        """An extra training loss on the locality inputs; None: no such term.
+
+        It enters the gradient unweighted, as the original's ``safe_backward(l_base, ...)``; ``cbase`` weighs it in
+        the logged ``loss/total`` only."""
         return None
 
     def attach_training_data(self, dataset) -> None:

@@ -222,7 +222,7 @@ class EditTrainer:
         opt_class = getattr(torch.optim, config.opt)
         self.opt = opt_class(main_params, lr=self.editor.outer_lr()) if main_params else None
         step_size_params = self.editor.step_size_parameters()
-        self.lr_opt = opt_class(step_size_params, lr=config.lr_lr) if step_size_params else None
+        self.lr_opt = opt_class(step_size_params, lr=self.editor.step_size_lr()) if step_size_params else None
 
         if config.resume is not None:
             self._resume(config.resume)
@@ -261,7 +261,10 @@ class EditTrainer:
         if changed:
             LOG.warning("Resuming with settings that differ from the interrupted run: %s", "; ".join(changed))
         self._load_editor(ckpt)
-        for opt, key, lr in ((self.opt, "opt", self.editor.outer_lr()), (self.lr_opt, "lr_opt", cfg.lr_lr)):
+        for opt, key, lr in (
+            (self.opt, "opt", self.editor.outer_lr()),
+            (self.lr_opt, "lr_opt", self.editor.step_size_lr()),
+        ):
             if opt is not None and ckpt.get(key):
                 opt.load_state_dict(ckpt[key])
                 for group in opt.param_groups:  # a changed lr / lr_lr on the command line takes effect
@@ -331,11 +334,11 @@ class EditTrainer:
         else:
             out = self._edit_losses(batch, pre_loc_logits, training)
         info, edit_time, post_edit = out["info"], out["edit_time"], out["post_edit"]
-        post_loc_logits, l_edit, l_loc, l_total = out["post_loc_logits"], out["l_edit"], out["l_loc"], out["loss"]
+        post_loc_logits, l_edit, l_loc, l_total = out["post_loc_logits"], out["l_edit"], out["l_loc"], out["l_total"]
         l_total_edit, l_base = out["l_total_edit"], out["l_base"]
 
         if training:
-            self._backward(l_total)
+            self._backward(out["loss"])
 
         with torch.no_grad():
             pre_loc = editor.loc_loss_fn(pre_loc_logits, loc["labels"])
@@ -350,8 +353,11 @@ class EditTrainer:
                 "edit/acc_tok": post_edit["acc_tok"].item(),
                 "edit/log_prob": post_edit["log_prob"].item(),
                 "edit/prob": post_edit["prob"].item(),
-                "acc/pre": pre_loc["acc_tok"].item(),
-                "acc/post": post_loc["acc_tok"].item(),
+                # Locality accuracy as the original's: whole sequences (a whole answer on qa); per token beside it.
+                "acc/pre": pre_loc["acc"].item(),
+                "acc/post": post_loc["acc"].item(),
+                "acc_tok/pre": pre_loc["acc_tok"].item(),
+                "acc_tok/post": post_loc["acc_tok"].item(),
                 "nll/pre": pre_loc["nll"].item(),
                 "nll/post": post_loc["nll"].item(),
                 "time/edit": edit_time,
@@ -395,13 +401,16 @@ class EditTrainer:
             l_edit = post_edit["nll"]
             l_loc = kl_loc_loss(pre_loc_logits, post_loc_logits, loc_mask)
             l_total_edit = cfg.cedit * l_edit + cfg.cloc * l_loc
-            l_total = l_total_edit
-            # An editor that also trains the base model (ENN's train_base) adds its own term on the locality inputs.
+            l_train, l_total = l_total_edit, l_total_edit
+            # An editor that also trains the base model (ENN's train_base) adds its own term on the locality inputs:
+            # unweighted in the gradient, cbase-weighted in the logged total, as in the original.
             l_base = self.editor.base_loss(model_inputs(loc), loc_mask) if training else None
             if l_base is not None:
-                l_total = l_total + cfg.cbase * l_base
+                l_train = l_total_edit + l_base
+                l_total = l_total_edit + cfg.cbase * l_base
         return {
-            "loss": l_total,
+            "loss": l_train,
+            "l_total": l_total,
             "l_total_edit": l_total_edit,
             "l_base": l_base,
             "l_edit": l_edit,
@@ -867,6 +876,8 @@ def summary_table(report: dict, task: str) -> str:
             ("locality accuracy, post-edit", "acc/post_val", "{:.3f}"),
             ("drawdown (accuracy decrease)", "acc/drawdown_val", "{:.4f}"),
         ]
+        if task == "qa":  # the original's acc/* count whole answers; the token accuracy beside them
+            rows += [("drawdown in token accuracy", "acc_tok/drawdown_val", "{:.4f}")]
     rows += [("median edit time (s)", "time/edit_val", "{:.3f}"), ("edits evaluated", "eval_time/n_edits", "{:.0f}")]
     width = max(len(r[0]) for r in rows) + 2
     lines = ["".ljust(width) + "".join(name.rjust(28) for name, _ in cols)]

@@ -119,8 +119,9 @@ class StatAverager:
                 out[f"perplexity/{which}"] = math.exp(sum(sums) / sum(counts))
         if "perplexity/pre" in out and "perplexity/post" in out:
             out["perplexity/drawdown"] = out["perplexity/post"] - out["perplexity/pre"]
-        if "acc/pre" in out and "acc/post" in out:
-            out["acc/drawdown"] = out["acc/pre"] - out["acc/post"]
+        for acc in ("acc", "acc_tok"):
+            if f"{acc}/pre" in out and f"{acc}/post" in out:
+                out[f"{acc}/drawdown"] = out[f"{acc}/pre"] - out[f"{acc}/post"]
         return {k + self.suffix: v for k, v in out.items()}
 
 

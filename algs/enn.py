@@ -5,11 +5,13 @@ with its own learned step size alpha_l:
 
     W_{k+1} = W_k - alpha_l * grad_W L_e(W_k).
 
-Training the editor differentiates through these steps (the inner gradients are part of the graph, so the
-outer gradient has second-order terms; ``enn.first_order=True`` treats the inner gradients as constants).
-With ``train_base=True`` the edited weights themselves are trained as well, so that the model becomes easier
-to edit: the editor then holds a trainable copy of them, and adds ``cbase * KL(original || current)`` on the
-locality inputs, where the original is the untouched base model (no second copy of the model is made).
+The step sizes start at ``enn.edit_lr`` and train with their own optimiser at ``enn.lr_lr``. Training the editor
+differentiates through these steps (the inner gradients are part of the graph, so the outer gradient has
+second-order terms; ``enn.first_order=True`` treats the inner gradients as constants). With ``train_base=True``
+every parameter of the base model is trained as well (at ``enn.lr``), as the original's ENN does (its
+``outer_parameters()`` is all of them), so that the model becomes easier to edit: the editor holds a trainable
+copy of the model's parameters and adds KL(original || current) on the locality inputs, where the original is the
+untouched base model (no second copy of the model object is made).
 """
 
 from __future__ import annotations
@@ -40,16 +42,18 @@ class ENN(EditableModel):
     ):
         super().__init__(model, config, weights)
         if edit_lrs is None:
-            edit_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(config.edit_lr)))
+            edit_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(config.enn.edit_lr)))
         self.edit_lrs = edit_lrs
         if config.train_base and base_weights is None:
+            # Every parameter (tied ones once: named_parameters() lists each tensor once, and functional_call ties
+            # the substituted copies again).
             base_weights = nn.ParameterDict(
-                {_key(n): nn.Parameter(model.get_parameter(n).detach().clone()) for n in self.inner_params}
+                {_key(n): nn.Parameter(p.detach().clone()) for n, p in model.named_parameters()}
             )
         self.base_weights = base_weights
         if base_weights is not None and not self.weights:
-            # The unedited model runs with the trained base weights in place of the original ones.
-            self.weights = {n: base_weights[_key(n)] for n in self.inner_params}
+            # The unedited model runs with the trained base parameters in place of the original ones.
+            self.weights = {n.replace("#", "."): p for n, p in base_weights.items()}
 
     def outer_parameters(self) -> List[nn.Parameter]:
         base = list(self.base_weights.parameters()) if self.base_weights is not None else []
@@ -60,6 +64,9 @@ class ENN(EditableModel):
 
     def outer_lr(self) -> float:
         return float(self.config.enn.lr)
+
+    def step_size_lr(self) -> float:
+        return float(self.config.enn.lr_lr)
 
     def base_loss(self, loc_inputs: dict, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if self.base_weights is None:

@@ -264,7 +264,9 @@ class MEND(EditableModel):
             edit_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(config.edit_lr)))
         self.edit_lrs = edit_lrs
         if config.mend.update_rule not in UPDATE_RULES:
-            raise ValueError(f"mend.update_rule={config.mend.update_rule!r}: expected one of {', '.join(UPDATE_RULES)}.")
+            raise ValueError(
+                f"mend.update_rule={config.mend.update_rule!r}: expected one of {', '.join(UPDATE_RULES)}."
+            )
         # W~ = W - alpha * g~ (the paper) or W + alpha * g~ (the original code, whose alphas train to negative values).
         self.update_sign = -1.0 if config.mend.update_rule == "paper" else 1.0
         # Set on the editor that edit() returns: name -> (u~, v~) of the update it applied.

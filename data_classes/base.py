@@ -1,9 +1,12 @@
 """What the edit sets of every experiment share: option reading, seeded streams, and the batch schedule.
 
-A data set subclasses :class:`EditDataset` and implements ``__len__`` and ``_batch(edits, n_loc, epoch)``,
+A data set subclasses :class:`EditDataset` and implements ``__len__`` and ``_batch(edits, n_loc, epoch, draw)``,
 which builds one batch (the ``edit_inner`` / ``edit_outer`` / ``loc`` / ``cond`` / ``raw`` layout described in
 ``data_classes/gen.py``) from the indices of its edits. :meth:`EditDataset.edit_generator` decides which edits
-go together, in which order, and how many locality examples each batch gets.
+go together, in which order, and how many locality examples each batch gets. ``draw`` numbers the batch within
+its stream (training: counted over epochs; a fixed order: its index): the data sets seed the random parts of a batch
+(its locality partners, gen's equivalence cut) with it, so that each batch draws them anew, as the original's
+sampler does, while the same stream always gives the same batches (and a resumed run the batches it would have had).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class EditDataset(torch.utils.data.Dataset):
     split: str
     seed: int
 
-    def _batch(self, edits: List[int], n_loc: int, epoch: int = 0) -> dict:
+    def _batch(self, edits: List[int], n_loc: int, epoch: int = 0, draw: int = 0) -> dict:
         raise NotImplementedError
 
     def edit_generator(self, batch_size: int, n: Optional[int] = None, start: int = 0) -> Iterator[dict]:
@@ -97,7 +100,7 @@ class EditDataset(torch.utils.data.Dataset):
         while True:
             order = rng(self.seed, self.TRAIN_ORDER_SALT, epoch).permutation(len(self)).tolist()
             for b in range(first, per_epoch):
-                yield self._batch(order[b * n_edits : (b + 1) * n_edits], n_loc, epoch)
+                yield self._batch(order[b * n_edits : (b + 1) * n_edits], n_loc, epoch, draw=epoch * per_epoch + b)
             epoch, first = epoch + 1, 0
 
     def _fixed_batches(self, n_edits: int, n_loc: int, n: int) -> Iterator[dict]:
@@ -112,4 +115,4 @@ class EditDataset(torch.utils.data.Dataset):
                 len(order),
             )
         for b in range(n):
-            yield self._batch([order[(b * n_edits + j) % len(order)] for j in range(n_edits)], n_loc)
+            yield self._batch([order[(b * n_edits + j) % len(order)] for j in range(n_edits)], n_loc, draw=b)

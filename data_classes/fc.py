@@ -317,12 +317,13 @@ class FCDataset(EditDataset):
         options = self.records[i]["rephrases"]
         return options[int(_rng(self.seed, _SALT_REPHRASE, self.split_id, i, epoch + 1).integers(len(options)))]
 
-    def loc_partner(self, i: int, r: int, avoid: Sequence[int] = ()) -> int:
-        """The r-th locality claim of edit i: another claim of the split, from another group (country) than
-        edit i and the edits ``avoid`` (the rest of its batch) when there is one, drawn from (seed, i, r)."""
+    def loc_partner(self, i: int, r: int, avoid: Sequence[int] = (), draw: int = 0) -> int:
+        """The r-th locality claim of edit i in batch ``draw``: another claim of the split, from another group
+        (country) than edit i and the edits ``avoid`` (the rest of its batch) when there is one, drawn from
+        (seed, i, r, draw), so every batch draws anew."""
         groups = self.groups
         banned = {groups[i]} | {groups[k] for k in avoid}
-        rng = _rng(self.seed, _SALT_LOC, self.split_id, i, r)
+        rng = _rng(self.seed, _SALT_LOC, self.split_id, i, r, draw)
         for _ in range(64):
             j = int(rng.integers(len(self)))
             if groups[j] not in banned:
@@ -342,7 +343,7 @@ class FCDataset(EditDataset):
             "labels": torch.tensor(list(labels), dtype=torch.long).view(-1, 1),
         }
 
-    def _batch(self, edits: List[int], n_loc: int, epoch: int = -1) -> dict:
+    def _batch(self, edits: List[int], n_loc: int, epoch: int = -1, draw: int = 0) -> dict:
         labels = [self.edit_labels[i] for i in edits]
         inner = self._encode([self.claims[i] for i in edits], labels)
         if opt(self.cfg, "rephrase", True):
@@ -352,7 +353,7 @@ class FCDataset(EditDataset):
             rephrases = [self.claims[i] for i in edits]
             outer = {k: v.clone() for k, v in inner.items()}
         # Slot k holds partner k // n_edits of edit k % n_edits (as in gen).
-        locs = [self.loc_partner(edits[k % len(edits)], k // len(edits), edits) for k in range(n_loc)]
+        locs = [self.loc_partner(edits[k % len(edits)], k // len(edits), edits, draw) for k in range(n_loc)]
         loc = self._encode([self.claims[j] for j in locs], [self.gold[j] for j in locs])
         cond = self._encode([self.conds[i] for i in edits], labels)
         return {

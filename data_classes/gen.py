@@ -574,21 +574,30 @@ class GenDataset(EditDataset):
         LOG.info("gen %s split: %d edit examples from %s", self.split, len(self), self.source)
 
     def _build_rephrases(self) -> None:
-        self.rephrases, self.rephrase_ids = [], []
-        for i, (p, ids) in enumerate(zip(self.passages, self.passage_ids)):
-            k0 = int(_rng(self.seed, _SALT_REPHRASE, i).integers(0, len(ids) // 2 + 1))
-            text, r_ids = p, ids
-            for k in range(k0, 0, -1):  # the nearest cut at or before k0 whose text round-trips
+        self._cut_cache: Dict[Tuple[int, int], Tuple[str, List[int]]] = {}
+        first = [self.rephrase(i, 0) for i in range(len(self))]
+        self.rephrases = [text for text, _ in first]  # the cut of draw 0 (what __getitem__ shows)
+
+    def rephrase(self, i: int, draw: int = 0) -> Tuple[str, List[int]]:
+        """The equivalence input of edit i in batch ``draw``: the passage with a random prefix of up to half its
+        tokens removed, drawn from (seed, i, draw) so every batch cuts anew; the nearest cut at or before the
+        drawn one whose text round-trips through the tokenizer. Returns (text, ids)."""
+        ids = self.passage_ids[i]
+        k0 = int(_rng(self.seed, _SALT_REPHRASE, i, draw).integers(0, len(ids) // 2 + 1))
+        key = (i, k0)
+        if key not in self._cut_cache:
+            p, value = self.passages[i], (self.passages[i], list(ids))
+            for k in range(k0, 0, -1):
                 cand = _decode(self.tok, ids[k:])
                 if p.endswith(cand) and _encode(self.tok, cand) == ids[k:]:
-                    text, r_ids = cand, ids[k:]
+                    value = (cand, list(ids[k:]))
                     break
-            self.rephrases.append(text)
-            self.rephrase_ids.append(list(r_ids))
+            self._cut_cache[key] = value
+        return self._cut_cache[key]
 
     def _build_locality(self) -> None:
         self._webtext: Optional[List[str]] = None
-        self._loc_cache: Dict[Tuple[int, int], Tuple[str, List[int]]] = {}
+        self._webtext_cache: Dict[int, Tuple[str, List[int]]] = {}
         if opt(self.cfg, "wiki_webtext", False):
             self._webtext = webtext_passages(self.split)
         elif len(set(self.documents)) < 2:
@@ -596,31 +605,28 @@ class GenDataset(EditDataset):
                 f"{self.source}: the {self.split} split needs passages from at least two documents "
                 f"(locality passages come from a different document than the edit)."
             )
-        self.loc_texts = [self._loc(i, 0)[0] for i in range(len(self))]
+        self.loc_texts = [self._loc(i, 0)[0] for i in range(len(self))]  # the partners of draw 0
 
-    def _loc(self, i: int, r: int) -> Tuple[str, List[int]]:
-        """The r-th locality partner of edit example i: a passage of the same split from another document
-        (or an OpenWebText document with data.wiki_webtext), drawn deterministically from (seed, i, r)."""
-        key = (i, r)
-        if key in self._loc_cache:
-            return self._loc_cache[key]
-        rng = _rng(self.seed, _SALT_LOC, i, r)
+    def _loc(self, i: int, r: int, draw: int = 0) -> Tuple[str, List[int]]:
+        """The r-th locality partner of edit example i in batch ``draw``: a passage of the same split from another
+        document (or an OpenWebText document with data.wiki_webtext), drawn from (seed, i, r, draw), so every
+        batch draws anew."""
+        rng = _rng(self.seed, _SALT_LOC, i, r, draw)
         if self._webtext is not None:
             j = int(rng.integers(0, len(self._webtext)))
-            ids = _encode(self.tok, self._webtext[j])[: min(self.max_passage_tokens, self.max_length or 1 << 30)]
-            value = (_decode(self.tok, ids), ids)
+            if j not in self._webtext_cache:
+                ids = _encode(self.tok, self._webtext[j])[: min(self.max_passage_tokens, self.max_length or 1 << 30)]
+                self._webtext_cache[j] = (_decode(self.tok, ids), ids)
+            return self._webtext_cache[j]
+        n = len(self)
+        for _ in range(64):
+            j = int(rng.integers(0, n))
+            if self.documents[j] != self.documents[i]:
+                break
         else:
-            n = len(self)
-            for _ in range(64):
-                j = int(rng.integers(0, n))
-                if self.documents[j] != self.documents[i]:
-                    break
-            else:
-                others = [k for k in range(n) if self.documents[k] != self.documents[i]]
-                j = others[int(rng.integers(0, len(others)))]
-            value = (self.passages[j], self.passage_ids[j])
-        self._loc_cache[key] = value
-        return value
+            others = [k for k in range(n) if self.documents[k] != self.documents[i]]
+            j = others[int(rng.integers(0, len(others)))]
+        return self.passages[j], self.passage_ids[j]
 
     # ---- access
 
@@ -650,18 +656,21 @@ class GenDataset(EditDataset):
             labels[r, k : len(s)] = row[k:]
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    def _batch(self, edits: List[int], n_loc: int, epoch: int = 0) -> dict:
+    def _batch(self, edits: List[int], n_loc: int, epoch: int = 0, draw: int = 0) -> dict:
         inner = self._pad(
             [self.passage_ids[i] + self.target_ids[i] for i in edits], [len(self.passage_ids[i]) for i in edits]
         )
         if opt(self.cfg, "rephrase", True):
+            cuts = [self.rephrase(i, draw) for i in edits]
             outer = self._pad(
-                [self.rephrase_ids[i] + self.target_ids[i] for i in edits], [len(self.rephrase_ids[i]) for i in edits]
+                [ids + self.target_ids[i] for i, (_, ids) in zip(edits, cuts)], [len(ids) for _, ids in cuts]
             )
+            rephrases = [text for text, _ in cuts]
         else:
             outer = {k: v.clone() for k, v in inner.items()}
+            rephrases = [self.passages[i] for i in edits]
         # Slot k holds partner k // n_edits of edit k % n_edits: one partner per edit, more when n_loc > n_edits.
-        locs = [self._loc(edits[k % len(edits)], k // len(edits)) for k in range(n_loc)]
+        locs = [self._loc(edits[k % len(edits)], k // len(edits), draw) for k in range(n_loc)]
         loc = self._pad([ids for _, ids in locs], [0] * n_loc)
         return {
             "edit_inner": inner,
@@ -671,7 +680,7 @@ class GenDataset(EditDataset):
             "raw": {
                 "passage": [self.passages[i] for i in edits],
                 "target": [self.targets[i] for i in edits],
-                "rephrase": [self.rephrases[i] for i in edits],
+                "rephrase": rephrases,
                 "loc": [text for text, _ in locs],
             },
         }

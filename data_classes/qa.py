@@ -361,10 +361,11 @@ class QADataset(EditDataset):
 
     # ---- locality
 
-    def _loc(self, i: int, k: int) -> Tuple[str, str]:
-        """The k-th locality partner of edit i: another question with its true answer (another country's, for the
-        embedded set), or a Natural Questions pair with data.zsre_nq; a deterministic draw from (seed, i, k)."""
-        rng = _rng(self.seed, _SALT_LOC, i, k)
+    def _loc(self, i: int, k: int, draw: int = 0) -> Tuple[str, str]:
+        """The k-th locality partner of edit i in batch ``draw``: another question with its true answer (another
+        country's, for the embedded set), or a Natural Questions pair with data.zsre_nq; a deterministic draw from
+        (seed, i, k, draw), so every batch draws anew."""
+        rng = _rng(self.seed, _SALT_LOC, i, k, draw)
         if self.nq is not None:
             return self.nq[int(rng.integers(len(self.nq)))]
         r = self.records[i]
@@ -435,7 +436,7 @@ class QADataset(EditDataset):
             labels[n, len(p) : len(p) + len(t)] = torch.tensor(t, dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    def _batch(self, edits: List[int], n_loc: int, epoch: int = 0) -> dict:
+    def _batch(self, edits: List[int], n_loc: int, epoch: int = 0, draw: int = 0) -> dict:
         recs = [self.records[i] for i in edits]
         inner = self.tensors([(r["input"], r["alt"]) for r in recs])
         if opt(self.cfg, "rephrase", True):
@@ -443,7 +444,7 @@ class QADataset(EditDataset):
         else:
             outer = {k: v.clone() for k, v in inner.items()}
         # Slot k holds partner k // n_edits of edit k % n_edits (as in gen).
-        locs = [self._loc(edits[k % len(edits)], k // len(edits)) for k in range(n_loc)]
+        locs = [self._loc(edits[k % len(edits)], k // len(edits), draw) for k in range(n_loc)]
         loc = self.tensors(locs)
         cond_ids, cond_mask = self._pad([self._ids(r["cond"], True) for r in recs], self.pad_id)
         return {

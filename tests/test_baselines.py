@@ -115,7 +115,7 @@ def _train(name, model, tmp_path, steps, **overrides):
         ("mend", {}, 60, 0.5),
         # EFK's outer-product updates start near zero and grow slowly (softmax over a row of the weight)
         ("efk", {"efk.lr": 3e-2}, 200, 0.05),
-        ("enn", {"enn.lr": 1e-4, "lr_lr": 5e-2}, 60, 0.5),
+        ("enn", {"enn.lr": 1e-4, "enn.lr_lr": 5e-2, "enn.edit_lr": 1e-4}, 60, 0.5),
         ("ft", {"eval_only": True}, 0, 0.2),  # FT stops once the target is the greedy prediction
         ("ft+kl", {"eval_only": True}, 0, 0.2),
     ],
@@ -174,7 +174,7 @@ def test_enn_second_order_gradient_matches_finite_differences(n_edit_steps):
     # GPT-2 in float64 (Llama's RMSNorm computes in float32, too coarse for finite differences)
     build, inner, _ = TINY["gpt2"]
     model = build().double()
-    editor = make_editor("enn", model, "gpt2", **{"edit_lr": 0.5, "enn.n_edit_steps": n_edit_steps}).double()
+    editor = make_editor("enn", model, "gpt2", **{"enn.edit_lr": 0.5, "enn.n_edit_steps": n_edit_steps}).double()
     editor.train()
     batch = next(SyntheticEdits(8, seed=2).edit_generator(2, n=1))
     loss = _enn_outer_loss(editor, batch)
@@ -207,7 +207,7 @@ def test_enn_first_order_drops_the_second_order_term():
     batch = next(SyntheticEdits(8, seed=2).edit_generator(2, n=1))
     grads = {}
     for first_order in (False, True):
-        editor = make_editor("enn", model, "gpt2", **{"edit_lr": 0.5, "enn.first_order": first_order}).double()
+        editor = make_editor("enn", model, "gpt2", **{"enn.edit_lr": 0.5, "enn.first_order": first_order}).double()
         editor.train()
         edited, _ = editor.edit(batch["edit_inner"])
         key = inner[0].replace(".", "#")
@@ -239,17 +239,20 @@ def test_enn_second_order_runs_through_fused_attention():
     assert all(torch.isfinite(g).all() and g.norm() > 0 for g in grads)
 
 
-def test_enn_train_base_adds_a_kl_to_the_original_model_and_keeps_no_model_copy():
+def test_enn_train_base_trains_every_base_parameter_with_a_kl_to_the_original_model():
     build, inner, _ = TINY["llama"]
     model = build()
     editor = make_editor("enn", model)
+    # As the original's outer_parameters(): every parameter of the base model (one trainable copy; the model object
+    # itself is not copied) plus the step sizes.
+    names = {n.replace("#", ".") for n in editor.base_weights.keys()}
+    assert names == {n for n, _ in model.named_parameters()}
     n_model = sum(p.numel() for p in model.parameters())
-    n_editor = sum(p.numel() for p in editor.parameters())
-    assert n_editor == sum(model.get_parameter(n).numel() for n in inner) + len(inner) < n_model
+    assert sum(p.numel() for p in editor.outer_parameters()) == n_model + len(inner)
     loc = {"input_ids": torch.randint(1, 64, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
     assert editor.base_loss(loc, loc["attention_mask"]).item() == pytest.approx(0.0, abs=1e-7)
     with torch.no_grad():
-        editor.base_weights[inner[0].replace(".", "#")].add_(0.5)
+        editor.base_weights["model#norm#weight"].add_(0.5)  # a parameter that is not edited
     kl = editor.base_loss(loc, loc["attention_mask"])
     assert kl.item() > 1e-4 and kl.requires_grad
     assert make_editor("enn", model, train_base=False).base_loss(loc, None) is None

@@ -161,13 +161,32 @@ def test_rephrase_is_suffix_no_shorter_than_half(train_ds):
     cut = 0
     for i in range(len(train_ds)):
         ex = train_ds[i]
-        p_ids, r_ids = train_ds.passage_ids[i], train_ds.rephrase_ids[i]
-        assert ex["passage"].endswith(ex["rephrase"])
+        p_ids = train_ds.passage_ids[i]
+        text, r_ids = train_ds.rephrase(i, 0)
+        assert ex["rephrase"] == text
+        assert ex["passage"].endswith(text)
         assert len(r_ids) >= math.ceil(len(p_ids) / 2)
         assert r_ids == p_ids[len(p_ids) - len(r_ids) :]
-        assert tokenizer_ids(train_ds, ex["rephrase"]) == r_ids
+        assert tokenizer_ids(train_ds, text) == r_ids
         cut += len(r_ids) < len(p_ids)
     assert cut > len(train_ds) // 2  # most rephrases do drop a prefix
+
+
+def test_cut_and_locality_partner_are_redrawn_per_batch_and_deterministic(train_ds):
+    """As the original's sampler: each batch draws its equivalence cut and locality partners anew, from the seed."""
+    draws = range(12)
+    for i in range(min(len(train_ds), 8)):
+        cuts = {len(train_ds.rephrase(i, d)[1]) for d in draws}
+        partners = {train_ds._loc(i, 0, d)[0] for d in draws}
+        assert len(partners) > 1, f"edit {i}: the same locality partner in every batch"
+        if len(train_ds.passage_ids[i]) >= 8:
+            assert len(cuts) > 1, f"edit {i}: the same cut in every batch"
+        assert [train_ds._loc(i, 0, d) for d in draws] == [train_ds._loc(i, 0, d) for d in draws]
+        assert [train_ds.rephrase(i, d) for d in draws] == [train_ds.rephrase(i, d) for d in draws]
+    # Two training streams give the same batches; a stream's batches differ in their partners over time.
+    a = [b["raw"] for _, b in zip(range(6), train_ds.edit_generator(2))]
+    b = [b["raw"] for _, b in zip(range(6), train_ds.edit_generator(2))]
+    assert a == b
 
 
 def test_cache_written_once_and_reused(tokenizer, model, train_ds, cache_dir):
@@ -237,7 +256,8 @@ def test_batch_layout(tokenizer, cache_dir, train_ds, n_edits):
     inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
     assert inner["input_ids"].shape[0] == outer["input_ids"].shape[0] == n_edits
     check_row_layout(inner, pad, [len(ds.passage_ids[i]) for i in idx], [ds.target_ids[i] for i in idx])
-    check_row_layout(outer, pad, [len(ds.rephrase_ids[i]) for i in idx], [ds.target_ids[i] for i in idx])
+    cut = [tokenizer_ids(ds, text) for text in raw["rephrase"]]
+    check_row_layout(outer, pad, [len(c) for c in cut], [ds.target_ids[i] for i in idx])
     assert all(t.device.type == "cpu" for block in (inner, outer, loc) for t in block.values())
     for key in ("input_ids", "attention_mask", "labels"):
         assert torch.equal(batch["cond"][key], inner[key])

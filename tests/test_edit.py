@@ -55,8 +55,9 @@ def tiny_model(arch: str, vocab: int, seed: int = 0):
     return tiny_llama(seed=seed, vocab=vocab, tie=True)
 
 
-def trained_editor(arch: str, tokenizer, seed: int = 0) -> Editor:
-    """A MEND editor whose normalisation statistics have seen data (as after training), with a visible step size."""
+def editor_with_statistics(arch: str, tokenizer, seed: int = 0) -> Editor:
+    """An untrained MEND editor (identity MLPs) whose normalisation statistics have seen data, as after training,
+    with a visible step size: what an archive holds, without the cost of training one."""
     from algs.mend import MEND
     from trainer import base_model_identity
 
@@ -94,7 +95,7 @@ def save_archive(editor: Editor, path) -> str:
 # ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_save_and_reload_gives_the_edited_logits(arch, tokenizer, tmp_path):
-    editor = trained_editor(arch, tokenizer)
+    editor = editor_with_statistics(arch, tokenizer)
     result = editor.apply(REQUESTS[:2], mode="batched")
     x = ids_of(tokenizer)
     edited = result.model(x, torch.ones_like(x))
@@ -110,7 +111,7 @@ def test_save_and_reload_gives_the_edited_logits(arch, tokenizer, tmp_path):
 
 
 def test_revert_is_bit_identical(tokenizer):
-    editor = trained_editor("llama", tokenizer)
+    editor = editor_with_statistics("llama", tokenizer)
     base = {n: editor.model.get_parameter(n).clone() for n in LLAMA_INNER}
     two = editor.apply(REQUESTS[:2], mode="sequential").model
     three = editor.apply(REQUESTS[2:], mode="batched", on=two).model
@@ -141,7 +142,7 @@ def test_revert_is_bit_identical(tokenizer):
 
 
 def test_sequential_equals_the_saved_patches_applied_in_order(tokenizer, tmp_path):
-    editor = trained_editor("gpt2", tokenizer)
+    editor = editor_with_statistics("gpt2", tokenizer)
     result = editor.apply(REQUESTS, mode="sequential")
     files = result.save_patches(tmp_path / "patches")
     assert len(files) == 3
@@ -160,7 +161,7 @@ def test_sequential_equals_the_saved_patches_applied_in_order(tokenizer, tmp_pat
 
 
 def test_batched_single_request_equals_the_single_edit(tokenizer):
-    editor = trained_editor("gpt2", tokenizer)
+    editor = editor_with_statistics("gpt2", tokenizer)
     r = REQUESTS[0]
     batched = editor.apply([r], mode="batched").model
     sequential = editor.apply([r], mode="sequential").model
@@ -172,14 +173,22 @@ def test_batched_single_request_equals_the_single_edit(tokenizer):
 
 
 def test_report_has_the_per_request_figures(tokenizer):
-    editor = trained_editor("gpt2", tokenizer)
+    editor = editor_with_statistics("gpt2", tokenizer)
     result = editor.apply(REQUESTS[:1], mode="batched")
     row = result.report[0]
     for key in ("logp_before", "logp_after", "greedy_before", "greedy_after", "success_before", "success_after"):
         assert key in row and key in row["rephrases"][0]
     watch = row["watch"][0]
     assert {"greedy_before", "greedy_after", "changed", "kl", "logp_before", "logp_after"} <= set(watch)
-    assert watch["kl"] >= 0
+    # the edit is applied: the watched prompt's next-token distributions move, by the KL a hand computation gives
+    # (KL(before || after), averaged over the positions of the prompt and its 8-token greedy continuation before)
+    prompt = editor._encode(REQUESTS[0].watch[0])
+    x = torch.tensor([prompt + editor.greedy(editor.base(), prompt, 8)])
+    with torch.no_grad():
+        pre = editor.base()(x, torch.ones_like(x)).float().log_softmax(-1)
+        post = result.model(x, torch.ones_like(x)).float().log_softmax(-1)
+    want = (pre.exp() * (pre - post)).sum(-1).mean().item()
+    assert want > 1e-6 and watch["kl"] == pytest.approx(want, rel=1e-4)
     table = result.table()
     assert "rephrase" in table and "watch" in table and "edit success" in table
 
@@ -188,7 +197,7 @@ def test_report_has_the_per_request_figures(tokenizer):
 def test_a_model_the_editor_was_not_trained_for_is_refused(tokenizer, tmp_path):
     from trainer import CheckpointError
 
-    editor = trained_editor("gpt2", tokenizer)
+    editor = editor_with_statistics("gpt2", tokenizer)
     archive = save_archive(editor, tmp_path / "editor.pt")
     ok = Editor.from_archive(archive, model=editor.model, tokenizer=tokenizer)
     assert ok.inner_params == GPT2_INNER
@@ -201,10 +210,10 @@ def test_a_model_the_editor_was_not_trained_for_is_refused(tokenizer, tmp_path):
         Editor.from_archive(archive, model=wide, tokenizer=tokenizer)
 
     patch = editor.apply(REQUESTS[:1]).patches[0]
-    other = trained_editor("gpt2", tokenizer, seed=1)  # same architecture, other weights
+    other = editor_with_statistics("gpt2", tokenizer, seed=1)  # same architecture, other weights
     with pytest.raises(PatchError, match="another base model"):
         other.apply_patches([patch])
-    llama = trained_editor("llama", tokenizer)
+    llama = editor_with_statistics("llama", tokenizer)
     with pytest.raises(PatchError, match="made for a GPT2LMHeadModel"):
         llama.apply_patches([patch])
 
@@ -213,7 +222,7 @@ def test_an_untrained_editor_is_refused(tokenizer, tmp_path):
     from algs.mend import MEND
     from trainer import CheckpointError
 
-    editor = trained_editor("gpt2", tokenizer)
+    editor = editor_with_statistics("gpt2", tokenizer)
     editor.alg = MEND(editor.model, editor.config)  # fresh: empty normalisation statistics
     archive = save_archive(editor, tmp_path / "untrained.pt")
     with pytest.raises(CheckpointError, match="never trained"):

@@ -349,7 +349,7 @@ def test_edit_changes_only_inner_params_of_the_classifier(ws, name, n_edits):
         # EFK's outer-product updates start near zero and grow slowly (as in test_baselines)
         ("efk", {"efk.lr": 3e-2, "efk.max_scale": 50.0}, 40, 0.0),
         # a random tiny BERT's gradients at the edited weights are small (norm ~0.015): large initial step sizes
-        ("enn", {"enn.lr": 1e-4, "lr_lr": 1.0, "edit_lr": 100.0}, 40, 0.02),
+        ("enn", {"enn.lr": 1e-4, "enn.lr_lr": 1.0, "enn.edit_lr": 100.0}, 40, 0.02),
         ("ft", {"eval_only": True}, 0, 0.0),  # FT stops as soon as the new label is the prediction
     ],
 )

@@ -134,11 +134,16 @@ def test_training_step_gives_the_original_statistics_losses_and_gradients(arch, 
     with torch.no_grad():
         pre_loc = editor(**loc)
     edited, _ = editor.edit(edit)
-    l_edit = edited.edit_loss_fn(edited(input_ids=outer["input_ids"], attention_mask=outer["attention_mask"]),
-                                 outer["labels"])["nll"]
+    l_edit = edited.edit_loss_fn(
+        edited(input_ids=outer["input_ids"], attention_mask=outer["attention_mask"]), outer["labels"]
+    )["nll"]
     l_loc = kl_loc_loss(pre_loc, edited(**loc), loc["attention_mask"])
     l_total = cfg.cedit * l_edit + cfg.cloc * l_loc
-    for name, ours, want in (("edit", l_edit, "loss.edit"), ("loc", l_loc, "loss.loc"), ("total", l_total, "loss.total")):
+    for name, ours, want in (
+        ("edit", l_edit, "loss.edit"),
+        ("loc", l_loc, "loss.loc"),
+        ("total", l_total, "loss.total"),
+    ):
         assert abs(ours.item() - tensors[want].item()) <= 1e-5 * max(1.0, abs(tensors[want].item())), (
             f"{arch} loss/{name}: {ours.item()} vs the original's {tensors[want].item()}"
         )

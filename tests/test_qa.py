@@ -357,7 +357,8 @@ def test_editor_contract_on_seq2seq(tmp_path, arch, alg):
     batch = next(ds.edit_generator(3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # MEND without normalisation and ENN are one gradient step at initialisation; FT fine-tunes
-    overrides = {"mend.norm": False, "edit_lr": 30.0 if arch == "bart" else 1e-1, "ft.edit_lr": 1e-2, "ft.opt": "Adam"}
+    step = 30.0 if arch == "bart" else 1e-1
+    overrides = {"mend.norm": False, "edit_lr": step, "enn.edit_lr": step, "ft.edit_lr": 1e-2, "ft.opt": "Adam"}
     editor = _editor(arch, alg, model, ds, **overrides)
     editor.train(alg != "mend")
     edited, info = editor.edit(batch["edit_inner"], batch["cond"])
