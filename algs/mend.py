@@ -267,7 +267,7 @@ class MEND(EditableModel):
             raise ValueError(
                 f"mend.update_rule={config.mend.update_rule!r}: expected one of {', '.join(UPDATE_RULES)}."
             )
-        # W~ = W - alpha * g~ (the paper) or W + alpha * g~ (the original code: with a positive initial alpha it steps uphill).
+        # W~ = W - alpha * g~ (the paper) or W + alpha * g~ (the original code; a positive initial alpha steps uphill).
         self.update_sign = -1.0 if config.mend.update_rule == "paper" else 1.0
         # Set on the editor that edit() returns: name -> (u~, v~) of the update it applied.
         self.last_factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
