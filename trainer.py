@@ -213,6 +213,7 @@ class EditTrainer:
         self.consecutive_nonfinite = 0
         self.train_seconds = 0.0
         self.last_val_step = -1
+        self.val_history: list = []  # one entry per validation during training: {"step": ..., metric: value}
         self.finished = False  # training is over (a resumed finished run only evaluates)
         self._stop_signal: Optional[int] = None
         self.stopper = EarlyStopper(config.early_stop_patience, config.early_stop_key)
@@ -278,6 +279,7 @@ class EditTrainer:
         self.n_skipped = int(state["n_skipped"])
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
         self.last_val_step = int(state["last_val_step"])
+        self.val_history = list(state.get("val_history", []))  # absent in checkpoints written before it existed
         self.train_seconds = float(state["train_seconds"])
         self.finished = bool(state["finished"])
         self.stopper.load_state_dict(ckpt["stopper"])
@@ -617,6 +619,7 @@ class EditTrainer:
                     "n_skipped": self.n_skipped,
                     "consecutive_nonfinite": self.consecutive_nonfinite,
                     "last_val_step": self.last_val_step,
+                    "val_history": self.val_history,
                     "train_seconds": self.train_seconds,
                     "finished": self.finished,
                     "batches_drawn": self.step,  # one training batch per step
@@ -771,6 +774,8 @@ class EditTrainer:
         """Validate; save a new best. True when early stopping says to stop."""
         stats = self.validate(interruptible=True)
         self.last_val_step = self.step
+        point = {"step": self.step, "seconds": self.train_seconds}
+        self.val_history.append({**point, **{k: float(v) for k, v in stats.items()}})
         LOG.info("validation at step %d: %s", self.step, _fmt(stats))
         self._log(stats, self.step)
         if self.stopper.update(self.step, stats):
@@ -814,6 +819,7 @@ class EditTrainer:
             "skipped_steps": self.n_skipped,
             "seconds": self.train_seconds,
             "best_step": self.stopper.best_step,
+            "validations": self.val_history,  # the learning curve: every validation during training
         }
         report["memory"] = peak_memory_mb()
         report["config"] = OmegaConf.to_container(cfg, resolve=True)

@@ -194,9 +194,10 @@ def _interrupt_at(trainer, step, signum=signal.SIGTERM):
     trainer.edit_step = edit_step_then_signal
 
 
-@pytest.mark.parametrize("stop_at, signum", [(5, signal.SIGTERM), (6, signal.SIGINT)])
+@pytest.mark.parametrize("stop_at, signum", [(5, signal.SIGTERM), (6, signal.SIGINT), (9, signal.SIGTERM)])
 def test_interrupt_then_resume_gives_the_straight_run(tmp_path, trained_run, stop_at, signum):
-    """Interrupted mid-accumulation (step 5) or at a validation step (6): same final metrics as no stop."""
+    """Interrupted mid-accumulation (step 5), at a validation step (6) or after one (9): the same final metrics as
+    no stop, and the same validations in the learning curve."""
     _, straight = trained_run
     run_dir = tmp_path / "run"
     trainer = make_trainer(run_dir)
@@ -216,6 +217,14 @@ def test_interrupt_then_resume_gives_the_straight_run(tmp_path, trained_run, sto
     report = resumed.run()
     assert report["train"]["steps"] == 12 and report["train"]["best_step"] == straight["train"]["best_step"]
     assert metrics(report) == pytest.approx(metrics(straight), rel=1e-6, abs=1e-9)
+
+    # the learning curve survives the stop: every validation of the straight run, with the same metrics
+    def curve(r):
+        return [metrics({"results": {k: x for k, x in v.items() if k != "seconds"}}) for v in r["train"]["validations"]]
+
+    assert len(curve(straight)) >= 2 and [v["step"] for v in curve(report)] == [v["step"] for v in curve(straight)]
+    for got, want in zip(curve(report), curve(straight)):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
 
 
 def test_resuming_a_finished_run_only_evaluates(trained_run):
