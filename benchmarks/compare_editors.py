@@ -22,6 +22,8 @@ import csv
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -36,8 +38,31 @@ EDITORS = {
     "FT": ("ft", []),
     "FT+KL": ("ft", ["ft.locality.enabled=true"]),
 }
-# The paper's Table 4, Wikitext-103 with distilGPT-2 (edit success / perplexity drawdown); "KE" is EFK.
-PAPER_GEN = {"MEND": (0.86, 0.225), "EFK": (0.25, 0.595), "ENN": (0.93, 0.094), "FT": (0.29, 0.938)}
+# The paper's Table 4 (edit success / drawdown), as printed; "KE" there is EFK. gen: Wikitext with distilGPT-2
+# (perplexity drawdown); qa: zsRE with BART-base and fc: FEVER with BERT-base (accuracy drawdown).
+PAPER = {
+    "gen": {
+        "MEND": "0.86 / 0.225",
+        "EFK": "0.25 / 0.595",
+        "ENN": "0.93 / 0.094",
+        "FT": "0.29 / 0.938",
+        "FT+KL": "0.17 / 0.059",
+    },
+    "qa": {
+        "MEND": "0.98 / 0.002",
+        "EFK": "0.98 / <0.001",
+        "ENN": "0.99 / <0.001",
+        "FT": "0.96 / <0.001",
+        "FT+KL": "0.89 / <0.001",
+    },
+    "fc": {
+        "MEND": ">0.99 / <0.001",
+        "EFK": "0.95 / 0.004",
+        "ENN": "0.99 / 0.003",
+        "FT": "0.76 / <0.001",
+        "FT+KL": "0.64 / <0.001",
+    },
+}
 
 COLUMNS = [
     ("editor", "editor"),
@@ -84,11 +109,24 @@ def _finished(run_dir: str, overrides) -> dict | None:
         return json.load(f)
 
 
-def run_editor(name: str, args) -> dict:
-    alg, extra = EDITORS[name]
-    run_dir = os.path.abspath(os.path.join(args.out, name.replace("+", "_").lower()))
-    overrides = run_overrides(args, alg, extra)
-    if not args.force:
+def run_dir_name(name: str) -> str:
+    """The directory of an editor's run under --out: "FT+KL" -> "ft_kl", "no norm" -> "no_norm"."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def run_editor(name: str, args, editors=EDITORS) -> dict:
+    """Train (if it learns) and evaluate one editor of ``editors`` (name -> (alg, overrides)); its results.json."""
+    alg, extra = editors[name]
+    run_dir = os.path.abspath(os.path.join(args.out, run_dir_name(name)))
+    return run_once(name, run_dir, run_overrides(args, alg, extra), args.threads, args.force)
+
+
+def run_once(name: str, run_dir: str, overrides, threads=None, force: bool = False) -> dict:
+    """``python -m run <overrides>`` in ``run_dir``, unless a finished run with the same overrides is there.
+
+    A run of the same overrides that stopped early is resumed from its ``last.pt``; a run of other settings is
+    removed first. Returns the run's results.json."""
+    if not force:
         done = _finished(run_dir, overrides)
         if done is not None:
             print(f"[{name}] finished earlier with the same settings: {run_dir}", flush=True)
@@ -98,9 +136,7 @@ def run_editor(name: str, args) -> dict:
         last = os.path.join(run_dir, "checkpoints", "last.pt")
         settings = os.path.join(run_dir, "compare_settings.json")
         same = os.path.isfile(settings) and json.load(open(settings)) == overrides
-        if not (same and os.path.isfile(last)):
-            import shutil
-
+        if not (same and os.path.isfile(last)) or force:
             shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "compare_settings.json"), "w") as f:
@@ -112,8 +148,8 @@ def run_editor(name: str, args) -> dict:
     start = time.perf_counter()
     with open(os.path.join(run_dir, "compare.log"), "a") as log:
         env = dict(os.environ)
-        if args.threads is not None:
-            env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        if threads is not None:
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         raise SystemExit(
@@ -124,9 +160,9 @@ def run_editor(name: str, args) -> dict:
         return json.load(f)
 
 
-def row(name: str, report: dict) -> dict:
+def row(name: str, report: dict, paper_figures: dict) -> dict:
+    """One table row from a run's results.json, with the paper's (edit success, drawdown) where it has one."""
     res = report["results"]
-    paper = PAPER_GEN.get(name)
     return {
         "editor": name,
         "es": res.get("edit/acc_val", math.nan),
@@ -137,7 +173,7 @@ def row(name: str, report: dict) -> dict:
         "peak_mb": report.get("memory", {}).get("peak_rss_mb", math.nan),
         "steps": report["train"]["steps"],
         "train_min": report["train"]["seconds"] / 60,
-        "paper": f"{paper[0]:.2f} / {paper[1]:.3f}" if paper else "-",
+        "paper": paper_figures.get(name, "-"),
     }
 
 
@@ -151,8 +187,8 @@ def _fmt(key: str, value) -> str:
     return fmt.get(key, "{}").format(value)
 
 
-def write_tables(rows, out: str) -> None:
-    with open(os.path.join(out, "comparison.csv"), "w", newline="") as f:
+def write_tables(rows, out: str, stem: str = "comparison") -> None:
+    with open(os.path.join(out, f"{stem}.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([c for c, _ in COLUMNS])
         for r in rows:
@@ -160,11 +196,11 @@ def write_tables(rows, out: str) -> None:
     lines = ["| " + " | ".join(c for c, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(k, r[k]) for _, k in COLUMNS) + " |")
-    with open(os.path.join(out, "comparison.md"), "w") as f:
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-def write_plot(rows, out: str, title: str) -> None:
+def write_plot(rows, out: str, title: str, stem: str = "comparison", experiment: str = "gen") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,47 +210,60 @@ def write_plot(rows, out: str, title: str) -> None:
     for r in rows:
         ax.scatter(r["drawdown"], r["es"], s=50)
         ax.annotate(r["editor"], (r["drawdown"], r["es"]), textcoords="offset points", xytext=(6, 4))
-    ax.set_xlabel("drawdown (locality perplexity increase; lower is better)")
+    what = "locality perplexity increase" if experiment == "gen" else "accuracy drop on unrelated inputs"
+    ax.set_xlabel(f"drawdown ({what}; lower is better)")
     ax.set_ylabel("edit success (higher is better)")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "comparison.png"), dpi=120)
+    fig.savefig(os.path.join(out, f"{stem}.png"), dpi=120)
     plt.close(fig)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def common_parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    """The options every comparison of editors shares (model, task, budget, seed, output, threads, overrides)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="a config/model name (default: the embedded SmolLM2)")
     parser.add_argument("--experiment", default="gen")
     parser.add_argument("--steps", type=int, default=250, help="training steps of each learned editor")
     parser.add_argument("--val-edits", type=int, default=25, help="validation edits for the best checkpoint")
     parser.add_argument("--eval-edits", type=int, default=50, help="held-out edits of the final evaluation")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--editors", default=",".join(EDITORS), help=f"comma-separated subset of {list(EDITORS)}")
-    parser.add_argument("--out", default=os.path.join("outputs", "compare"))
+    parser.add_argument("--out", default=default_out)
     parser.add_argument("--force", action="store_true", help="rerun editors that finished earlier")
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads per run (OMP_NUM_THREADS); default: torch's choice"
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
+    return parser
+
+
+def run_all(args, names, editors, paper_figures, stem: str, title: str) -> list:
+    """Run (or reuse) every named editor, then write ``<stem>.csv``, ``.md`` and ``.png`` under ``args.out``."""
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    reports = {name: run_editor(name, args, editors) for name in names}
+    rows = [row(name, reports[name], paper_figures) for name in editors if name in reports]
+    write_tables(rows, args.out, stem)
+    write_plot(rows, args.out, title, stem, args.experiment)
+    with open(os.path.join(args.out, f"{stem}.md")) as f:
+        print(f.read())
+    minutes = (time.perf_counter() - start) / 60
+    print(f"Wrote {args.out}/{stem}.csv, {stem}.md, {stem}.png in {minutes:.1f} min")
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = common_parser(__doc__, os.path.join("outputs", "compare"))
+    parser.add_argument("--editors", default=",".join(EDITORS), help=f"comma-separated subset of {list(EDITORS)}")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.editors.split(",") if n.strip()]
     unknown = [n for n in names if n not in EDITORS]
     if unknown:
         parser.error(f"--editors: unknown {unknown}; choose from {list(EDITORS)}")
-    os.makedirs(args.out, exist_ok=True)
-    start = time.perf_counter()
-    reports = {name: run_editor(name, args) for name in names}
-    rows = [row(name, reports[name]) for name in EDITORS if name in reports]
-    write_tables(rows, args.out)
     title = f"{args.experiment}, {args.model}: {args.steps} training steps, {args.eval_edits} held-out edits"
-    write_plot(rows, args.out, title)
-    with open(os.path.join(args.out, "comparison.md")) as f:
-        print(f.read())
-    minutes = (time.perf_counter() - start) / 60
-    print(f"Wrote {args.out}/comparison.csv, comparison.md, comparison.png in {minutes:.1f} min")
+    run_all(args, names, EDITORS, PAPER.get(args.experiment, {}), "comparison", title)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The editor comparison script end to end, on the tiny GPT-2 workspace of test_run."""
+"""The editor comparison, ablation and learning-curve scripts end to end, on the tiny GPT-2 workspace of test_run."""
 
 from __future__ import annotations
 
@@ -9,10 +9,28 @@ import os
 import pytest
 from test_run import INNER, workspace  # noqa: F401  (the module-scoped CLI workspace fixture)
 
-from benchmarks import compare_editors
+from benchmarks import ablations, compare_editors, learning_curve
 
 
-def test_comparison_writes_the_table_and_plot_and_skips_finished_runs(workspace, tmp_path, capsys, monkeypatch):  # noqa: F811
+def tiny(workspace):  # noqa: F811
+    """Hydra overrides that point a run at the tiny GPT-2 workspace."""
+    return [
+        f"model.name={workspace['model']}",
+        f"model.tokenizer_name={workspace['model']}",
+        f"model.inner_params={INNER}",
+        f"data.path={workspace['data']}",
+        f"cache_dir={workspace['cache']}",
+        "device=cpu",
+        "mend.rank=8",
+    ]
+
+
+def test_comparison_writes_the_table_and_plot_and_skips_finished_runs(
+    workspace,  # noqa: F811
+    tmp_path,
+    capsys,
+    monkeypatch,
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "compare"
     args = [
@@ -24,13 +42,7 @@ def test_comparison_writes_the_table_and_plot_and_skips_finished_runs(workspace,
         "--threads=1",
         f"--out={out}",
         "--",
-        f"model.name={workspace['model']}",
-        f"model.tokenizer_name={workspace['model']}",
-        f"model.inner_params={INNER}",
-        f"data.path={workspace['data']}",
-        f"cache_dir={workspace['cache']}",
-        "device=cpu",
-        "mend.rank=8",
+        *tiny(workspace),
         "ft.max_edit_steps=3",
     ]
     compare_editors.main(args)
@@ -58,3 +70,69 @@ def test_comparison_writes_the_table_and_plot_and_skips_finished_runs(workspace,
     assert printed.count("finished earlier with the same settings") == 2
     with open(out / "comparison.csv") as f:
         assert list(csv.DictReader(f)) == rows
+
+
+def test_ablations_run_each_variant_with_its_overrides_and_reuse_the_comparisons_mend(
+    workspace,  # noqa: F811
+    tmp_path,
+    capsys,
+    monkeypatch,
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "compare"
+    common = ["--model=distilgpt2", "--steps=2", "--val-edits=2", "--eval-edits=3", "--threads=1", f"--out={out}"]
+    compare_editors.main([*common, "--editors=MEND", "--", *tiny(workspace)])
+    capsys.readouterr()
+    ablations.main([*common, "--variants=no norm,MEND,only smaller (one_sided)", "--", *tiny(workspace)])
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier with the same settings") == 1  # the comparison's MEND run
+    with open(out / "ablations.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["editor"] for r in rows] == ["MEND", "no norm", "only smaller (one_sided)"]  # the paper's order
+    assert [r["paper ES / drawdown"] for r in rows] == ["0.86 / 0.225", "0.02 / 0.370", "0.80 / 0.593"]
+    configs = {}
+    for r in rows:
+        with open(out / compare_editors.run_dir_name(r["editor"]) / "results.json") as f:
+            report = json.load(f)
+        assert float(r["edit success"]) == pytest.approx(report["results"]["edit/acc_val"], rel=1e-9, abs=1e-12)
+        configs[r["editor"]] = report["config"]["mend"]
+    assert configs["MEND"]["norm"] and configs["MEND"]["combine"]
+    assert not configs["no norm"]["norm"] and configs["no norm"]["combine"]
+    assert configs["only smaller (one_sided)"]["one_sided"] and not configs["only smaller (one_sided)"]["combine"]
+    assert os.path.getsize(out / "ablations.png") > 1000
+    with pytest.raises(SystemExit) as info:
+        ablations.main([*common, "--variants=no such variant"])
+    assert info.value.code == 2
+    assert "unknown ['no such variant']" in capsys.readouterr().err
+
+
+def test_learning_curve_keeps_every_validation_and_plots_it(workspace, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "curve"
+    args = ["--model=distilgpt2", "--steps=6", "--val-interval=2", "--val-edits=2", "--eval-edits=2", "--threads=1"]
+    learning_curve.main([*args, f"--out={out}", "--", *tiny(workspace)])
+    report = json.loads((out / "results.json").read_text())
+    validations = report["train"]["validations"]
+    assert [v["step"] for v in validations] == [2, 4, 6]
+    assert all(v["seconds"] > 0 for v in validations)
+    assert [v["seconds"] for v in validations] == sorted(v["seconds"] for v in validations)
+    with open(out / "curve.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    for r, v in zip(rows, validations):
+        assert float(r["edit_success"]) == pytest.approx(v["edit/acc_val"], abs=1e-12)
+        assert float(r["drawdown"]) == pytest.approx(v["perplexity/drawdown_val"], rel=1e-9)
+    # the validation at the best step is the one the best checkpoint was saved with
+    best = next(v for v in validations if v["step"] == report["train"]["best_step"])
+    assert best["loss/total_edit_val"] == min(v["loss/total_edit_val"] for v in validations)
+    assert os.path.getsize(out / "curve.png") > 1000
+    printed = capsys.readouterr().out
+    assert printed.count("step ") >= 3 and "Wrote" in printed
+
+    # a finished run is plotted again without training
+    (out / "curve.png").unlink()
+    learning_curve.main([f"--from-run={out}"])
+    assert os.path.getsize(out / "curve.png") > 1000
+    with pytest.raises(SystemExit) as info:
+        learning_curve.main([f"--from-run={tmp_path}"])
+    assert info.value.code == 2 and "no results.json" in capsys.readouterr().err
