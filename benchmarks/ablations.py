@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from benchmarks.compare_editors import common_parser, run_all
+from benchmarks.compare_editors import common_parser, run_all, selected
 
 # name -> (alg, overrides that make it this variant)
 VARIANTS = {
@@ -58,10 +58,7 @@ def main(argv=None) -> None:
     parser = common_parser(__doc__, os.path.join("outputs", "compare"))
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    names = selected(parser, "variants", args.variants, VARIANTS)
     title = f"MEND ablations, {args.experiment}, {args.model}: {args.steps} steps, {args.eval_edits} held-out edits"
     run_all(args, names, VARIANTS, PAPER.get(args.experiment, {}), "ablations", title)
 

@@ -254,14 +254,20 @@ def run_all(args, names, editors, paper_figures, stem: str, title: str) -> list:
     return rows
 
 
+def selected(parser: argparse.ArgumentParser, option: str, value: str, registry: dict) -> list:
+    """The names of a comma-separated ``--<option>`` value, each checked against ``registry``."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        parser.error(f"--{option}: unknown {unknown}; choose from {list(registry)}")
+    return names
+
+
 def main(argv=None) -> None:
     parser = common_parser(__doc__, os.path.join("outputs", "compare"))
     parser.add_argument("--editors", default=",".join(EDITORS), help=f"comma-separated subset of {list(EDITORS)}")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.editors.split(",") if n.strip()]
-    unknown = [n for n in names if n not in EDITORS]
-    if unknown:
-        parser.error(f"--editors: unknown {unknown}; choose from {list(EDITORS)}")
+    names = selected(parser, "editors", args.editors, EDITORS)
     title = f"{args.experiment}, {args.model}: {args.steps} training steps, {args.eval_edits} held-out edits"
     run_all(args, names, EDITORS, PAPER.get(args.experiment, {}), "comparison", title)
 
