@@ -64,18 +64,27 @@ PAPER = {
     },
 }
 
-COLUMNS = [
-    ("editor", "editor"),
-    ("edit success", "es"),
-    ("drawdown", "drawdown"),
-    ("perplexity before", "ppl_pre"),
-    ("perplexity after", "ppl_post"),
-    ("median edit time (s)", "edit_time"),
-    ("peak memory (MB)", "peak_mb"),
-    ("training steps", "steps"),
-    ("training time (min)", "train_min"),
-    ("paper ES / drawdown", "paper"),
-]
+
+def locality_metric(task: str) -> str:
+    """What drawdown is measured in: locality perplexity on gen, whole-answer accuracy on qa and fc."""
+    return "perplexity" if task == "gen" else "acc"
+
+
+def columns(task: str) -> list:
+    """(header, row key) of the table for ``task``; the locality columns name their metric."""
+    what = "perplexity" if locality_metric(task) == "perplexity" else "accuracy"
+    return [
+        ("editor", "editor"),
+        ("edit success", "es"),
+        ("drawdown", "drawdown"),
+        (f"{what} before", "loc_pre"),
+        (f"{what} after", "loc_post"),
+        ("median edit time (s)", "edit_time"),
+        ("peak memory (MB)", "peak_mb"),
+        ("training steps", "steps"),
+        ("training time (min)", "train_min"),
+        ("paper ES / drawdown", "paper"),
+    ]
 
 
 def run_overrides(args, alg: str, extra) -> list:
@@ -163,12 +172,13 @@ def run_once(name: str, run_dir: str, overrides, threads=None, force: bool = Fal
 def row(name: str, report: dict, paper_figures: dict) -> dict:
     """One table row from a run's results.json, with the paper's (edit success, drawdown) where it has one."""
     res = report["results"]
+    metric = locality_metric(report.get("config", {}).get("task", "gen"))
     return {
         "editor": name,
         "es": res.get("edit/acc_val", math.nan),
-        "drawdown": res.get("perplexity/drawdown_val", res.get("acc/drawdown_val", math.nan)),
-        "ppl_pre": res.get("perplexity/pre_val", math.nan),
-        "ppl_post": res.get("perplexity/post_val", math.nan),
+        "drawdown": res.get(f"{metric}/drawdown_val", math.nan),
+        "loc_pre": res.get(f"{metric}/pre_val", math.nan),
+        "loc_post": res.get(f"{metric}/post_val", math.nan),
         "edit_time": res.get("time/edit_val", math.nan),
         "peak_mb": report.get("memory", {}).get("peak_rss_mb", math.nan),
         "steps": report["train"]["steps"],
@@ -177,25 +187,27 @@ def row(name: str, report: dict, paper_figures: dict) -> dict:
     }
 
 
-def _fmt(key: str, value) -> str:
+def _fmt(key: str, value, task: str = "gen") -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, float) and math.isnan(value):
         return "-"
-    fmt = {"es": "{:.2f}", "drawdown": "{:.3f}", "ppl_pre": "{:.2f}", "ppl_post": "{:.2f}", "edit_time": "{:.3f}"}
+    loc = "{:.2f}" if locality_metric(task) == "perplexity" else "{:.3f}"
+    fmt = {"es": "{:.2f}", "drawdown": "{:.3f}", "loc_pre": loc, "loc_post": loc, "edit_time": "{:.3f}"}
     fmt.update({"peak_mb": "{:.0f}", "steps": "{:d}", "train_min": "{:.1f}"})
     return fmt.get(key, "{}").format(value)
 
 
-def write_tables(rows, out: str, stem: str = "comparison") -> None:
+def write_tables(rows, out: str, stem: str = "comparison", task: str = "gen") -> None:
+    cols = columns(task)
     with open(os.path.join(out, f"{stem}.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([c for c, _ in COLUMNS])
+        writer.writerow([c for c, _ in cols])
         for r in rows:
-            writer.writerow([r[k] for _, k in COLUMNS])
-    lines = ["| " + " | ".join(c for c, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+            writer.writerow([r[k] for _, k in cols])
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(k, r[k]) for _, k in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(k, r[k], task) for _, k in cols) + " |")
     with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -245,7 +257,7 @@ def run_all(args, names, editors, paper_figures, stem: str, title: str) -> list:
     start = time.perf_counter()
     reports = {name: run_editor(name, args, editors) for name in names}
     rows = [row(name, reports[name], paper_figures) for name in editors if name in reports]
-    write_tables(rows, args.out, stem)
+    write_tables(rows, args.out, stem, args.experiment)
     write_plot(rows, args.out, title, stem, args.experiment)
     with open(os.path.join(args.out, f"{stem}.md")) as f:
         print(f.read())

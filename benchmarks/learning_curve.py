@@ -18,7 +18,7 @@ import csv
 import json
 import os
 
-from benchmarks.compare_editors import run_once
+from benchmarks.compare_editors import locality_metric, run_once
 
 # The paper's MEND row of Table 4 (edit success, drawdown).
 PAPER = {"gen": (0.86, 0.225, "distilGPT-2, Wikitext"), "qa": (0.98, 0.002, "BART-base, zsRE")}
@@ -26,9 +26,10 @@ PAPER = {"gen": (0.86, 0.225, "distilGPT-2, Wikitext"), "qa": (0.98, 0.002, "BAR
 
 def curve_rows(report: dict) -> list:
     """(step, seconds, edit success, drawdown, loss) for every validation recorded in a results.json."""
+    metric = locality_metric(report.get("config", {}).get("task", "gen"))
     rows = []
     for v in report["train"].get("validations", []):
-        drawdown = v.get("perplexity/drawdown_val", v.get("acc/drawdown_val", float("nan")))
+        drawdown = v.get(f"{metric}/drawdown_val", float("nan"))
         rows.append(
             {
                 "step": int(v["step"]),
@@ -126,7 +127,7 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"step {r['step']:>6}: edit success {r['edit_success']:.2f}, drawdown {r['drawdown']:.3f}")
     res = report["results"]
-    dd = res.get("perplexity/drawdown_val", res.get("acc/drawdown_val"))
+    dd = res.get(f"{locality_metric(task)}/drawdown_val", float("nan"))
     print(
         f"final evaluation (best checkpoint, step {report['train']['best_step']}): edit success "
         f"{res['edit/acc_val']:.2f}, drawdown {dd:.3f}; {report['train']['seconds'] / 60:.1f} min of training"

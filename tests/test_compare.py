@@ -136,3 +136,18 @@ def test_learning_curve_keeps_every_validation_and_plots_it(workspace, tmp_path,
     with pytest.raises(SystemExit) as info:
         learning_curve.main([f"--from-run={tmp_path}"])
     assert info.value.code == 2 and "no results.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task, drawdown, before", [("gen", 0.8, 28.0), ("qa", 0.01, 0.3), ("fc", 0.01, 0.3)])
+def test_a_row_reports_the_drawdown_of_its_task(task, drawdown, before, tmp_path):
+    """qa and fc log a perplexity too; their drawdown is the accuracy's (the paper's), gen's the perplexity's."""
+    results = {"edit/acc_val": 0.5, "time/edit_val": 0.1}
+    results.update({"perplexity/drawdown_val": 0.8, "perplexity/pre_val": 28.0, "perplexity/post_val": 28.8})
+    results.update({"acc/drawdown_val": 0.01, "acc/pre_val": 0.3, "acc/post_val": 0.29})
+    report = {"results": results, "config": {"task": task}, "train": {"steps": 4, "seconds": 60.0}}
+    r = compare_editors.row("MEND", report, compare_editors.PAPER[task])
+    assert (r["drawdown"], r["loc_pre"]) == (drawdown, before)
+    assert r["paper"] == compare_editors.PAPER[task]["MEND"]
+    compare_editors.write_tables([r], str(tmp_path), "t", task)
+    header = (tmp_path / "t.md").read_text().splitlines()[0]
+    assert ("perplexity before" in header) == (task == "gen") and ("accuracy before" in header) == (task != "gen")
