@@ -218,10 +218,18 @@ def write_plot(rows, out: str, title: str, stem: str = "comparison", experiment:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    xs = [r["drawdown"] for r in rows if not math.isnan(r["drawdown"])] or [0.0]
+    span = max(max(xs) - min(xs), 1e-9)
+    placed = []
     for r in rows:
-        ax.scatter(r["drawdown"], r["es"], s=50)
-        ax.annotate(r["editor"], (r["drawdown"], r["es"]), textcoords="offset points", xytext=(6, 4))
+        x, y = r["drawdown"], r["es"]
+        ax.scatter(x, y, s=50)
+        # labels of points that (nearly) coincide go one under the other instead of on top of each other
+        near = sum(1 for px, py in placed if abs(px - x) < 0.1 * span and abs(py - y) < 0.06)
+        placed.append((x, y))
+        ax.annotate(r["editor"], (x, y), textcoords="offset points", xytext=(6, 4 - 12 * near), fontsize=9)
+    ax.margins(x=0.3)
     what = "locality perplexity increase" if experiment == "gen" else "accuracy drop on unrelated inputs"
     ax.set_xlabel(f"drawdown ({what}; lower is better)")
     ax.set_ylabel("edit success (higher is better)")
