@@ -15,9 +15,7 @@ figures (distilGPT-2, Table 6) beside each row. Arguments after ``--`` go to eve
 
 from __future__ import annotations
 
-import os
-
-from benchmarks.compare_editors import common_parser, run_all, selected
+from benchmarks.compare_editors import cli
 
 # name -> (alg, overrides that make it this variant)
 VARIANTS = {
@@ -55,12 +53,7 @@ PAPER = {"gen": PAPER_GEN, "qa": PAPER_QA}
 
 
 def main(argv=None) -> None:
-    parser = common_parser(__doc__, os.path.join("outputs", "compare"))
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
-    args = parser.parse_args(argv)
-    names = selected(parser, "variants", args.variants, VARIANTS)
-    title = f"MEND ablations, {args.experiment}, {args.model}: {args.steps} steps, {args.eval_edits} held-out edits"
-    run_all(args, names, VARIANTS, PAPER.get(args.experiment, {}), "ablations", title)
+    cli(argv, __doc__, VARIANTS, "variants", PAPER, "ablations", label="MEND ablations, ")
 
 
 if __name__ == "__main__":

@@ -274,22 +274,22 @@ def run_all(args, names, editors, paper_figures, stem: str, title: str) -> list:
     return rows
 
 
-def selected(parser: argparse.ArgumentParser, option: str, value: str, registry: dict) -> list:
-    """The names of a comma-separated ``--<option>`` value, each checked against ``registry``."""
-    names = [n.strip() for n in value.split(",") if n.strip()]
+def cli(argv, description: str, registry: dict, option: str, paper: dict, stem: str, label: str = "") -> list:
+    """The command line of a comparison: the common options plus ``--<option>``, a comma-separated subset of
+    ``registry`` (name -> (alg, overrides)); runs them and writes ``<stem>.*``. ``paper``: task -> name -> figures."""
+    parser = common_parser(description, os.path.join("outputs", "compare"))
+    parser.add_argument(f"--{option}", default=",".join(registry), help=f"comma-separated subset of {list(registry)}")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in getattr(args, option).split(",") if n.strip()]
     unknown = [n for n in names if n not in registry]
     if unknown:
         parser.error(f"--{option}: unknown {unknown}; choose from {list(registry)}")
-    return names
+    title = f"{label}{args.experiment}, {args.model}: {args.steps} training steps, {args.eval_edits} held-out edits"
+    return run_all(args, names, registry, paper.get(args.experiment, {}), stem, title)
 
 
 def main(argv=None) -> None:
-    parser = common_parser(__doc__, os.path.join("outputs", "compare"))
-    parser.add_argument("--editors", default=",".join(EDITORS), help=f"comma-separated subset of {list(EDITORS)}")
-    args = parser.parse_args(argv)
-    names = selected(parser, "editors", args.editors, EDITORS)
-    title = f"{args.experiment}, {args.model}: {args.steps} training steps, {args.eval_edits} held-out edits"
-    run_all(args, names, EDITORS, PAPER.get(args.experiment, {}), "comparison", title)
+    cli(argv, __doc__, EDITORS, "editors", PAPER, "comparison")
 
 
 if __name__ == "__main__":
