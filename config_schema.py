@@ -11,15 +11,15 @@ Checks that span several keys (``combine`` with ``one_sided``, ``n_edits >= batc
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and says what to do."""
+from errors import ConfigError
 
 
 @dataclass
@@ -231,9 +231,16 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
 
 
-# Editors that need no training (eval_only runs them directly) and those that can train the base model too.
-TRAINING_FREE_ALGS = ("ft",)
-TRAIN_BASE_ALGS = ("enn",)
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+
+
+def compose_config(overrides, config_name: str = "config"):
+    """The run configuration of ``python -m run <overrides>``, composed outside a Hydra app (scripts, tests)."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 TASKS_BY_KIND = {"causal_lm": ("gen", "qa"), "seq2seq": ("qa",), "classifier": ("fc",)}
 
@@ -286,13 +293,6 @@ def validate_config(cfg, algs=(), tasks=()) -> None:
         )
     if cfg.resume is not None and cfg.eval_only:
         raise ConfigError("resume= continues training; to evaluate a run's editor use eval_only=True archive=<run>.")
-    if cfg.eval_only and cfg.archive is None and cfg.alg not in TRAINING_FREE_ALGS:
-        raise ConfigError("eval_only=True needs archive=<checkpoint file or run directory> holding a trained editor.")
-    if cfg.train_base and cfg.alg not in TRAIN_BASE_ALGS:
-        raise ConfigError(
-            f"train_base=True is supported by {', '.join(TRAIN_BASE_ALGS)} only, not alg={cfg.alg}; "
-            "set train_base=False."
-        )
     if cfg.enn.n_edit_steps < 1:
         raise ConfigError(f"enn.n_edit_steps={cfg.enn.n_edit_steps} must be >= 1.")
     if cfg.ft.max_edit_steps < 1:

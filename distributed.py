@@ -244,24 +244,15 @@ def wrap(editor: nn.Module, step_fn: Callable[..., dict], device: torch.device):
 # -- running statistics ---------------------------------------------------------------------------------------
 
 
-def _running_stats(module: nn.Module) -> Dict[str, nn.Module]:
-    """Submodules that keep running (count, mean, m2) statistics, e.g. MEND's RunningNorm."""
-    return {
-        name: m
-        for name, m in module.named_modules()
-        if all(isinstance(getattr(m, k, None), torch.Tensor) for k in ("count", "mean", "m2"))
-    }
-
-
-def stats_snapshot(module: nn.Module) -> Dict[str, tuple]:
-    """The running statistics before a step (what every rank holds in common)."""
+def stats_snapshot(editor) -> Dict[str, tuple]:
+    """The editor's running statistics (``running_statistics()``) before a step: what every rank holds in common."""
     if not _ENV.enabled:
         return {}
-    return {n: (m.count.clone(), m.mean.clone(), m.m2.clone()) for n, m in _running_stats(module).items()}
+    return {n: (m.count.clone(), m.mean.clone(), m.m2.clone()) for n, m in editor.running_statistics().items()}
 
 
 @torch.no_grad()
-def merge_running_stats(module: nn.Module, before: Dict[str, tuple]) -> None:
+def merge_running_stats(editor, before: Dict[str, tuple]) -> None:
     """Combine the samples every rank added to its statistics since ``before`` (Chan et al.'s parallel update).
 
     Each rank's own new samples are recovered from its statistics and the common ones before the step, in float64;
@@ -269,7 +260,7 @@ def merge_running_stats(module: nn.Module, before: Dict[str, tuple]) -> None:
     """
     if not _ENV.enabled or not before:
         return
-    for name, m in _running_stats(module).items():
+    for name, m in editor.running_statistics().items():
         c0, mean0, m20 = (t.double() for t in before[name])
         c, mean, m2 = m.count.double(), m.mean.double(), m.m2.double()
         n = c - c0  # this rank's new samples

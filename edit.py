@@ -51,18 +51,17 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.func import functional_call
 
+from errors import (
+    EditRequestError,
+    OutputExistsError,
+    PatchError,
+    UserError,
+)
+
 LOG = logging.getLogger("edit")
 
 PATCH_FORMAT = "mend-patch/1"
 REQUEST_KEYS = ("prompt", "target", "rephrases", "watch")
-
-
-class EditRequestError(ValueError):
-    """An edit request is malformed; the message names its file and line when it came from a file."""
-
-
-class PatchError(ValueError):
-    """A patch cannot be used: unreadable, or made for another base model or other edited weights."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -421,9 +420,9 @@ class EditedModel:
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
-            raise FileExistsError(f"{out_dir} exists and is not a directory.")
+            raise OutputExistsError(f"{out_dir} exists and is not a directory.")
         if os.listdir(out_dir) and not overwrite:
-            raise FileExistsError(f"{out_dir} is not empty; choose another directory or pass --overwrite.")
+            raise OutputExistsError(f"{out_dir} is not empty; choose another directory or pass --overwrite.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -640,11 +639,12 @@ class Editor:
         alg.to(model.device if hasattr(model, "device") else next(model.parameters()).device)
         alg.eval()
         alg.requires_grad_(False)
-        if config.mend.norm:
-            counts = {int(b.item()) for n, b in alg.mend.named_buffers() if n.endswith("count")}
-            if min(counts, default=0) < 2:
+        stats = alg.running_statistics()
+        if stats:
+            counts = {int(m.count.item()) for m in stats.values()}
+            if min(counts) < 2:
                 raise CheckpointError(
-                    f"{path}: the editor's normalisation statistics are empty (it has seen {min(counts, default=0)} "
+                    f"{path}: the editor's normalisation statistics are empty (it has seen {min(counts)} "
                     f"samples): it was never trained. Train it first (python -m run ...) and pass that run."
                 )
         return cls(alg, tokenizer, config, meta, path)
@@ -997,16 +997,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    from data_classes import DataError
-    from models import InnerParamsError, ModelLoadError
-    from trainer import CheckpointError
-
-    errors = (EditRequestError, PatchError, CheckpointError, ModelLoadError, InnerParamsError, DataError)
     try:
         if args.command == "apply":
             return _cmd_apply(args)
         return _cmd_eval_sequential(args)
-    except errors + (FileExistsError, FileNotFoundError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

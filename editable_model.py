@@ -15,7 +15,12 @@ It may also override:
     that of the step sizes (default: ``lr_lr``);
   - ``base_loss(loc_inputs, mask)``, an extra training loss on the locality inputs (ENN's ``train_base``);
   - ``attach_training_data(dataset)``, for editors that draw data at edit time (FT+KL).
-An editor whose ``outer_parameters()`` is empty (FT) needs no training: the trainer evaluates it directly.
+It declares what generic code must know about it, so that no generic module names an editor:
+  - ``needs_training`` (class attribute; False: nothing to train, the trainer evaluates it directly) and
+    ``can_train_base`` (``train_base=True`` is allowed), checked by ``check_config(cfg)`` before anything loads;
+  - ``running_statistics()``, data statistics (count / mean / m2 buffers) that are carried over to an untrained
+    editor (``copy_statistics_from``) and merged over the processes of a distributed run;
+  - ``activation_bytes(n_tokens)``, its share of the memory estimate.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from errors import ConfigError
 from losses import binary_log_probs, masked_log_probs
 
 
@@ -40,6 +46,25 @@ def logits_of(output) -> torch.Tensor:
 
 
 class EditableModel(nn.Module, ABC):
+    #: False for an editor with nothing to train (no outer parameters, e.g. fine-tuning): the trainer evaluates it
+    #: directly, and ``eval_only=True`` needs no ``archive``.
+    needs_training: bool = True
+    #: True for an editor that can also train the base model (``train_base=True``) through :meth:`base_loss`.
+    can_train_base: bool = False
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Checks of the run configuration that depend on what this editor can do, made before anything loads."""
+        if cfg.eval_only and cfg.archive is None and cls.needs_training:
+            raise ConfigError(
+                f"eval_only=True needs archive=<checkpoint file or run directory> holding a trained {cfg.alg} editor."
+            )
+        if cfg.train_base and not cls.can_train_base:
+            raise ConfigError(
+                f"train_base=True: alg={cfg.alg} cannot train the base model (it has no base loss); set "
+                f"train_base=False, or use an editor that trains the base (see the README's baselines)."
+            )
+
     def __init__(self, model: nn.Module, config, weights: Optional[Dict[str, torch.Tensor]] = None):
         super().__init__()
         # Kept out of the module tree: the base model is not part of the editor's parameters,
@@ -116,9 +141,25 @@ class EditableModel(nn.Module, ABC):
     def attach_training_data(self, dataset) -> None:
         """Give the editor the training set, for editors that draw batches at edit time. Default: unused."""
 
-    @property
-    def needs_training(self) -> bool:
-        return any(p.requires_grad for p in self.outer_parameters())
+    def running_statistics(self) -> Dict[str, nn.Module]:
+        """Submodules holding data statistics (not learned parameters) as ``count``, ``mean`` and ``m2`` buffers,
+        updated in training mode (MEND's input normalisation). They are carried over to the untrained editor of
+        the final comparison and merged over the processes of a distributed run. Default: none."""
+        return {}
+
+    @torch.no_grad()
+    def copy_statistics_from(self, other: EditableModel) -> None:
+        """Take ``other``'s data statistics (:meth:`running_statistics`); learned parameters stay as they are."""
+        theirs = other.running_statistics()
+        for name, module in self.running_statistics().items():
+            for key in ("count", "mean", "m2"):
+                getattr(module, key).copy_(getattr(theirs[name], key))
+
+    def activation_bytes(self, n_tokens: int) -> int:
+        """Estimated bytes the editor's own computation keeps for the backward pass of an edit on ``n_tokens`` token
+        positions (``memory.estimate``). Default: per edited weight, its fp32 input and output-gradient sides and
+        one transformed copy of them."""
+        return sum(n_tokens * 4 * 3 * sum(self.model.get_parameter(n).shape) for n in self.inner_params)
 
     def edited_state_dict(self) -> Dict[str, torch.Tensor]:
         """The base model's state dict with the edited weights substituted (detached copies)."""

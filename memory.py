@@ -10,11 +10,20 @@ and recomputes them in the backward pass.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterable, List
 
 import torch
 import torch.nn as nn
+import transformers
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.profiler import ProfilerActivity, profile
+from torch.profiler._memory_profiler import Action
 from torch.utils.checkpoint import checkpoint
+
+from algs import editor_class
+
+LOG = logging.getLogger("memory")
 
 
 def _block_of(model: nn.Module, param_name: str):
@@ -55,8 +64,6 @@ def activation_checkpointing(model: nn.Module, block_names: List[str]):
     if not block_names:
         yield
         return
-    from torch.nn.utils.stateless import _reparametrize_module
-
     patched = []
     for name in block_names:
         block = model.get_submodule(name)
@@ -116,8 +123,6 @@ def _unique_bytes(tensors) -> int:
 
 def meta_model(model_cfg) -> nn.Module:
     """The model of ``model_cfg`` on the meta device, from ``model.arch`` (no download, no memory)."""
-    import transformers
-
     if not model_cfg.arch:
         raise ValueError(
             f"model.arch is not set for {model_cfg.name!r}: the estimate without the model needs its config.json "
@@ -135,13 +140,11 @@ def estimate(cfg, model: nn.Module | None = None, world_size: int = 1, seq_len: 
     ``model``: the loaded base model (default: built on the meta device from ``model.arch``). ``seq_len``: tokens
     per sequence (default: data.max_passage_tokens + data.n_tokens, the gen experiment's longest input).
     """
-    import run
-
     model = model if model is not None else meta_model(cfg.model)
     dtype = next(model.parameters()).dtype
     b = dtype_bytes(dtype)
     with torch.device("meta"):
-        editor = run._load(run.ALGS[cfg.alg])(model, cfg)
+        editor = editor_class(cfg.alg)(model, cfg)
     n_editor = sum(p.numel() for p in editor.parameters())
     s = _sizes(model)
     T = seq_len or cfg.data.max_passage_tokens + cfg.data.n_tokens
@@ -161,13 +164,7 @@ def estimate(cfg, model: nn.Module | None = None, world_size: int = 1, seq_len: 
     # the update of each edited weight: the fp32 pseudo-gradient kept for the backward pass, the edited weight, the
     # true gradient (kept for grad/cos), and one fp32 temporary at a time
     parts["edited weights"] = sum(numels) * (4 + 2 * b) + 4 * max(numels)
-    # the editor MLPs on the edit's token positions (fp32): the normalised inputs and their concatenation, and per
-    # residual layer its input and low-rank projection (counted with saved_tensors_hooks, as the blocks below)
-    n_layers = cfg.mend.n_hidden + 1 if cfg.alg == "mend" else 1
-    rank = cfg.mend.rank if cfg.alg == "mend" else 0
-    parts["editor activations"] = sum(
-        n_edit_tokens * 4 * (2 * sum(p.shape) + n_layers * (sum(p.shape) + min(rank, sum(p.shape)))) for p in inner
-    )
+    parts["editor activations"] = editor.activation_bytes(n_edit_tokens)
     # the blocks that keep activations (the lowest edited one and above) for the post-edit passes (equivalence
     # and locality inputs); with checkpointing only each block's input
     tokens = n_edit_tokens + n_loc_tokens
@@ -190,15 +187,12 @@ def format_estimate(parts: dict) -> str:
 
 
 def log_estimate(cfg, model: nn.Module, world_size: int) -> None:
-    import logging
-
-    log = logging.getLogger("memory")
     try:
         parts = estimate(cfg, model, world_size)
     except Exception as e:  # an estimate must never stop a run
-        log.warning("No memory estimate for this model (%s: %s).", type(e).__name__, e)
+        LOG.warning("No memory estimate for this model (%s: %s).", type(e).__name__, e)
         return
-    log.info(
+    LOG.info(
         "Estimated memory per device for a training step (batch_size=%d, %s, %d process(es)):\n%s",
         cfg.batch_size,
         str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -210,9 +204,6 @@ def log_estimate(cfg, model: nn.Module, world_size: int) -> None:
 def measure_peak(fn) -> int:
     """Peak bytes of the tensors ``fn()`` allocates on the CPU (beyond those alive before), from the profiler's memory
     timeline (torch.profiler with profile_memory: every allocation and free of a tensor storage, in order)."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         fn()
     live = peak = 0

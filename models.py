@@ -30,6 +30,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from errors import InnerParamsError, ModelLoadError
+
 LOG = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
@@ -68,14 +70,6 @@ _REQUIRED_FILES = {
 _TMP_MARK = ".tmp-"
 _STALE_TMP_SECONDS = 6 * 3600
 _HUB_PROBE_TIMEOUT = 5.0
-
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer cannot be loaded; the message says what to do."""
-
-
-class InnerParamsError(ValueError):
-    """``model.inner_params`` names weights the model does not have (or that cannot be edited)."""
 
 
 # --------------------------------------------------------------------------------------------------------------

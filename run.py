@@ -17,7 +17,6 @@ the resume point checkpoints/last.pt is written.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -26,26 +25,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from config_schema import ConfigError, register_configs, validate_config
+from algs import ALGS, editor_class
+from config_schema import register_configs, validate_config
+from data_classes import DATASETS, dataset_class
+from errors import ConfigError, TrainingInterrupted, UserError
 
 LOG = logging.getLogger("run")
-
-ALGS = {
-    "mend": "algs.mend.MEND",
-    "efk": "algs.efk.EFK",
-    "enn": "algs.enn.ENN",
-    "ft": "algs.ft.FT",
-}
-DATASETS = {"gen": "data_classes.gen.GenDataset", "fc": "data_classes.fc.FCDataset", "qa": "data_classes.qa.QADataset"}
-
-
-def _load(path: str):
-    module, name = path.rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)
 
 
 def build(cfg: DictConfig):
     """The frozen base model, its tokenizer, the train and validation edit sets, and an editor factory."""
+    # Imported here, as in main_job: a configuration error is reported before torch and transformers load.
     import distributed
     from models import check_inner_params, get_model, get_tokenizer
     from utils import resolve_device, seed_everything
@@ -62,10 +52,10 @@ def build(cfg: DictConfig):
     model.to(device)
 
     # 2. the edit data (built from the model itself on first use for the embedded gen set)
-    dataset_class = _load(DATASETS[cfg.task])
+    data_class = dataset_class(cfg.task)
     with distributed.local_main_first():
         datasets = [
-            dataset_class(
+            data_class(
                 tokenizer,
                 cfg.data,
                 split,
@@ -80,35 +70,23 @@ def build(cfg: DictConfig):
     LOG.info("Data: %d train and %d validation edits.", len(datasets[0]), len(datasets[1]))
 
     # 3. the editor (a fresh, untrained one per call)
-    editor_class = _load(ALGS[cfg.alg])
+    editor_cls = editor_class(cfg.alg)
     seed_everything(cfg.seed)
 
     def make_editor():
-        editor = editor_class(model, cfg)
+        editor = editor_cls(model, cfg)
         editor.attach_training_data(datasets[0])  # FT+KL draws locality batches from it at edit time
         return editor.to(device)
 
     return model, tokenizer, datasets, make_editor
 
 
-def check_fact_checker(cfg: DictConfig, overrides=None) -> None:
-    """fc edits a fine-tuned classifier (model.pt): if it is not there, say which command makes it."""
-    from models import ModelLoadError
-
-    if cfg.task != "fc" or not cfg.model.pt or os.path.isfile(os.path.expanduser(str(cfg.model.pt))):
-        return
-    if overrides is None:
-        try:
-            overrides = list(HydraConfig.get().overrides.task)
-        except ValueError:  # not under Hydra
-            overrides = []
-    from scripts.train_fc_classifier import command_hint
-
-    raise ModelLoadError(
-        f"model.pt={cfg.model.pt}: no fine-tuned fact-checker there. The fc experiment edits a trained classifier; "
-        f"fine-tune it first: {command_hint(overrides)} (or set model.pt=null to edit the "
-        f"pre-trained encoder with an untrained head)."
-    )
+def _overrides() -> list:
+    """The command line's Hydra overrides (none outside a Hydra app)."""
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
 
 
 def main_job(cfg: DictConfig, run_dir: str) -> dict:
@@ -130,7 +108,8 @@ def main_job(cfg: DictConfig, run_dir: str) -> dict:
     elif cfg.archive is not None:
         load_checkpoint(cfg.archive, cfg)
 
-    check_fact_checker(cfg)
+    editor_class(cfg.alg).check_config(cfg)
+    dataset_class(cfg.task).preflight(cfg, _overrides())
     model, _, datasets, make_editor = build(cfg)
     if dist_env.is_main:
         log_estimate(cfg, model, dist_env.world_size)  # what the run will need per device, before it needs it
@@ -150,22 +129,9 @@ def main(cfg: DictConfig) -> None:
         validate_config(cfg, algs=ALGS, tasks=DATASETS)
     except ConfigError as e:
         _fail(e)
-    from data_classes import DataError
-    from models import InnerParamsError, ModelLoadError
-    from trainer import CheckpointError, NonFiniteLossError, TrainingInterrupted
-
-    user_errors = (
-        ConfigError,
-        ModelLoadError,
-        InnerParamsError,
-        CheckpointError,
-        DataError,
-        NonFiniteLossError,
-        FileNotFoundError,
-    )
     try:
         main_job(cfg, HydraConfig.get().runtime.output_dir)
-    except user_errors as e:
+    except UserError as e:
         _fail(e)
     except TrainingInterrupted as e:
         LOG.warning("%s", e)

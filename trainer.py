@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import distributed
 from editable_model import EditableModel
+from errors import CheckpointError, CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
 from losses import kl_loc_loss
 from memory import activation_checkpointing
 from utils import (
@@ -60,26 +61,6 @@ _RESUME_FREE_KEYS = (
     "max_time",
     "dist",
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used: missing, unreadable, or made for another model."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint could not be written (full disk, permissions); the previous one is intact."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive training steps had non-finite losses or gradients."""
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM stopped training; a last checkpoint was written when saving is on."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
 
 
 class _StopRequested(Exception):
@@ -811,8 +792,7 @@ class EditTrainer:
         if cfg.eval.compare_untrained and self.editor.needs_training:
             untrained = self.make_editor()
             distributed.broadcast_module(untrained)  # the same untrained editor on every rank
-            if hasattr(untrained, "copy_statistics_from"):  # data statistics (MEND's input normalisation)
-                untrained.copy_statistics_from(self.editor)
+            untrained.copy_statistics_from(self.editor)  # data statistics, e.g. an input normalisation
             report["untrained"] = self.validate(steps, desc="untrained editor", editor=untrained)
         report["train"] = {
             "steps": self.step,

@@ -32,6 +32,8 @@ def _key(name: str) -> str:
 
 
 class ENN(EditableModel):
+    can_train_base = True  # train_base=True: the base model is trained too, through base_loss
+
     def __init__(
         self,
         model: nn.Module,

@@ -29,6 +29,8 @@ LOG = logging.getLogger(__name__)
 
 
 class FT(EditableModel):
+    needs_training = False  # nothing learned: each edit runs its own optimiser on the edited weights
+
     def __init__(self, model: nn.Module, config, weights=None):
         super().__init__(model, config, weights)
         if not hasattr(torch.optim, config.ft.opt):

@@ -282,11 +282,18 @@ class MEND(EditableModel):
         """The step sizes alpha_l of the paper's rule W~ = W - alpha_l * g~, whichever rule the editor applies."""
         return -self.update_sign * self.edit_lrs
 
-    def copy_statistics_from(self, other: MEND) -> None:
-        """Take another editor's normalisation statistics (data statistics, not learned parameters)."""
-        own = dict(self.mend.named_buffers())
-        for name, buf in other.mend.named_buffers():
-            own[name].copy_(buf)
+    def activation_bytes(self, n_tokens: int) -> int:
+        """The editor MLPs on the edit's token positions (fp32): the normalised inputs and their concatenation, and
+        per residual layer its input and low-rank projection (counted with saved_tensors_hooks)."""
+        n_layers, rank = self.config.mend.n_hidden + 1, self.config.mend.rank
+        total = 0
+        for name in self.inner_params:
+            s = sum(self.model.get_parameter(name).shape)
+            total += n_tokens * 4 * (2 * s + n_layers * (s + min(rank, s)))
+        return total
+
+    def running_statistics(self) -> Dict[str, nn.Module]:
+        return {name: m for name, m in self.mend.named_modules() if isinstance(m, RunningNorm)}
 
     def edit(self, batch: dict, condition: Optional[dict] = None):
         names = self.inner_params

@@ -61,6 +61,12 @@ class EditDataset(torch.utils.data.Dataset):
     EVAL_ORDER_SALT: int
     LOC_NAME = "locality example"
 
+    @classmethod
+    def preflight(cls, cfg, overrides=()) -> None:
+        """Checks of the run configuration ``cfg`` that need no model or data loaded, made before anything loads
+        (raise a :class:`errors.UserError` saying what to do). ``overrides``: the command line's Hydra overrides,
+        for messages that give a command. Default: none."""
+
     split: str
     seed: int
 

@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from errors import ModelLoadError
 from utils import atomic_write_text
 
 from . import DataError
@@ -57,6 +58,17 @@ CACHE_FORMAT = 1
 
 _SALT_FALSE, _SALT_FLIP, _SALT_REPHRASE, _SALT_LOC, _SALT_TRAIN_ORDER, _SALT_EVAL_ORDER = range(100, 106)
 _SPLIT_IDS = {"train": 0, "validation": 1}
+
+
+def fine_tune_command(overrides) -> str:
+    """The command that fine-tunes the classifier a run with these Hydra overrides expects (its ``model.pt``)."""
+    keep = [
+        o
+        for o in overrides
+        if o.split("=")[0].lstrip("+") in ("model", "seed", "cache_dir") or o.startswith(("model.", "+model.", "data."))
+    ]
+    keep = [o for o in keep if not o.startswith(("data.n_edits", "data.rephrase"))]
+    return "python -m scripts.train_fc_classifier" + (" -- " + " ".join(keep) if keep else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,6 +256,17 @@ class FCDataset(EditDataset):
     TRAIN_ORDER_SALT = _SALT_TRAIN_ORDER
     EVAL_ORDER_SALT = _SALT_EVAL_ORDER
     LOC_NAME = "locality claim"
+
+    @classmethod
+    def preflight(cls, cfg, overrides=()) -> None:
+        """fc edits a fine-tuned classifier (``model.pt``): if it is not there, say which command makes it."""
+        if not cfg.model.pt or os.path.isfile(os.path.expanduser(str(cfg.model.pt))):
+            return
+        raise ModelLoadError(
+            f"model.pt={cfg.model.pt}: no fine-tuned fact-checker there. The fc experiment edits a trained "
+            f"classifier; fine-tune it first: {fine_tune_command(overrides)} (or set model.pt=null to edit the "
+            f"pre-trained encoder with an untrained head)."
+        )
 
     def __init__(
         self,

@@ -85,9 +85,9 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 def split_file(directory: Path, split: str) -> Path:
-    """The file of ``split`` in a data directory; raises FileNotFoundError saying what is expected."""
+    """The file of ``split`` in a data directory; raises DataError saying what is expected."""
     if not directory.is_dir():
-        raise FileNotFoundError(
+        raise DataError(
             f"data.path={str(directory)!r} is not a directory. It must hold train.json and validation.json "
             f"(or val.json / valid.json), each in the MEND gen format {FORMAT_HINT}."
         )
@@ -95,7 +95,7 @@ def split_file(directory: Path, split: str) -> Path:
     for name in names:
         if (directory / name).is_file():
             return directory / name
-    raise FileNotFoundError(
+    raise DataError(
         f"{directory / names[0]} not found: data.path={str(directory)!r} must hold "
         f"{' or '.join(names)} for the {split} split, in the MEND gen format {FORMAT_HINT}."
     )

@@ -24,37 +24,26 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from config_schema import compose_config
+from data_classes.fc import FCDataset
+from errors import ConfigError, UserError
+from models import get_model, get_tokenizer
+from utils import atomic_torch_save, seed_everything, write_json
+
 LOG = logging.getLogger("train_fc_classifier")
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from config_schema import register_configs
-
-    register_configs()
     extra = [] if any(o.startswith("+model=") for o in overrides) else ["+model=minilm"]
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "config"), version_base=None):
-        return hydra_compose(config_name="config", overrides=["+experiment=fc", *extra, *overrides])
-
-
-def command_hint(overrides: list[str]) -> str:
-    """The command that fine-tunes the classifier a run with these overrides expects."""
-    keep = [
-        o
-        for o in overrides
-        if o.split("=")[0].lstrip("+") in ("model", "seed", "cache_dir") or o.startswith(("model.", "+model.", "data."))
-    ]
-    keep = [o for o in keep if not o.startswith(("data.n_edits", "data.rephrase"))]
-    return "python -m scripts.train_fc_classifier" + (" -- " + " ".join(keep) if keep else "")
+    return compose_config(["+experiment=fc", *extra, *overrides])
 
 
 def _views(dataset, epoch: int, seed: int) -> tuple[list[str], list[int]]:
     """One text per claim for this epoch: the claim or one of its rephrasings (seeded), with its true label."""
-    import numpy as np
-
     rng = np.random.default_rng([seed, 0xFC, epoch])
     texts = []
     for r in dataset.records:
@@ -64,8 +53,6 @@ def _views(dataset, epoch: int, seed: int) -> tuple[list[str], list[int]]:
 
 
 def accuracy(model, tokenizer, texts, labels, batch_size: int, max_length: int) -> float:
-    import torch
-
     model.eval()
     correct = 0
     with torch.no_grad():
@@ -80,22 +67,10 @@ def accuracy(model, tokenizer, texts, labels, batch_size: int, max_length: int) 
 
 
 def train(cfg, epochs: int, lr: float, batch_size: int, weight_decay: float) -> dict:
-    import numpy as np
-    import torch
-    from omegaconf import OmegaConf
-
-    from data_classes.fc import FCDataset
-    from models import get_model, get_tokenizer
-    from utils import atomic_torch_save, seed_everything, write_json
-
     if cfg.model.kind != "classifier":
-        from config_schema import ConfigError
-
         raise ConfigError(f"model {cfg.model.name!r} is of kind {cfg.model.kind}; the fact-checker needs a classifier.")
     out = cfg.model.pt
     if not out:
-        from config_schema import ConfigError
-
         raise ConfigError("model.pt is null: set model.pt=<path> to say where the fine-tuned classifier goes.")
     out = os.path.expanduser(str(out))
     cache_dir = os.path.expanduser(cfg.cache_dir)
@@ -197,15 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m run (after --)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    sys.path.insert(0, ROOT)
-    from config_schema import ConfigError
-    from data_classes import DataError
-    from models import ModelLoadError
-
     try:
         cfg = compose(args.overrides)
         train(cfg, args.epochs, args.lr, args.batch_size, args.weight_decay)
-    except (ConfigError, DataError, ModelLoadError, FileNotFoundError) as e:
+    except UserError as e:
         LOG.error("%s", e)
         return 2
     except Exception as e:  # omegaconf / hydra errors on bad overrides

@@ -9,12 +9,12 @@ import torch
 from conftest import TINY, SyntheticEdits, make_config
 from test_run import run_cli, workspace  # noqa: F401  (the module-scoped CLI workspace fixture)
 
+from algs import ALGS, editor_class
 from algs.efk import EFK
 from algs.enn import ENN
 from algs.ft import FT
 from algs.mend import MEND
 from config_schema import ConfigError, validate_config
-from run import ALGS
 
 SMALL_EFK = {"efk.lstm_hidden": 16, "efk.condition_dim": 16, "efk.hidden_dim": 16}
 # name -> (class, config overrides): every editor of the comparison, in its default form
@@ -319,13 +319,14 @@ def test_ft_kl_draws_locality_from_the_training_set_and_needs_it():
 
 def test_baseline_settings_are_checked():
     with pytest.raises(ConfigError, match="train_base"):
-        validate_config(make_config("llama", alg="mend", train_base=True), algs=ALGS, tasks=["gen"])
+        editor_class("mend").check_config(make_config("llama", alg="mend", train_base=True))
+    editor_class("enn").check_config(make_config("llama", alg="enn", train_base=True))
     with pytest.raises(ConfigError, match="enn.n_edit_steps"):
         validate_config(make_config("llama", alg="enn", **{"enn.n_edit_steps": 0}), algs=ALGS, tasks=["gen"])
     # FT needs no archive to evaluate; the learned editors do
-    validate_config(make_config("llama", alg="ft", eval_only=True), algs=ALGS, tasks=["gen"])
+    editor_class("ft").check_config(make_config("llama", alg="ft", eval_only=True))
     with pytest.raises(ConfigError, match="archive"):
-        validate_config(make_config("llama", alg="efk", eval_only=True), algs=ALGS, tasks=["gen"])
+        editor_class("efk").check_config(make_config("llama", alg="efk", eval_only=True))
     with pytest.raises(ConfigError, match="ft.opt"):
         FT(TINY["llama"][0](), make_config("llama", alg="ft", **{"ft.opt": "Adamm"}))
 

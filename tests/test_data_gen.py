@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from data_classes import DataError
 from data_classes.corpus import factbook_documents, split_passages, split_sentences
 from data_classes.gen import GenDataset, embedded_cache_dir, embedded_params, sample_continuations
 
@@ -360,12 +361,12 @@ def test_original_format_with_schema_config(tokenizer, tmp_path):
 
 def test_original_format_errors(tokenizer, tmp_path):
     cfg = data_cfg(path=str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(DataError, match="not a directory"):
         GenDataset(tokenizer, cfg, "train", 0, "unused")
 
     write_original(tmp_path, "validation.json", 3)
     cfg = data_cfg(path=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="train.json"):
+    with pytest.raises(DataError, match="train.json"):
         GenDataset(tokenizer, cfg, "train", 0, "unused")
 
     obj = write_original(tmp_path, "train.json", 3)

