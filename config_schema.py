@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from errors import ConfigError
 
@@ -232,6 +232,20 @@ def register_configs() -> None:
 
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+
+
+def config_for(model: ModelConfig, task: str, **overrides):
+    """A full, typed run config of ``task`` for ``model`` (MEND, rank 16, quiet), with overrides as dotted keys
+    (``__`` also separates keys): the configuration of tests and benchmarks on tiny models built in code."""
+    cfg = OmegaConf.structured(Config)
+    cfg.alg, cfg.task = "mend", task
+    cfg.model = model
+    cfg.mend.rank = 16
+    cfg.wandb.enabled = False
+    cfg.silent = True
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key.replace("__", "."), value)
+    return cfg
 
 
 def compose_config(overrides, config_name: str = "config"):

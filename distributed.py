@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from config_schema import ConfigError
 
@@ -232,8 +233,6 @@ class EditStep(nn.Module):
 
 def wrap(editor: nn.Module, step_fn: Callable[..., dict], device: torch.device):
     """DDP over the editor's parameters. Buffers are not broadcast at each forward: :func:`merge_running_stats`."""
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(
         EditStep(editor, step_fn),
         device_ids=[device.index] if device.type == "cuda" else None,

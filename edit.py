@@ -48,15 +48,27 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.func import functional_call
 
-from errors import (
-    EditRequestError,
-    OutputExistsError,
-    PatchError,
-    UserError,
+from algs.mend import MEND
+from checkpoints import (
+    check_base_model,
+    checkpoint_path,
+    config_from_meta,
+    identity_diff,
+    read_checkpoint,
+    weight_identity,
 )
+from data_classes.gen import GenDataset
+from editable_model import logits_of
+from errors import CheckpointError, EditRequestError, OutputExistsError, PatchError, UserError
+from losses import kl_loc_loss
+from models import get_model, get_tokenizer
+from utils import resolve_device
 
 LOG = logging.getLogger("edit")
 
@@ -189,8 +201,6 @@ class Patch:
 
     def save(self, path: str) -> str:
         """One safetensors file: the factors and step sizes, with the JSON metadata in its header."""
-        from safetensors.torch import save_file
-
         tensors = {}
         for name, (u, v) in self.factors.items():
             tensors[f"{name}::u"] = u.detach().float().cpu().contiguous()
@@ -203,8 +213,6 @@ class Patch:
 
     @classmethod
     def load(cls, path: str, device="cpu") -> Patch:
-        from safetensors import safe_open
-
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 header = f.metadata() or {}
@@ -242,12 +250,6 @@ def load_patches(paths: Union[str, Sequence[str]], device="cpu") -> List[Patch]:
     return [Patch.load(f, device) for f in files]
 
 
-def _identity(model: torch.nn.Module, names: Iterable[str]) -> dict:
-    from trainer import base_model_identity
-
-    return base_model_identity(model, list(names))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The edited model: a base model plus a stack of patches
 # ---------------------------------------------------------------------------------------------------------
@@ -281,7 +283,7 @@ class EditedModel:
     def _base_identity(self, names: Iterable[str]) -> dict:
         missing = [n for n in names if n not in self._identity_cache]
         if missing:
-            self._identity_cache.update(_identity(self.base, missing)["edited_weights"])
+            self._identity_cache.update(weight_identity(self.base, missing))
         return {n: self._identity_cache[n] for n in names}
 
     def check(self, patch: Patch) -> None:
@@ -297,20 +299,15 @@ class EditedModel:
         absent = [n for n in patch.names if n not in params]
         if absent:
             raise PatchError(f"{where} edits {absent}, which this {cls} does not have.")
-        ours = self._base_identity(patch.names)
-        for name, info in made_for.get("edited_weights", {}).items():
-            if name not in ours:
-                continue
-            if info["shape"] != ours[name]["shape"]:
-                raise PatchError(
-                    f"{where} was made for a model whose {name} has shape {info['shape']}; here it has shape "
-                    f"{ours[name]['shape']}."
-                )
-            if info["sha256"] != ours[name]["sha256"]:
-                raise PatchError(
-                    f"{where} was made for another base model: its {name} differs from this one's "
-                    f"({patch.meta.get('model', '?')}). Apply patches to the base model they were made on."
-                )
+        diff = identity_diff(self.base, made_for, self._base_identity(patch.names))
+        if diff.shapes:
+            name, made, here = diff.shapes[0]
+            raise PatchError(f"{where} was made for a model whose {name} has shape {made}; here it has shape {here}.")
+        if diff.values:
+            raise PatchError(
+                f"{where} was made for another base model: its {diff.values[0]} differs from this one's "
+                f"({patch.meta.get('model', '?')}). Apply patches to the base model they were made on."
+            )
 
     def push(self, patch: Patch) -> None:
         """Apply ``patch`` on top of the current weights (checked against the base model first)."""
@@ -341,8 +338,6 @@ class EditedModel:
 
     # -- running it ---------------------------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        from editable_model import logits_of
-
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if self.weights:
             out = functional_call(self.base, self.weights, (), kwargs, strict=False)
@@ -401,8 +396,6 @@ class EditedModel:
         return out_dir
 
     def _verify_saved(self, out_dir: str) -> None:
-        from safetensors import safe_open
-
         found = {}
         for fname in sorted(os.listdir(out_dir)):
             if fname.endswith(".safetensors"):
@@ -510,57 +503,6 @@ def format_table(report: List[dict], width: int = 32) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # The editor
 # ---------------------------------------------------------------------------------------------------------
-def config_from_meta(meta: dict, path: str):
-    """The full run configuration stored in a checkpoint's metadata, as an OmegaConf object."""
-    from omegaconf import OmegaConf
-
-    from config_schema import Config
-    from trainer import CheckpointError
-
-    saved = meta.get("config")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path}: its metadata holds no run configuration; it cannot be used to edit.")
-    try:
-        return OmegaConf.merge(OmegaConf.structured(Config), saved)
-    except Exception:  # written by another version of the schema: take it as it is
-        return OmegaConf.create(saved)
-
-
-def check_base_model(model: torch.nn.Module, meta: dict, inner_params: List[str], path: str) -> None:
-    """Refuse a base model the editor was not trained for (other class, missing or reshaped edited weights)."""
-    from models import InnerParamsError, check_inner_params
-    from trainer import CheckpointError
-
-    trained_for = meta.get("base_model") or {}
-    name = meta.get("model", "?")
-    cls = type(model).__name__
-    if trained_for.get("class") and trained_for["class"] != cls:
-        raise CheckpointError(
-            f"{path}: this editor was trained for a {trained_for['class']} ({name}); the base model given is a "
-            f"{cls}. An editor only edits the model (architecture and weights) it was trained on."
-        )
-    try:
-        check_inner_params(model, inner_params)
-    except InnerParamsError as e:
-        raise CheckpointError(
-            f"{path}: this editor edits {inner_params}, which do not fit the base model given ({cls}): {e}"
-        ) from None
-    ours = _identity(model, inner_params)["edited_weights"]
-    for w, info in trained_for.get("edited_weights", {}).items():
-        if w in ours and ours[w]["shape"] != info["shape"]:
-            raise CheckpointError(
-                f"{path}: this editor was trained on a model whose {w} has shape {info['shape']}; the base model "
-                f"given has shape {ours[w]['shape']}."
-            )
-        if w in ours and ours[w]["sha256"] != info["sha256"]:
-            LOG.warning(
-                "%s: the base model's %s differs from the one the editor was trained on (another version or "
-                "fine-tune?); edits may not work as validated.",
-                path,
-                w,
-            )
-
-
 class Editor:
     """A trained editor (MEND) with its base model and tokenizer, ready to apply edit requests."""
 
@@ -596,11 +538,6 @@ class Editor:
         ``model`` / ``tokenizer`` use objects already loaded. Either must be the model the editor was trained
         for: another class, other edited weights or other shapes raise :class:`trainer.CheckpointError`.
         """
-        from algs.mend import MEND
-        from models import get_model, get_tokenizer
-        from trainer import CheckpointError, checkpoint_path, read_checkpoint
-        from utils import resolve_device
-
         path = checkpoint_path(archive)
         ckpt = read_checkpoint(path)
         meta = ckpt["meta"]
@@ -726,8 +663,6 @@ class Editor:
 
     @torch.no_grad()
     def _watch_change(self, before: EditedModel, after: EditedModel, prompt: List[int], cont: List[int]) -> dict:
-        from losses import kl_loc_loss
-
         x = torch.tensor([prompt + cont], device=self.device)
         pre, post = before(x, torch.ones_like(x)).float(), after(x, torch.ones_like(x)).float()
         kl = kl_loc_loss(pre, post).item()
@@ -743,8 +678,6 @@ class Editor:
         return EditedModel(self.model, tokenizer=self.tokenizer)
 
     def _edit(self, current: EditedModel, toks: List[_Tokens], requests: Sequence[EditRequest] = ()) -> Patch:
-        from algs.mend import MEND
-
         alg = MEND(self.model, self.config, weights=current.weights, mend=self.alg.mend, edit_lrs=self.alg.edit_lrs)
         alg.eval()
         batch = self._batch([(t.prompt, t.target) for t in toks])
@@ -864,10 +797,6 @@ class Editor:
         """Apply ``n`` edits from the gen ``split`` one after another; after each checkpoint count, report how
         many of the edits so far still hold (ES on their prompts, and on their rephrasings) and the perplexity
         drawdown (post - pre) on ``n_loc`` locality passages. Writes a PNG plot to ``plot`` when given."""
-        import numpy as np
-
-        from data_classes.gen import GenDataset
-
         cache_dir = os.path.expanduser(cache_dir or self.config.cache_dir)
         ds = GenDataset(
             self.tokenizer,
@@ -928,6 +857,7 @@ class Editor:
 
 
 def plot_sequential(rows: List[dict], path: str, title: str = "") -> str:
+    # Deferred: only this experiment plots, and the Agg backend must be chosen before pyplot loads.
     import matplotlib
 
     matplotlib.use("Agg")

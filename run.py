@@ -92,8 +92,9 @@ def _overrides() -> list:
 def main_job(cfg: DictConfig, run_dir: str) -> dict:
     # Imported here so that config errors are reported before torch and transformers load.
     import distributed
+    from checkpoints import LAST_NAME, load_checkpoint, resume_run_dir
     from memory import log_estimate
-    from trainer import LAST_NAME, EditTrainer, load_checkpoint, resume_run_dir
+    from trainer import EditTrainer
     from utils import resolve_device
 
     # Under torchrun: join the other processes; every rank works in rank 0's run directory.

@@ -9,10 +9,7 @@ keeps the best checkpoint; a final evaluation reloads it and writes results.json
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import inspect
-import json
 import logging
 import math
 import os
@@ -26,14 +23,22 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 import distributed
+from checkpoints import (
+    BEST_NAME,
+    LAST_NAME,
+    base_model_identity,
+    checkpoint_meta,
+    load_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
 from editable_model import EditableModel
-from errors import CheckpointError, CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
+from errors import CheckpointError, NonFiniteLossError, TrainingInterrupted
 from losses import kl_loc_loss
-from memory import activation_checkpointing
+from memory import activation_checkpointing, grad_blocks
 from utils import (
     EarlyStopper,
     StatAverager,
-    atomic_torch_save,
     model_inputs,
     peak_memory_mb,
     rng_state,
@@ -45,9 +50,6 @@ from utils import (
 
 LOG = logging.getLogger(__name__)
 
-BEST_NAME = "best.pt"  # the editor with the best validation score: what archive= loads
-LAST_NAME = "last.pt"  # the full training state at the latest checkpoint: what resume= continues from
-CHECKPOINT_NAME = BEST_NAME
 # Config keys whose change on resume cannot affect the training itself.
 _RESUME_FREE_KEYS = (
     "resume",
@@ -65,107 +67,6 @@ _RESUME_FREE_KEYS = (
 
 class _StopRequested(Exception):
     """Raised inside validation when a stop signal arrives, to checkpoint without finishing it."""
-
-
-def checkpoint_path(archive: str, name: str = BEST_NAME, key: str = "archive") -> str:
-    """``archive`` may be a checkpoint file or a run directory (its checkpoints/<name>)."""
-    path = os.path.expanduser(archive)
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoints", name)
-    if not os.path.isfile(path):
-        raise CheckpointError(
-            f"{key}={archive!r}: no checkpoint found at {path}. Pass a checkpoint file or the run directory of a "
-            f"training run (it holds checkpoints/{name})."
-        )
-    return path
-
-
-def resume_run_dir(resume: str) -> str:
-    """The run directory of ``resume=`` (a run directory, or a checkpoint file inside its checkpoints/)."""
-    path = os.path.abspath(os.path.expanduser(resume))
-    if os.path.isdir(path):
-        return path
-    parent = os.path.dirname(path)
-    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
-
-
-def base_model_identity(model: torch.nn.Module, inner_params) -> dict:
-    """What identifies the base model for an editor: its class, size, and the edited weights' shapes and hashes."""
-    weights = {}
-    for name in inner_params:
-        p = model.get_parameter(name).detach()
-        data = p.to("cpu", torch.float32).contiguous().numpy().tobytes()
-        weights[name] = {
-            "shape": list(p.shape),
-            "dtype": str(p.dtype).replace("torch.", ""),
-            "sha256": hashlib.sha256(data).hexdigest()[:16],
-        }
-    return {
-        "class": type(model).__name__,
-        "n_parameters": sum(p.numel() for p in model.parameters()),
-        "edited_weights": weights,
-    }
-
-
-def read_checkpoint(path: str, key: str = "archive") -> dict:
-    """Load a checkpoint file without executing code: tensors through weights_only, metadata as JSON."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupted, not a checkpoint, or holding code (refused by weights_only)
-        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise CheckpointError(
-            f"{key}: {path} could not be read as a checkpoint ({type(e).__name__}: {reason}). The file is "
-            f"truncated, corrupted, or not a checkpoint of this program; nothing in it was run."
-        ) from e
-    if not isinstance(ckpt, dict) or "editor" not in ckpt or "meta" not in ckpt:
-        raise CheckpointError(f"{key}: {path} is not an editor checkpoint (no 'editor' and 'meta' entries).")
-    try:
-        ckpt["meta"] = json.loads(ckpt["meta"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{key}: {path} has unreadable metadata ({e}).") from e
-    return ckpt
-
-
-def load_checkpoint(
-    archive: str, config, name: str = BEST_NAME, key: str = "archive", model: Optional[torch.nn.Module] = None
-) -> dict:
-    """Load a checkpoint without executing code and check it belongs to this base model and edited weights.
-
-    ``ckpt["meta"]`` comes back as a dict. With ``model``, the edited weights' shapes must match too (a
-    change of their values, e.g. another fine-tune under the same name, is only warned about).
-    """
-    path = checkpoint_path(archive, name, key)
-    ckpt = read_checkpoint(path, key)
-    meta = ckpt["meta"]
-    mine = {"model": config.model.name, "inner_params": list(config.model.inner_params), "alg": config.alg}
-    theirs = {k: meta.get(k) for k in mine}
-    if theirs != mine:
-        diffs = "; ".join(
-            f"{k}: checkpoint has {theirs[k]!r}, this run has {mine[k]!r}" for k in mine if theirs[k] != mine[k]
-        )
-        raise CheckpointError(f"{key}: {path} was trained for another setting ({diffs}).")
-    identity = meta.get("base_model")
-    if model is not None and identity:
-        ours = base_model_identity(model, config.model.inner_params)
-        for w, info in identity.get("edited_weights", {}).items():
-            now = ours["edited_weights"].get(w)
-            if now is None:
-                continue
-            if now["shape"] != info["shape"]:
-                raise CheckpointError(
-                    f"{key}: {path} was trained on a model whose {w} has shape {info['shape']}; this model's "
-                    f"{config.model.name} has shape {now['shape']}."
-                )
-            if now["sha256"] != info["sha256"]:
-                LOG.warning(
-                    "%s: the edited weight %s of %s differs from the one the checkpoint was trained on "
-                    "(another version or fine-tune of the model?).",
-                    key,
-                    w,
-                    config.model.name,
-                )
-    ckpt["path"] = path
-    return ckpt
 
 
 def _flatten(d, prefix=""):
@@ -279,7 +180,7 @@ class EditTrainer:
         if not w.enabled or w.mode == "disabled":
             return None
         try:
-            import wandb
+            import wandb  # optional: only runs with wandb.enabled=true need it
         except ImportError:
             LOG.warning(
                 "wandb is not installed: logging to the console only (pip install wandb, or wandb.enabled=false)."
@@ -409,8 +310,6 @@ class EditTrainer:
         if not self.config.activation_checkpointing:
             return []
         if not hasattr(self, "_blocks"):
-            from memory import grad_blocks
-
             self._blocks = grad_blocks(self.editor.model, self.config.model.inner_params)
         return self._blocks
 
@@ -521,43 +420,12 @@ class EditTrainer:
 
     # -- checkpoints ----------------------------------------------------------------------
     def _meta(self) -> str:
-        return json.dumps(
-            {
-                "model": self.config.model.name,
-                "inner_params": list(self.config.model.inner_params),
-                "alg": self.config.alg,
-                "base_model": self._identity(),
-                "config": OmegaConf.to_container(self.config, resolve=True),
-            }
-        )
-
-    def _identity(self) -> dict:
         if not hasattr(self, "_base_identity"):
             self._base_identity = base_model_identity(self.editor.model, self.config.model.inner_params)
-        return self._base_identity
+        return checkpoint_meta(self.config, self._base_identity)
 
     def _write(self, obj: Optional[dict], name: str) -> None:
-        """Rank 0 writes ``obj`` atomically; under torchrun every rank learns whether that worked."""
-        path = os.path.join(self.ckpt_dir, name)
-        error: Optional[OSError] = None
-        if self.dist.is_main:
-            try:
-                atomic_torch_save(obj, path)
-            except OSError as e:
-                error = e
-        if distributed.any_rank(error is not None) and error is None:  # the other ranks stop with rank 0
-            raise CheckpointWriteError(f"Rank 0 could not write the checkpoint {path} (its log says why).")
-        if error is not None:
-            e = error
-            reason = "no space left on the device" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
-            last = os.path.join(self.ckpt_dir, LAST_NAME)
-            kept = [f"the previous {name} is intact" if os.path.exists(path) else f"no {name} was written before"]
-            if os.path.exists(last):
-                kept.append(f"after fixing this, continue with resume={self.run_dir}")
-            raise CheckpointWriteError(
-                f"Could not write the checkpoint {path}: {reason}. Training stopped at step {self.step}; "
-                f"{'; '.join(kept)}."
-            ) from e
+        write_checkpoint(obj, os.path.join(self.ckpt_dir, name), self.step, self.run_dir)
 
     def save_checkpoint(self, stats: Dict[str, float]) -> None:
         """The best editor so far (checkpoints/best.pt): what archive= and the final evaluation load."""

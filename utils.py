@@ -7,7 +7,9 @@ import logging
 import math
 import os
 import random
+import resource
 import statistics
+import sys
 import tempfile
 from collections import defaultdict
 from typing import Dict, List, Optional
@@ -73,9 +75,6 @@ def to_device(batch, device):
 
 def peak_memory_mb() -> Dict[str, float]:
     """Peak memory of this process so far: resident set size (CPU), and CUDA allocations when a GPU was used."""
-    import resource
-    import sys
-
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"peak_rss_mb": rss / (1024 * 1024 if sys.platform == "darwin" else 1024)}  # bytes on macOS, KiB on Linux
     if torch.cuda.is_available() and torch.cuda.is_initialized():

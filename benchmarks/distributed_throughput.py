@@ -17,33 +17,27 @@ import json
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+import torch
+import torch.multiprocessing as mp
+import transformers
+
+import distributed
+from algs.mend import MEND
+from config_schema import ModelConfig, config_for
+from data_classes.synthetic import SyntheticEdits
+from trainer import EditTrainer
 
 
 def _worker(rank, world, port, steps, out):
-    import torch
-    import transformers
-
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from conftest import SyntheticEdits, freeze, make_config
-
-    import distributed
-    from algs.mend import MEND
-    from trainer import EditTrainer
-
     inner = [f"model.layers.{i}.mlp.{w}.weight" for i in (1, 2, 3) for w in ("gate_proj", "up_proj", "down_proj")]
-    cfg = make_config(
-        "llama",
-        **{"model.inner_params": inner, "data.n_edits": 5, "batch_size": 10, "accumulate_bs": 2, "mend.rank": 1920},
-    )
+    model_cfg = ModelConfig(name="tiny-llama", class_name="LlamaForCausalLM", inner_params=inner, kind="causal_lm")
+    cfg = config_for(model_cfg, "gen", **{"data.n_edits": 5, "batch_size": 10, "accumulate_bs": 2, "mend.rank": 1920})
     distributed.init(cfg, torch.device("cpu"))
     torch.manual_seed(0)
     mc = transformers.LlamaConfig(
@@ -54,7 +48,7 @@ def _worker(rank, world, port, steps, out):
         vocab_size=4000,
         max_position_embeddings=64,
     )
-    model = freeze(transformers.LlamaForCausalLM(mc))
+    model = transformers.LlamaForCausalLM(mc).eval().requires_grad_(False)
     data = SyntheticEdits(200, n_edits=5, prompt_len=31)
     with tempfile.TemporaryDirectory() as run_dir:
         t = EditTrainer(lambda: MEND(model, cfg), cfg, data, data, run_dir)
@@ -84,7 +78,6 @@ def _worker(rank, world, port, steps, out):
 
 def run_once(world: int, steps: int) -> float:
     """Seconds per training batch (of 10) with ``world`` processes."""
-    import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

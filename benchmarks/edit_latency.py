@@ -18,24 +18,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def compose(overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from config_schema import register_configs
-
-    register_configs()
-    config_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        return hydra_compose("config", overrides=overrides)
+from config_schema import compose_config
+from losses import masked_log_probs
+from run import build
+from trainer import EditTrainer
+from utils import model_inputs, peak_memory_mb, to_device
 
 
 def timed(fn, repeats):
@@ -48,11 +39,6 @@ def timed(fn, repeats):
 
 
 def measure(n_edits: int, args) -> dict:
-    from losses import masked_log_probs
-    from run import build
-    from trainer import EditTrainer
-    from utils import model_inputs, peak_memory_mb, to_device
-
     overrides = [
         "+alg=mend",
         "+experiment=gen",
@@ -66,7 +52,7 @@ def measure(n_edits: int, args) -> dict:
     ]
     if args.archive:
         overrides.append(f"archive={args.archive}")
-    cfg = compose(overrides)
+    cfg = compose_config(overrides)
     model, _, sets, make_editor = build(cfg)
     device = next(model.parameters()).device
     trainer = EditTrainer(make_editor, cfg, sets[0], sets[1], "/tmp/mend-bench")

@@ -12,18 +12,14 @@ locality passages of ``--seq-len`` tokens (74: the gen experiment's 64-token pas
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config_schema import compose_config
+from memory import estimate
 
 LARGE = ["llama2-7b", "llama3-8b", "qwen2.5-7b", "mistral-7b", "gemma2-2b"]
 
 
 def main(argv=None):
-    from benchmarks.edit_latency import compose
-    from memory import estimate
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=LARGE)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -39,7 +35,8 @@ def main(argv=None):
     )
     for name in args.models:
         for dtype in args.dtypes:
-            cfg = compose(["+alg=mend", "+experiment=gen", f"+model={name}", f"model.dtype={dtype}", *args.overrides])
+            overrides = ["+alg=mend", "+experiment=gen", f"+model={name}", f"model.dtype={dtype}", *args.overrides]
+            cfg = compose_config(overrides)
             p = estimate(cfg, world_size=args.world_size, seq_len=args.seq_len)
             editor = p["editor"] + p["editor gradients"] + p["optimizer state (Adam)"]
             editor += p.get("DDP gradient buckets", 0)

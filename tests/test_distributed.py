@@ -20,6 +20,7 @@ from conftest import TINY, SyntheticEdits, make_config
 from test_run import ROOT, workspace  # noqa: F401  (workspace is a fixture)
 from test_run import cli_command as cli
 
+import checkpoints
 import distributed
 import trainer as trainer_module
 import utils
@@ -86,8 +87,8 @@ def _grad_worker(rank, world, port, out_dir, overrides):
 def _run_worker(rank, world, port, out_dir):
     _join(rank, world, port)
     writes = []
-    save, write_json = trainer_module.atomic_torch_save, trainer_module.write_json
-    trainer_module.atomic_torch_save = lambda obj, path: (writes.append(os.path.basename(path)), save(obj, path))
+    save, write_json = checkpoints.atomic_torch_save, trainer_module.write_json
+    checkpoints.atomic_torch_save = lambda obj, path: (writes.append(os.path.basename(path)), save(obj, path))
     trainer_module.write_json = lambda obj, path: (writes.append(os.path.basename(path)), write_json(obj, path))
     t = make_trainer(os.path.join(out_dir, "run"))
     report = t.run()
@@ -133,7 +134,7 @@ def test_a_two_process_run_ends_with_one_editor_and_rank_0_alone_writes(tmp_path
     assert r0["report"]["results"]["eval_time/n_edits"] == 3
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["train"]["steps"] == TRAIN["max_iters"]
-    last = trainer_module.read_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.pt"))
+    last = checkpoints.read_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.pt"))
     assert len(last["rng_ranks"]) == 2
 
 

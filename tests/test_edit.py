@@ -59,7 +59,7 @@ def editor_with_statistics(arch: str, tokenizer, seed: int = 0) -> Editor:
     """An untrained MEND editor (identity MLPs) whose normalisation statistics have seen data, as after training,
     with a visible step size: what an archive holds, without the cost of training one."""
     from algs.mend import MEND
-    from trainer import base_model_identity
+    from checkpoints import base_model_identity
 
     model = tiny_model(arch, len(tokenizer), seed)
     cfg = make_config(arch, edit_lr=1.0)
@@ -195,7 +195,7 @@ def test_report_has_the_per_request_figures(tokenizer):
 
 # ------------------------------------------------------------------------------------------------------
 def test_a_model_the_editor_was_not_trained_for_is_refused(tokenizer, tmp_path):
-    from trainer import CheckpointError
+    from errors import CheckpointError
 
     editor = editor_with_statistics("gpt2", tokenizer)
     archive = save_archive(editor, tmp_path / "editor.pt")
@@ -220,7 +220,7 @@ def test_a_model_the_editor_was_not_trained_for_is_refused(tokenizer, tmp_path):
 
 def test_an_untrained_editor_is_refused(tokenizer, tmp_path):
     from algs.mend import MEND
-    from trainer import CheckpointError
+    from errors import CheckpointError
 
     editor = editor_with_statistics("gpt2", tokenizer)
     editor.alg = MEND(editor.model, editor.config)  # fresh: empty normalisation statistics

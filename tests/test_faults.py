@@ -28,19 +28,13 @@ from test_run import cli_command as cli
 import trainer as trainer_module
 import utils
 from algs.mend import MEND
+from checkpoints import load_checkpoint, read_checkpoint
 from config_schema import ConfigError, validate_config
 from data_classes import DataError
 from data_classes.gen import GenDataset, read_original
+from errors import CheckpointError, CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
 from models import InnerParamsError, ModelLoadError, check_inner_params, get_model
-from trainer import (
-    CheckpointError,
-    CheckpointWriteError,
-    EditTrainer,
-    NonFiniteLossError,
-    TrainingInterrupted,
-    load_checkpoint,
-    read_checkpoint,
-)
+from trainer import EditTrainer
 
 # -- in-process training on a tiny Llama ---------------------------------------------------------------------
 

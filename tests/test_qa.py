@@ -15,7 +15,7 @@ from conftest import freeze, make_config
 from omegaconf import OmegaConf
 
 from algs import ALGS
-from config_schema import ConfigError, DataConfig, validate_config
+from config_schema import ConfigError, DataConfig, compose_config, validate_config
 from data_classes import DATASETS, DataError
 from data_classes.qa import QADataset, build_embedded, embedded_params, ensure_embedded, read_zsre
 from losses import masked_log_probs
@@ -419,13 +419,7 @@ def test_learned_editors_train_on_qa(tmp_path, alg, steps, overrides):
 # Model configs and impossible combinations
 # ------------------------------------------------------------------------------------------------
 def _compose(*overrides):
-    from hydra import compose, initialize_config_dir
-
-    from config_schema import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "config"), version_base=None):
-        return compose("config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 @pytest.mark.parametrize(
