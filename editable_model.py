@@ -62,7 +62,7 @@ class EditableModel(nn.Module, ABC):
         if cfg.train_base and not cls.can_train_base:
             raise ConfigError(
                 f"train_base=True: alg={cfg.alg} cannot train the base model (it has no base loss); set "
-                f"train_base=False, or use an editor that trains the base (see the README's baselines)."
+                f"train_base=False, or use an editor that trains the base (see the baselines in docs/results.md)."
             )
 
     def __init__(self, model: nn.Module, config, weights: Optional[Dict[str, torch.Tensor]] = None):

@@ -1,6 +1,6 @@
 """Training-step throughput of 1 and 2 processes (CPU, gloo), measured in one run, as a ratio.
 
-    python -m benchmarks.distributed_throughput                  # the README's numbers
+    python -m benchmarks.distributed_throughput                  # the numbers in docs/scaling.md
     python -m benchmarks.distributed_throughput --repeats 5 --steps 12 --out outputs/bench/throughput.json
 
 A small Llama (4 blocks, hidden 256, MLP 1024, vocab 4000; the last 3 blocks' MLPs edited, rank 1920) trains on

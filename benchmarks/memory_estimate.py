@@ -1,6 +1,6 @@
 """Estimated memory per device of editor training for the large model configs, without downloading them.
 
-    python -m benchmarks.memory_estimate                                  # the README table: batch 10, fp32 and bf16
+    python -m benchmarks.memory_estimate                         # the table in docs/scaling.md: batch 10, fp32 and bf16
     python -m benchmarks.memory_estimate --models llama3-8b --dtypes bfloat16 --world-size 8 --overrides mend.rank=480
 
 Each model is built on the meta device from ``model.arch`` in its YAML (no weights, no memory); the estimate is

@@ -1,5 +1,5 @@
 """Editor training on several processes (CPU, gloo, 2 processes): the same gradient and editor as one process,
-rank 0 alone writing, and the README's torchrun command lines (scaled down) end to end.
+rank 0 alone writing, and the torchrun command lines of docs/scaling.md (scaled down) end to end.
 
 In-process tests start 2 workers with torch.multiprocessing on a tiny Llama and the synthetic edit set; the
 command-line tests run ``torchrun`` (as ``python -m torch.distributed.run``) on the tiny GPT-2 of test_run.py.
@@ -143,7 +143,7 @@ def test_accumulate_bs_must_split_over_the_processes():
         distributed.check_world_size(make_config("llama", accumulate_bs=3), 2)
 
 
-# -- the README's command lines, scaled down ------------------------------------------------------------------
+# -- the command lines of docs/scaling.md, scaled down ---------------------------------------------------------
 
 SCALED_DOWN = ("max_iters=8", "val_interval=4", "val_steps=3", "accumulate_bs=2", "log_interval=2")
 
