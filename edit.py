@@ -1,4 +1,4 @@
-"""Use a trained editor: edit requests in, an edited model out.
+"""Use a trained editor (MEND, EFK or ENN: any editor of ``algs``): edit requests in, an edited model out.
 
 From Python::
 
@@ -27,10 +27,13 @@ Semantics:
 * ``batched``: all requests in one update (their pseudo-gradients summed, as in training with data.n_edits > 1).
 * ``sequential``: one request after another, each edit computed on the model already edited by the previous ones.
 
-Either way each update is kept as a :class:`Patch`: per edited weight the factors u~ (N x d_in), v~ (N x d_out)
-and the step size alpha, with W~ = W - alpha * (v~^T u~) for nn.Linear (u~^T v~ for GPT-2's Conv1D). The base
-model is never written to: an :class:`EditedModel` is the base model plus a stack of patches, and reverting a
-patch recomputes the weights from the untouched base and the remaining patches.
+Either way each update is kept as a :class:`patches.Patch`: for MEND, per edited weight the factors u~ (N x d_in),
+v~ (N x d_out) and the step size alpha, with W~ = W - alpha * (v~^T u~) for nn.Linear (u~^T v~ for GPT-2's Conv1D);
+for an editor whose update has no low-rank form (EFK, ENN), the dense difference W - W~. The base model is never
+written to: an :class:`patches.EditedModel` is the base model plus a stack of patches, and reverting a patch
+recomputes the weights from the untouched base and the remaining patches. The pieces live in their own modules:
+requests in ``data_classes/requests.py``, patches and the stack in ``patches.py``, the sequential experiment in
+``sequential.py``; this module is the :class:`Editor` and the command line.
 
 Exit status of the command line: 0 done; 2 a clear error (bad request file, checkpoint or model that do not fit,
 output directory not empty), printed as one line.
@@ -39,383 +42,47 @@ output directory not empty), printed as one line.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
-import math
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch.func import functional_call
 
-from algs.mend import MEND
+from algs import ALGS, editor_class
 from checkpoints import (
     check_base_model,
     checkpoint_path,
     config_from_meta,
-    identity_diff,
     read_checkpoint,
-    weight_identity,
 )
-from data_classes.gen import GenDataset
-from editable_model import logits_of
-from errors import CheckpointError, EditRequestError, OutputExistsError, PatchError, UserError
-from losses import kl_loc_loss
+from data_classes.batches import prompt_target_batch
+from data_classes.requests import EditRequest, EditTokens, load_requests
+from errors import CheckpointError, EditRequestError, PatchError, UserError
+from losses import kl_loc_loss, sequence_log_probs
 from models import get_model, get_tokenizer
+from patches import EditedModel, Patch, check_output_dir, load_patches
+from sequential import eval_sequential
 from utils import resolve_device
 
 LOG = logging.getLogger("edit")
 
-PATCH_FORMAT = "mend-patch/1"
-REQUEST_KEYS = ("prompt", "target", "rephrases", "watch")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Requests
-# ---------------------------------------------------------------------------------------------------------
-@dataclass
-class EditRequest:
-    """Make the model continue ``prompt`` with ``target``.
-
-    ``rephrases``: other phrasings of the prompt on which the edit should hold too (checked, not trained on).
-    ``watch``: unrelated prompts whose behaviour should not change (checked).
-    """
-
-    prompt: str
-    target: str
-    rephrases: List[str] = field(default_factory=list)
-    watch: List[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self, where: str = "") -> None:
-        at = f"{where}: " if where else ""
-        for key in ("prompt", "target"):
-            value = getattr(self, key)
-            if not isinstance(value, str):
-                raise EditRequestError(f"{at}'{key}' must be a string, got {type(value).__name__} ({value!r}).")
-            if not value.strip():
-                raise EditRequestError(f"{at}'{key}' is empty.")
-        for key in ("rephrases", "watch"):
-            value = getattr(self, key)
-            if isinstance(value, str):
-                raise EditRequestError(f"{at}'{key}' must be a list of strings, e.g. [{value!r}], not a string.")
-            if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) and s.strip() for s in value):
-                raise EditRequestError(f"{at}'{key}' must be a list of non-empty strings, got {value!r}.")
-            setattr(self, key, list(value))
-
-    @classmethod
-    def from_dict(cls, obj, where: str = "") -> EditRequest:
-        at = f"{where}: " if where else ""
-        if not isinstance(obj, dict):
-            raise EditRequestError(f"{at}expected a JSON object with 'prompt' and 'target', got {type(obj).__name__}.")
-        missing = [k for k in ("prompt", "target") if k not in obj]
-        if missing:
-            raise EditRequestError(f"{at}missing {' and '.join(repr(k) for k in missing)} (keys: {list(obj)}).")
-        unknown = [k for k in obj if k not in REQUEST_KEYS]
-        if unknown:
-            raise EditRequestError(f"{at}unknown key(s) {unknown}; a request has the keys {list(REQUEST_KEYS)}.")
-        try:
-            return cls(obj["prompt"], obj["target"], obj.get("rephrases", []), obj.get("watch", []))
-        except EditRequestError as e:
-            raise EditRequestError(f"{at}{e}") from None
-
-
-def load_requests(path: str) -> List[EditRequest]:
-    """Read a JSONL file of requests (blank lines skipped); a malformed line raises naming file and line."""
-    try:
-        with open(os.path.expanduser(path), encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise EditRequestError(f"{path}: no such request file.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EditRequestError(f"{path}: cannot be read ({e}).") from None
-    requests = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EditRequestError(f"{where}: not valid JSON ({e.msg} at column {e.colno}).") from None
-        requests.append(EditRequest.from_dict(obj, where))
-    if not requests:
-        raise EditRequestError(f"{path}: holds no requests (one JSON object per line).")
-    return requests
-
-
-@dataclass
-class _Tokens:
-    prompt: List[int]
-    target: List[int]
-    rephrases: List[List[int]] = field(default_factory=list)
-    watch: List[List[int]] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Patches
-# ---------------------------------------------------------------------------------------------------------
-@dataclass
-class Patch:
-    """One applied update: per edited weight the factors (u~, v~) and the step size alpha.
-
-    ``delta(name)`` is alpha * (v~^T u~) in W's own layout ((u~^T v~) for Conv1D); the edited weight is W - delta.
-    """
-
-    factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
-    alphas: Dict[str, torch.Tensor]
-    fan_in_fan_out: Dict[str, bool]
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def names(self) -> List[str]:
-        return list(self.factors)
-
-    def delta(self, name: str) -> torch.Tensor:
-        u, v = self.factors[name]
-        pseudo = u.t() @ v if self.fan_in_fan_out[name] else v.t() @ u
-        return self.alphas[name] * pseudo
-
-    def apply(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` with this patch applied (computed in float32, then cast to the weight's dtype)."""
-        return (weight.float() - self.delta(name)).to(weight.dtype)
-
-    def numel(self) -> int:
-        return sum(u.numel() + v.numel() + 1 for u, v in self.factors.values())
-
-    def to(self, device) -> Patch:
-        return Patch(
-            {n: (u.to(device), v.to(device)) for n, (u, v) in self.factors.items()},
-            {n: a.to(device) for n, a in self.alphas.items()},
-            dict(self.fan_in_fan_out),
-            copy.deepcopy(self.meta),
-        )
-
-    def save(self, path: str) -> str:
-        """One safetensors file: the factors and step sizes, with the JSON metadata in its header."""
-        tensors = {}
-        for name, (u, v) in self.factors.items():
-            tensors[f"{name}::u"] = u.detach().float().cpu().contiguous()
-            tensors[f"{name}::v"] = v.detach().float().cpu().contiguous()
-            tensors[f"{name}::alpha"] = self.alphas[name].detach().float().cpu().reshape(())
-        meta = dict(self.meta, format=PATCH_FORMAT, fan_in_fan_out=self.fan_in_fan_out)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file(tensors, path, metadata={"mend_patch": json.dumps(meta)})
-        return path
-
-    @classmethod
-    def load(cls, path: str, device="cpu") -> Patch:
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except FileNotFoundError:
-            raise PatchError(f"{path}: no such patch file.") from None
-        except Exception as e:
-            raise PatchError(f"{path}: not a readable patch file ({type(e).__name__}: {e}).") from None
-        try:
-            meta = json.loads(header["mend_patch"])
-            assert meta.get("format") == PATCH_FORMAT
-            layout = meta.pop("fan_in_fan_out")
-            meta.pop("format")
-            factors = {n: (tensors[f"{n}::u"].to(device), tensors[f"{n}::v"].to(device)) for n in layout}
-            alphas = {n: tensors[f"{n}::alpha"].to(device) for n in layout}
-        except (KeyError, AssertionError, ValueError, TypeError):
-            raise PatchError(f"{path}: not a MEND patch written by this program (its metadata is missing).") from None
-        return cls(factors, alphas, {n: bool(b) for n, b in layout.items()}, meta)
-
-
-def load_patches(paths: Union[str, Sequence[str]], device="cpu") -> List[Patch]:
-    """Patches from files and/or directories (a directory's *.safetensors files in name order)."""
-    if isinstance(paths, str):
-        paths = [paths]
-    files = []
-    for p in paths:
-        p = os.path.expanduser(p)
-        if os.path.isdir(p):
-            found = sorted(f for f in os.listdir(p) if f.endswith(".safetensors"))
-            if not found:
-                raise PatchError(f"{p}: the directory holds no patch files (*.safetensors).")
-            files += [os.path.join(p, f) for f in found]
-        else:
-            files.append(p)
-    return [Patch.load(f, device) for f in files]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The edited model: a base model plus a stack of patches
-# ---------------------------------------------------------------------------------------------------------
-class EditedModel:
-    """A frozen base model and the patches applied to it, in order. The base model is never written to.
-
-    ``weights`` holds the edited tensors (base weight with every patch applied in order); calling the object
-    runs the base model with them through ``torch.func.functional_call`` and returns logits.
-    """
-
-    def __init__(self, base: torch.nn.Module, patches: Sequence[Patch] = (), tokenizer=None):
-        self.base = base
-        self.tokenizer = tokenizer
-        self.patches: List[Patch] = []
-        self.weights: Dict[str, torch.Tensor] = {}
-        self._identity_cache: Dict[str, dict] = {}
-        for p in patches:
-            self.push(p)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.base.parameters()).device
-
-    def copy(self) -> EditedModel:
-        other = EditedModel(self.base, tokenizer=self.tokenizer)
-        other.patches = list(self.patches)
-        other.weights = dict(self.weights)
-        other._identity_cache = self._identity_cache
-        return other
-
-    def _base_identity(self, names: Iterable[str]) -> dict:
-        missing = [n for n in names if n not in self._identity_cache]
-        if missing:
-            self._identity_cache.update(weight_identity(self.base, missing))
-        return {n: self._identity_cache[n] for n in names}
-
-    def check(self, patch: Patch) -> None:
-        """Refuse a patch made for another base model (class, shapes or values of the edited weights)."""
-        made_for = patch.meta.get("base_model", {})
-        where = patch.meta.get("path", "the patch")
-        cls = type(self.base).__name__
-        if made_for.get("class") and made_for["class"] != cls:
-            raise PatchError(
-                f"{where} was made for a {made_for['class']} ({patch.meta.get('model', '?')}); this model is a {cls}."
-            )
-        params = dict(self.base.named_parameters())
-        absent = [n for n in patch.names if n not in params]
-        if absent:
-            raise PatchError(f"{where} edits {absent}, which this {cls} does not have.")
-        diff = identity_diff(self.base, made_for, self._base_identity(patch.names))
-        if diff.shapes:
-            name, made, here = diff.shapes[0]
-            raise PatchError(f"{where} was made for a model whose {name} has shape {made}; here it has shape {here}.")
-        if diff.values:
-            raise PatchError(
-                f"{where} was made for another base model: its {diff.values[0]} differs from this one's "
-                f"({patch.meta.get('model', '?')}). Apply patches to the base model they were made on."
-            )
-
-    def push(self, patch: Patch) -> None:
-        """Apply ``patch`` on top of the current weights (checked against the base model first)."""
-        self.check(patch)
-        patch = patch.to(self.device)
-        for name in patch.names:
-            current = self.weights.get(name, self.base.get_parameter(name).detach())
-            self.weights[name] = patch.apply(name, current)
-        self.patches.append(patch)
-
-    def revert(self, index: int = -1) -> Patch:
-        """Remove the patch at ``index`` (default: the last one) and return it.
-
-        The weights are recomputed from the untouched base weights and the remaining patches in order, so
-        reverting the last patch restores the weights it was applied to bit for bit, and reverting all of
-        them gives the base weights themselves.
-        """
-        if not self.patches:
-            raise IndexError("no patch to revert: the model is unedited.")
-        removed = self.patches.pop(index)
-        weights: Dict[str, torch.Tensor] = {}
-        for p in self.patches:
-            for name in p.names:
-                current = weights.get(name, self.base.get_parameter(name).detach())
-                weights[name] = p.apply(name, current)
-        self.weights = weights
-        return removed
-
-    # -- running it ---------------------------------------------------------------------------------------
-    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if self.weights:
-            out = functional_call(self.base, self.weights, (), kwargs, strict=False)
-        else:
-            out = self.base(**kwargs)
-        return logits_of(out)
-
-    # -- materialising and saving ------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        """The base model's state dict with the edited weights substituted."""
-        state = dict(self.base.state_dict())
-        state.update({n: w.detach() for n, w in self.weights.items()})
-        return state
-
-    def apply_to(self, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-        """Write the edited weights into ``model`` (a copy of the base) in place; returns the originals.
-
-        ``restore(model, originals)`` puts them back bit for bit.
-        """
-        originals = {}
-        with torch.no_grad():
-            for name, w in self.weights.items():
-                param = model.get_parameter(name)
-                originals[name] = param.detach().clone()
-                param.copy_(w.to(param.device, param.dtype))
-        return originals
-
-    def materialize(self) -> torch.nn.Module:
-        """A plain transformers model (a copy of the base) holding the edited weights."""
-        model = copy.deepcopy(self.base)
-        self.apply_to(model)
-        return model
-
-    def save_pretrained(self, out_dir: str, tokenizer=None, overwrite: bool = False, info: Optional[dict] = None):
-        """Write the edited model so that ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it.
-
-        Refuses a non-empty directory unless ``overwrite``. After writing, the edited weights are read back
-        from the saved files and compared with the ones in memory.
-        """
-        out_dir = os.path.expanduser(out_dir)
-        check_output_dir(out_dir, overwrite)
-        model = self.materialize()
-        if getattr(model.config, "quantization_config", None) is not None:  # e.g. a GGUF-loaded model
-            del model.config.quantization_config
-            model.hf_quantizer = None
-        os.makedirs(out_dir, exist_ok=True)
-        model.save_pretrained(out_dir)
-        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
-        record = {"patches": [p.meta for p in self.patches], "edited_weights": sorted(self.weights)}
-        record.update(info or {})
-        with open(os.path.join(out_dir, "edits.json"), "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1, ensure_ascii=False)
-        self._verify_saved(out_dir)
-        return out_dir
-
-    def _verify_saved(self, out_dir: str) -> None:
-        found = {}
-        for fname in sorted(os.listdir(out_dir)):
-            if fname.endswith(".safetensors"):
-                with safe_open(os.path.join(out_dir, fname), framework="pt", device="cpu") as f:
-                    for key in f.keys():
-                        if key in self.weights:
-                            found[key] = f.get_tensor(key)
-        for name, w in self.weights.items():
-            if name not in found:
-                LOG.warning("%s: could not find %s in the saved files to check it.", out_dir, name)
-            elif not torch.equal(found[name], w.detach().to("cpu", found[name].dtype)):
-                raise RuntimeError(f"{out_dir}: the saved {name} is not the edited weight; the save is wrong.")
-
-
-def check_output_dir(out_dir: str, overwrite: bool) -> None:
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise OutputExistsError(f"{out_dir} exists and is not a directory.")
-        if os.listdir(out_dir) and not overwrite:
-            raise OutputExistsError(f"{out_dir} is not empty; choose another directory or pass --overwrite.")
+# The Python API (names defined in the modules above are re-exported here, where users import them from).
+__all__ = [
+    "EditRequest",
+    "EditRequestError",
+    "EditResult",
+    "EditedModel",
+    "Editor",
+    "Patch",
+    "PatchError",
+    "format_table",
+    "load_patches",
+    "load_requests",
+    "main",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -504,7 +171,7 @@ def format_table(report: List[dict], width: int = 32) -> str:
 # The editor
 # ---------------------------------------------------------------------------------------------------------
 class Editor:
-    """A trained editor (MEND) with its base model and tokenizer, ready to apply edit requests."""
+    """A trained editor (any of ``algs``) with its base model and tokenizer, ready to apply edit requests."""
 
     def __init__(self, alg, tokenizer, config, meta: dict, path: str):
         self.alg = alg
@@ -542,8 +209,8 @@ class Editor:
         ckpt = read_checkpoint(path)
         meta = ckpt["meta"]
         config = config_from_meta(meta, path)
-        if config.alg != "mend":
-            raise CheckpointError(f"{path}: holds a {config.alg!r} editor; editing from checkpoints needs MEND.")
+        if config.alg not in ALGS:
+            raise CheckpointError(f"{path}: holds a {config.alg!r} editor, which this program does not have.")
         if inner_params is not None and list(inner_params) != list(config.model.inner_params):
             raise CheckpointError(
                 f"{path}: this editor was trained to edit {list(config.model.inner_params)}, not {list(inner_params)}."
@@ -566,7 +233,7 @@ class Editor:
             tokenizer = get_tokenizer(config.model, cache_dir)
         model.to(resolve_device(device))
         try:
-            alg = MEND(model, config)
+            alg = editor_class(config.alg)(model, config)
             alg.load_state_dict(ckpt["editor"])
         except (RuntimeError, TypeError, KeyError) as e:
             raise CheckpointError(
@@ -590,12 +257,12 @@ class Editor:
     def _encode(self, text: str) -> List[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def tokenize(self, request: EditRequest) -> _Tokens:
+    def tokenize(self, request: EditRequest) -> EditTokens:
         """Prompt and target tokenised separately (a space joins them unless one side already has it)."""
         target = request.target
         if not (target[:1].isspace() or request.prompt[-1:].isspace()):
             target = " " + target
-        toks = _Tokens(
+        toks = EditTokens(
             self._encode(request.prompt),
             self._encode(target),
             [self._encode(r) for r in request.rephrases],
@@ -607,17 +274,7 @@ class Editor:
 
     def _batch(self, rows: Sequence[Tuple[List[int], List[int]]]) -> dict:
         """Right-padded prompt + target rows; labels only on the target tokens."""
-        width = max(len(p) + len(t) for p, t in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for r, (p, t) in enumerate(rows):
-            seq = torch.tensor(p + t, dtype=torch.long)
-            ids[r, : len(seq)] = seq
-            mask[r, : len(seq)] = 1
-            labels[r, len(p) : len(seq)] = seq[len(p) :]
-        dev = self.device
-        return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "labels": labels.to(dev)}
+        return {k: v.to(self.device) for k, v in prompt_target_batch(rows, self.pad_id).items()}
 
     # -- measuring ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -626,13 +283,8 @@ class Editor:
         out = []
         for s in range(0, len(rows), chunk):
             batch = self._batch(rows[s : s + chunk])
-            logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            mask = labels != -100
-            lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            correct = (logits.argmax(-1) == labels) | ~mask
-            for r in range(len(labels)):
-                out.append(((lp[r] * mask[r]).sum().item(), bool(correct[r].all().item())))
+            lp, correct = sequence_log_probs(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+            out += [(lp[r].item(), bool(correct[r].item())) for r in range(len(lp))]
         return out
 
     @torch.no_grad()
@@ -650,7 +302,7 @@ class Editor:
     def _decode(self, ids: List[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def _measure(self, model: EditedModel, toks: List[_Tokens], watch_tokens: int) -> List[dict]:
+    def _measure(self, model: EditedModel, toks: List[EditTokens], watch_tokens: int) -> List[dict]:
         rows = [(t.prompt, t.target) for t in toks] + [(r, t.target) for t in toks for r in t.rephrases]
         scores = iter(self.score(model, rows))
         out = [{"prompt": next(scores)} for _ in toks]
@@ -677,15 +329,23 @@ class Editor:
         """The unedited base model, as an :class:`EditedModel` with no patch."""
         return EditedModel(self.model, tokenizer=self.tokenizer)
 
-    def _edit(self, current: EditedModel, toks: List[_Tokens], requests: Sequence[EditRequest] = ()) -> Patch:
-        alg = MEND(self.model, self.config, weights=current.weights, mend=self.alg.mend, edit_lrs=self.alg.edit_lrs)
+    def edit_patch(self, current: EditedModel, toks: List[EditTokens], requests: Sequence[EditRequest] = ()) -> Patch:
+        """The patch of one update for ``toks`` (all of them together), computed on the model ``current``."""
+        alg = self.alg.with_weights(current.weights)
         alg.eval()
         batch = self._batch([(t.prompt, t.target) for t in toks])
         with torch.no_grad():
             edited, _ = alg.edit(batch)
-        steps = self.alg.descent_step_sizes().detach()
-        alphas = {n: steps[i].clone() for i, n in enumerate(self.inner_params)}
-        layout = {n: alg.layout[n][0] for n in self.inner_params}
+        factors, alphas, layout, dense, positions = {}, {}, {}, {}, {}
+        for name in self.inner_params:
+            update = edited.low_rank_update(name)
+            if update is None:  # an update of no low-rank form: the patch holds W - W~ itself
+                before = alg.current_weight(name).detach().float()
+                dense[name] = before - edited.current_weight(name).detach().float()
+                continue
+            u, v, alphas[name], layout[name] = update
+            factors[name] = (u, v)
+            positions[name] = int(u.shape[0])
         meta = {
             "model": self.config.model.name,
             "editor": self.path,
@@ -695,9 +355,9 @@ class Editor:
                 "edited_weights": current._base_identity(self.inner_params),
             },
             "requests": [{"prompt": r.prompt, "target": r.target} for r in requests],
-            "n_positions": {n: int(u.shape[0]) for n, (u, _) in edited.last_factors.items()},
+            "n_positions": positions,
         }
-        return Patch(dict(edited.last_factors), alphas, layout, meta)
+        return Patch(factors, alphas, layout, meta, dense)
 
     def apply(
         self,
@@ -730,7 +390,7 @@ class Editor:
         patches = []
         groups = [list(range(len(toks)))] if mode == "batched" else [[i] for i in range(len(toks))]
         for g in groups:
-            patch = self._edit(current, [toks[i] for i in g], [requests[i] for i in g])
+            patch = self.edit_patch(current, [toks[i] for i in g], [requests[i] for i in g])
             patch.meta["mode"] = mode
             current.push(patch)
             patches.append(patch)
@@ -794,104 +454,16 @@ class Editor:
         split: str = "validation",
         cache_dir: Optional[str] = None,
     ) -> dict:
-        """Apply ``n`` edits from the gen ``split`` one after another; after each checkpoint count, report how
-        many of the edits so far still hold (ES on their prompts, and on their rephrasings) and the perplexity
-        drawdown (post - pre) on ``n_loc`` locality passages. Writes a PNG plot to ``plot`` when given."""
-        cache_dir = os.path.expanduser(cache_dir or self.config.cache_dir)
-        ds = GenDataset(
-            self.tokenizer,
-            self.config.data,
-            split,
-            seed=self.config.seed,
-            cache_dir=cache_dir,
-            model=self.model,
-            model_id=self.config.model.name,
-            device=self.device,
-        )
-        order = np.random.default_rng(int(self.config.seed)).permutation(len(ds)).tolist()
-        picks = [order[k % len(order)] for k in range(n)]
-        toks = [_Tokens(ds.passage_ids[i], ds.target_ids[i], [ds.rephrase(i)[1]]) for i in picks]
-        loc_ids = []
-        for i in picks:
-            ids = ds._loc(i, 0)[1]
-            if ids not in loc_ids:
-                loc_ids.append(ids)
-            if len(loc_ids) >= n_loc:
-                break
-        checkpoints = sorted({int(c) for c in checkpoints if 1 <= int(c) <= n})
-
-        def perplexity(model):
-            total = count = 0.0
-            for ids in loc_ids:
-                lp, _ = self.score(model, [(ids[:1], ids[1:])])[0]
-                total, count = total - lp, count + len(ids) - 1
-            return math.exp(total / max(count, 1))
-
-        current = self.base()
-        ppl_pre = perplexity(current)
-        immediate, rows = [], []
-        for k, t in enumerate(toks, 1):
-            current.push(self._edit(current, [t]))
-            immediate.append(self.score(current, [(t.prompt, t.target)])[0][1])
-            if k in checkpoints:
-                held = [s for _, s in self.score(current, [(x.prompt, x.target) for x in toks[:k]])]
-                held_r = [s for _, s in self.score(current, [(x.rephrases[0], x.target) for x in toks[:k]])]
-                ppl = perplexity(current)
-                rows.append(
-                    {
-                        "n_edits": k,
-                        "held": sum(held),
-                        "held_frac": sum(held) / k,
-                        "held_rephrase_frac": sum(held_r) / k,
-                        "success_when_applied_frac": sum(immediate) / k,
-                        "perplexity_pre": ppl_pre,
-                        "perplexity_post": ppl,
-                        "drawdown": ppl - ppl_pre,
-                    }
-                )
-                LOG.info("%d edits: %d still hold, drawdown %.3f", k, sum(held), ppl - ppl_pre)
-        result = {"archive": self.path, "n": n, "n_loc": len(loc_ids), "checkpoints": rows}
-        if plot:
-            result["plot"] = plot_sequential(rows, plot, title=f"sequential edits: {self.config.model.name}")
-        return result
-
-
-def plot_sequential(rows: List[dict], path: str, title: str = "") -> str:
-    # Deferred: only this experiment plots, and the Agg backend must be chosen before pyplot loads.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = [r["n_edits"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(ks, [r["held_frac"] for r in rows], "o-", label="earlier edits that hold (prompt)")
-    ax.plot(ks, [r["held_rephrase_frac"] for r in rows], "s--", label="... on the rephrasing")
-    ax.set_xlabel("number of sequential edits")
-    ax.set_ylabel("fraction")
-    ax.set_ylim(-0.05, 1.05)
-    if len(ks) > 1 and max(ks) / min(ks) >= 10:
-        ax.set_xscale("log")
-    ax2 = ax.twinx()
-    ax2.plot(ks, [r["drawdown"] for r in rows], "^:", color="tab:red", label="perplexity drawdown")
-    ax2.set_ylabel("perplexity drawdown (post - pre)")
-    ax2.set_yscale("symlog", linthresh=1.0)  # drawdowns span from below 1 to many orders of magnitude
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="best", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+        """Apply ``n`` edits from the gen ``split`` one after another (see :func:`sequential.eval_sequential`)."""
+        return eval_sequential(self, n, checkpoints, plot, n_loc, split, cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m edit", description="Edit a model with a trained MEND editor.")
+    description = "Edit a model with a trained editor (MEND, EFK or ENN)."
+    p = argparse.ArgumentParser(prog="python -m edit", description=description)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(s):

@@ -7,6 +7,7 @@ The base model's parameters are never written to.
 
 A subclass implements exactly:
   - ``edit(batch, condition=None) -> (EditableModel, info: dict[str, float])``
+  - ``with_weights(weights) -> EditableModel``: the same editor on other edited weights (what ``edit`` returns);
   - ``outer_parameters() -> list[nn.Parameter]``: everything the outer (editor-training) optimiser updates.
 It may also override:
   - ``step_size_parameters()`` when some outer parameters (learned step sizes) take their own
@@ -20,7 +21,8 @@ It declares what generic code must know about it, so that no generic module name
     ``can_train_base`` (``train_base=True`` is allowed), checked by ``check_config(cfg)`` before anything loads;
   - ``running_statistics()``, data statistics (count / mean / m2 buffers) that are carried over to an untrained
     editor (``copy_statistics_from``) and merged over the processes of a distributed run;
-  - ``activation_bytes(n_tokens)``, its share of the memory estimate.
+  - ``activation_bytes(n_tokens)``, its share of the memory estimate;
+  - ``low_rank_update(name)``, the update of an edit as low-rank factors, for compact patches (``python -m edit``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ def logits_of(output) -> torch.Tensor:
     if hasattr(output, "logits"):
         return output.logits
     return output[0]
+
+
+def call_with_weights(model: nn.Module, weights: Dict[str, torch.Tensor], kwargs: dict) -> torch.Tensor:
+    """The logits of ``model(**kwargs)`` with ``weights`` in place of the same-named parameters (none: as it is).
+    The model itself is not changed: the weights are bound for this call only (``torch.func.functional_call``)."""
+    if weights:
+        return logits_of(functional_call(model, weights, (), kwargs, strict=False))
+    return logits_of(model(**kwargs))
+
+
+def state_dict_with(model: nn.Module, weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``model``'s state dict with ``weights`` substituted (detached)."""
+    state = dict(model.state_dict())
+    state.update({n: w.detach() for n, w in weights.items()})
+    return state
 
 
 class EditableModel(nn.Module, ABC):
@@ -78,15 +95,13 @@ class EditableModel(nn.Module, ABC):
     # -- running the (edited) model -------------------------------------------------------
     def forward(self, *args, **kwargs) -> torch.Tensor:
         if self.weights:
-            out = functional_call(self.model, self.weights, args, kwargs, strict=False)
-        else:
-            out = self.model(*args, **kwargs)
-        return logits_of(out)
+            return logits_of(functional_call(self.model, self.weights, args, kwargs, strict=False))
+        return logits_of(self.model(*args, **kwargs))
 
     def logits_with(self, inputs: dict, weights: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of this model on ``inputs`` with ``weights`` in place of the same-named weights."""
         inputs = {k: v for k, v in inputs.items() if k != "labels" and isinstance(v, torch.Tensor)}
-        return logits_of(functional_call(self.model, {**self.weights, **weights}, (), inputs, strict=False))
+        return call_with_weights(self.model, {**self.weights, **weights}, inputs)
 
     def loss_with(self, batch: dict, weights: Dict[str, torch.Tensor]) -> dict:
         """Edit-loss metrics of ``batch`` (with labels) with ``weights`` in place of the same-named weights."""
@@ -114,6 +129,17 @@ class EditableModel(nn.Module, ABC):
     @abstractmethod
     def edit(self, batch: dict, condition: Optional[dict] = None):
         """Apply the edit described by ``batch``; return (edited EditableModel, info dict)."""
+
+    @abstractmethod
+    def with_weights(self, weights: Dict[str, torch.Tensor]) -> EditableModel:
+        """This editor (sharing its parameters, statistics and state) on the model edited to ``weights``, in the
+        same train / eval mode: what :meth:`edit` returns, and what a further edit starts from."""
+
+    def low_rank_update(self, name: str):
+        """On an editor returned by :meth:`edit`: the update it applied to weight ``name`` as low-rank factors
+        ``(u, v, alpha, fan_in_fan_out)`` with ``W_edited = W - alpha * (v^T u)`` (``u^T v`` when
+        ``fan_in_fan_out``), or None when it has no such form; a patch then stores the dense difference."""
+        return None
 
     @abstractmethod
     def outer_parameters(self) -> List[nn.Parameter]:
@@ -163,7 +189,4 @@ class EditableModel(nn.Module, ABC):
 
     def edited_state_dict(self) -> Dict[str, torch.Tensor]:
         """The base model's state dict with the edited weights substituted (detached copies)."""
-        state = {k: v for k, v in self.model.state_dict().items()}
-        for name, w in self.weights.items():
-            state[name] = w.detach().clone()
-        return state
+        return state_dict_with(self.model, {n: w.clone() for n, w in self.weights.items()})

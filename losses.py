@@ -28,6 +28,24 @@ def _align(logits: torch.Tensor, labels: torch.Tensor, shift: bool):
     return logits, labels
 
 
+def _token_log_probs(logits: torch.Tensor, labels: torch.Tensor, shift: bool):
+    """Per token: the log-probability of its label (0 where masked), the mask, and whether it is the argmax."""
+    logits, labels = _align(logits, labels, shift)
+    mask = labels != IGNORE  # (B, T)
+    safe_labels = labels.masked_fill(~mask, 0)
+    log_probs = torch.log_softmax(_fp32_or_more(logits), dim=-1)
+    token_lp = log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) * mask  # (B, T)
+    correct = (logits.argmax(-1) == labels) & mask
+    return token_lp, mask, correct
+
+
+def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True):
+    """Per sequence: the summed log-probability of its target tokens (B,), and whether every one of them is the
+    argmax prediction (B,; True for a row without targets)."""
+    token_lp, mask, correct = _token_log_probs(logits, labels, shift)
+    return token_lp.sum(-1), (correct | ~mask).all(-1)
+
+
 def masked_log_probs(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> dict:
     """Token log-probabilities of the labels under the logits, with sequence and token accuracies.
 
@@ -40,15 +58,10 @@ def masked_log_probs(logits: torch.Tensor, labels: torch.Tensor, shift: bool = T
       nll_sum   summed nll (for token-weighted aggregation, e.g. perplexity)
       n_tokens  number of target tokens
     """
-    logits, labels = _align(logits, labels, shift)
-    mask = labels != IGNORE  # (B, T)
-    safe_labels = labels.masked_fill(~mask, 0)
-    log_probs = torch.log_softmax(_fp32_or_more(logits), dim=-1)
-    token_lp = log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) * mask  # (B, T)
+    token_lp, mask, correct = _token_log_probs(logits, labels, shift)
     n_tokens = mask.sum()
     denom = n_tokens.clamp(min=1)
     lp_sum = token_lp.sum()
-    correct = (logits.argmax(-1) == labels) & mask
     has_target = mask.any(-1)
     seq_correct = (correct.sum(-1) == mask.sum(-1)) & has_target
     n_seq = has_target.sum().clamp(min=1)

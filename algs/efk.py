@@ -111,6 +111,11 @@ class EFK(EditableModel):
             )
         self.editor = editor
 
+    def with_weights(self, weights: Dict[str, torch.Tensor]) -> EFK:
+        edited = EFK(self.model, self.config, weights=weights, editor=self.editor)
+        edited.train(self.training)
+        return edited
+
     def outer_parameters(self) -> List[nn.Parameter]:
         return list(self.editor.parameters())
 
@@ -136,6 +141,4 @@ class EFK(EditableModel):
                 info[f"grad/cos{i}"] = F.cosine_similarity(
                     grads[i].reshape(-1).float(), -update.detach().reshape(-1), dim=0
                 ).item()
-        edited = EFK(self.model, self.config, weights=new_weights, editor=self.editor)
-        edited.train(self.training)
-        return edited, info
+        return self.with_weights(new_weights), info

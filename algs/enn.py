@@ -17,7 +17,7 @@ untouched base model (no second copy of the model object is made).
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -56,6 +56,11 @@ class ENN(EditableModel):
         if base_weights is not None and not self.weights:
             # The unedited model runs with the trained base parameters in place of the original ones.
             self.weights = {n.replace("#", "."): p for n, p in base_weights.items()}
+
+    def with_weights(self, weights: Dict[str, torch.Tensor]) -> ENN:
+        edited = ENN(self.model, self.config, weights=weights, edit_lrs=self.edit_lrs, base_weights=self.base_weights)
+        edited.train(self.training)
+        return edited
 
     def outer_parameters(self) -> List[nn.Parameter]:
         base = list(self.base_weights.parameters()) if self.base_weights is not None else []
@@ -100,12 +105,4 @@ class ENN(EditableModel):
                     info["loss/edit_inner"] = loss.item()
         if not self.training:
             weights = {n: w.detach() for n, w in weights.items()}
-        edited = ENN(
-            self.model,
-            self.config,
-            weights={**self.weights, **weights},
-            edit_lrs=self.edit_lrs,
-            base_weights=self.base_weights,
-        )
-        edited.train(self.training)
-        return edited, info
+        return self.with_weights({**self.weights, **weights}), info

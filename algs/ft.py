@@ -40,6 +40,12 @@ class FT(EditableModel):
         # Set by edit() on the editor it returns: the optimizer steps the edit took.
         self.steps_taken = 0
 
+    def with_weights(self, weights: Dict[str, torch.Tensor]) -> FT:
+        edited = FT(self.model, self.config, weights=weights)
+        edited._train_set, edited._loc_batches = self._train_set, self._loc_batches
+        edited.train(self.training)
+        return edited
+
     def outer_parameters(self) -> List[nn.Parameter]:
         return []
 
@@ -111,9 +117,7 @@ class FT(EditableModel):
                     LOG.info("ft step %d: edit loss %.4f, acc %.2f", steps, l_edit.item(), acc)
 
         new_weights = {**self.weights, **{n: w.detach() for n, w in edited_weights().items()}}
-        edited = FT(self.model, self.config, weights=new_weights)
-        edited._train_set, edited._loc_batches = self._train_set, self._loc_batches
+        edited = self.with_weights(new_weights)
         edited.steps_taken = steps
-        edited.train(self.training)
         info = {"loss/edit_inner": first_loss, "ft/steps": float(steps), "ft/success_inner": acc}
         return edited, info

@@ -282,6 +282,18 @@ class MEND(EditableModel):
         """The step sizes alpha_l of the paper's rule W~ = W - alpha_l * g~, whichever rule the editor applies."""
         return -self.update_sign * self.edit_lrs
 
+    def with_weights(self, weights: Dict[str, torch.Tensor]) -> MEND:
+        edited = MEND(self.model, self.config, weights=weights, mend=self.mend, edit_lrs=self.edit_lrs)
+        edited.train(self.training)
+        return edited
+
+    def low_rank_update(self, name: str):
+        if name not in self.last_factors:
+            return None
+        u, v = self.last_factors[name]
+        alpha = self.descent_step_sizes()[self.inner_params.index(name)].detach().clone()
+        return u, v, alpha, self.layout[name][0]
+
     def activation_bytes(self, n_tokens: int) -> int:
         """The editor MLPs on the edit's token positions (fp32): the normalised inputs and their concatenation, and
         per residual layer its input and low-rank projection (counted with saved_tensors_hooks)."""
@@ -330,8 +342,7 @@ class MEND(EditableModel):
             new_weights[name] = w + self.update_sign * self.edit_lrs[i] * pseudo.to(w.dtype)
             factors_out[name] = (u.detach(), v.detach())
 
-        edited = MEND(self.model, self.config, weights=new_weights, mend=self.mend, edit_lrs=self.edit_lrs)
-        edited.train(self.training)
+        edited = self.with_weights(new_weights)
         # The update as low-rank factors: W~ = W - alpha * (v~^T u~) (nn.Linear) or (u~^T v~) (Conv1D), with
         # u~ (N, d_in), v~ (N, d_out) over the N positions that carried gradient and alpha = descent_step_sizes()[i].
         edited.last_factors = factors_out

@@ -14,6 +14,7 @@ import torch
 import transformers
 from conftest import GPT2_INNER, LLAMA_INNER, make_config, tiny_gpt2, tiny_llama
 
+from algs import editor_class
 from edit import (
     EditedModel,
     Editor,
@@ -170,6 +171,33 @@ def test_batched_single_request_equals_the_single_edit(tokenizer):
     for n in GPT2_INNER:
         assert torch.equal(batched.weights[n], sequential.weights[n])
         torch.testing.assert_close(batched.weights[n], direct.weights[n].detach(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("alg", ["efk", "enn"])
+def test_editors_without_low_rank_updates_give_dense_patches(alg, tokenizer, tmp_path):
+    """edit.py knows editors through the contract only: EFK's and ENN's updates have no low-rank form, so each
+    patch holds W - W~ of every edited weight; it reproduces the editor's own edit, saves, reloads and reverts."""
+    model = tiny_model("gpt2", len(tokenizer))
+    cfg = make_config("gpt2", alg=alg)
+    alg_obj = editor_class(alg)(model, cfg).eval()
+    editor = Editor(alg_obj, tokenizer, cfg, {}, f"test-{alg}")
+    result = editor.apply(REQUESTS[:1], mode="batched")
+    (patch,) = result.patches
+    assert patch.factors == {} and set(patch.dense) == set(GPT2_INNER)
+    t = editor.tokenize(REQUESTS[0])
+    direct, _ = alg_obj.edit(editor._batch([(t.prompt, t.target)]))
+    x = ids_of(tokenizer)
+    ones = torch.ones_like(x)
+    base_logits = editor.base()(x, ones)
+    edited_logits = result.model(x, ones)
+    assert not torch.allclose(edited_logits, base_logits)  # the edit took effect
+    torch.testing.assert_close(edited_logits, direct(input_ids=x, attention_mask=ones).detach(), rtol=0, atol=1e-5)
+    reloaded = load_patches(patch.save(str(tmp_path / "p.safetensors")))
+    assert torch.equal(editor.apply_patches(reloaded)(x, ones), edited_logits)
+    result.model.revert()
+    assert torch.equal(result.model(x, ones), base_logits)
+    for n in GPT2_INNER:  # the base model itself was never written to
+        assert not model.get_parameter(n).requires_grad
 
 
 def test_report_has_the_per_request_figures(tokenizer):

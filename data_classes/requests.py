@@ -1,0 +1,102 @@
+"""Edit requests: what a user asks an editor to change, read from Python or from a JSONL file.
+
+An :class:`EditRequest` asks the model to continue ``prompt`` with ``target``; its ``rephrases`` are other phrasings on
+which the edit should hold too and its ``watch`` prompts unrelated ones whose behaviour should not change (both are
+checked, not trained on). A request file has one JSON object per line,
+``{"prompt": "...", "target": "...", "rephrases": ["..."], "watch": ["..."]}``; a malformed one raises
+:class:`errors.EditRequestError` naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List
+
+from errors import EditRequestError
+
+REQUEST_KEYS = ("prompt", "target", "rephrases", "watch")
+
+
+@dataclass
+class EditRequest:
+    """Make the model continue ``prompt`` with ``target``.
+
+    ``rephrases``: other phrasings of the prompt on which the edit should hold too (checked, not trained on).
+    ``watch``: unrelated prompts whose behaviour should not change (checked).
+    """
+
+    prompt: str
+    target: str
+    rephrases: List[str] = field(default_factory=list)
+    watch: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self, where: str = "") -> None:
+        at = f"{where}: " if where else ""
+        for key in ("prompt", "target"):
+            value = getattr(self, key)
+            if not isinstance(value, str):
+                raise EditRequestError(f"{at}'{key}' must be a string, got {type(value).__name__} ({value!r}).")
+            if not value.strip():
+                raise EditRequestError(f"{at}'{key}' is empty.")
+        for key in ("rephrases", "watch"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                raise EditRequestError(f"{at}'{key}' must be a list of strings, e.g. [{value!r}], not a string.")
+            if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) and s.strip() for s in value):
+                raise EditRequestError(f"{at}'{key}' must be a list of non-empty strings, got {value!r}.")
+            setattr(self, key, list(value))
+
+    @classmethod
+    def from_dict(cls, obj, where: str = "") -> EditRequest:
+        at = f"{where}: " if where else ""
+        if not isinstance(obj, dict):
+            raise EditRequestError(f"{at}expected a JSON object with 'prompt' and 'target', got {type(obj).__name__}.")
+        missing = [k for k in ("prompt", "target") if k not in obj]
+        if missing:
+            raise EditRequestError(f"{at}missing {' and '.join(repr(k) for k in missing)} (keys: {list(obj)}).")
+        unknown = [k for k in obj if k not in REQUEST_KEYS]
+        if unknown:
+            raise EditRequestError(f"{at}unknown key(s) {unknown}; a request has the keys {list(REQUEST_KEYS)}.")
+        try:
+            return cls(obj["prompt"], obj["target"], obj.get("rephrases", []), obj.get("watch", []))
+        except EditRequestError as e:
+            raise EditRequestError(f"{at}{e}") from None
+
+
+def load_requests(path: str) -> List[EditRequest]:
+    """Read a JSONL file of requests (blank lines skipped); a malformed line raises naming file and line."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise EditRequestError(f"{path}: no such request file.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EditRequestError(f"{path}: cannot be read ({e}).") from None
+    requests = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EditRequestError(f"{where}: not valid JSON ({e.msg} at column {e.colno}).") from None
+        requests.append(EditRequest.from_dict(obj, where))
+    if not requests:
+        raise EditRequestError(f"{path}: holds no requests (one JSON object per line).")
+    return requests
+
+
+@dataclass
+class EditTokens:
+    """A request as token ids: the prompt, the target (with its leading space), the rephrasings, the watched prompts."""
+
+    prompt: List[int]
+    target: List[int]
+    rephrases: List[List[int]] = field(default_factory=list)
+    watch: List[List[int]] = field(default_factory=list)
