@@ -27,7 +27,7 @@ import distributed
 from config_schema import Config
 from errors import CheckpointError, CheckpointWriteError, InnerParamsError
 from models import check_inner_params
-from utils import atomic_torch_save
+from utils import atomic_torch_save, flatten_dict
 
 LOG = logging.getLogger(__name__)
 
@@ -112,6 +112,44 @@ def identity_diff(model: torch.nn.Module, made_for: dict, ours: Optional[Dict[st
         elif now["sha256"] != info["sha256"]:
             diff.values.append(name)
     return diff
+
+
+# Config keys (prefixes) whose change on resume cannot affect the training itself.
+_RESUME_FREE_KEYS = (
+    "resume",
+    "archive",
+    "silent",
+    "wandb",
+    "eval",
+    "results_dir",
+    "cache_dir",
+    "device",
+    "max_time",
+    "dist",
+)
+
+
+def changed_settings(meta: dict, config) -> List[str]:
+    """The settings of ``config`` that differ from those a checkpoint was written with (``meta``), as
+    "key: old -> new", leaving out the keys that cannot affect training (output places, logging, time limits)."""
+    saved = flatten_dict(meta.get("config", {}))
+    now = flatten_dict(OmegaConf.to_container(config, resolve=True))
+    return [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k) and not k.startswith(_RESUME_FREE_KEYS)
+    ]
+
+
+def load_editor_state(editor: torch.nn.Module, state: dict, path: str) -> None:
+    """Load a checkpoint's editor state into ``editor``; a state of another shape raises a CheckpointError."""
+    try:
+        editor.load_state_dict(state)
+    except (RuntimeError, TypeError, KeyError) as e:
+        raise CheckpointError(
+            f"{path}: the editor it holds does not fit this configuration and model (were the editor's settings, "
+            f"e.g. its rank or sharing, changed?): {str(e).splitlines()[0]}"
+        ) from None
 
 
 # -- reading --------------------------------------------------------------------------------------------------

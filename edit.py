@@ -56,6 +56,7 @@ from checkpoints import (
     check_base_model,
     checkpoint_path,
     config_from_meta,
+    load_editor_state,
     read_checkpoint,
 )
 from data_classes.batches import prompt_target_batch
@@ -232,14 +233,8 @@ class Editor:
         if tokenizer is None:
             tokenizer = get_tokenizer(config.model, cache_dir)
         model.to(resolve_device(device))
-        try:
-            alg = editor_class(config.alg)(model, config)
-            alg.load_state_dict(ckpt["editor"])
-        except (RuntimeError, TypeError, KeyError) as e:
-            raise CheckpointError(
-                f"{path}: the editor it holds does not fit its own configuration and this model: "
-                f"{str(e).splitlines()[0]}"
-            ) from None
+        alg = editor_class(config.alg)(model, config)
+        load_editor_state(alg, ckpt["editor"], path)
         alg.to(model.device if hasattr(model, "device") else next(model.parameters()).device)
         alg.eval()
         alg.requires_grad_(False)

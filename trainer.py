@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import math
 import os
 import signal
 import threading
@@ -27,15 +26,18 @@ from checkpoints import (
     BEST_NAME,
     LAST_NAME,
     base_model_identity,
+    changed_settings,
     checkpoint_meta,
     load_checkpoint,
+    load_editor_state,
     read_checkpoint,
     write_checkpoint,
 )
 from editable_model import EditableModel
-from errors import CheckpointError, NonFiniteLossError, TrainingInterrupted
+from errors import NonFiniteLossError, TrainingInterrupted
 from losses import kl_loc_loss
 from memory import activation_checkpointing, grad_blocks
+from reporting import format_stats, init_wandb, summary_table
 from utils import (
     EarlyStopper,
     StatAverager,
@@ -50,33 +52,9 @@ from utils import (
 
 LOG = logging.getLogger(__name__)
 
-# Config keys whose change on resume cannot affect the training itself.
-_RESUME_FREE_KEYS = (
-    "resume",
-    "archive",
-    "silent",
-    "wandb",
-    "eval",
-    "results_dir",
-    "cache_dir",
-    "device",
-    "max_time",
-    "dist",
-)
-
 
 class _StopRequested(Exception):
     """Raised inside validation when a stop signal arrives, to checkpoint without finishing it."""
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class EditTrainer:
@@ -119,28 +97,16 @@ class EditTrainer:
         self._ddp = distributed.wrap(self.editor, self._edit_losses, self.device) if wrap else None
         if self.dist.enabled and config.resume is None:
             seed_everything(config.seed + self.dist.rank)  # rank 0 keeps the single-process stream
-        self.wandb = self._init_wandb() if self.dist.is_main else None
+        self.wandb = init_wandb(self.config, self.run_dir) if self.dist.is_main else None
 
     def _load_editor(self, ckpt: dict) -> None:
-        try:
-            self.editor.load_state_dict(ckpt["editor"])
-        except RuntimeError as e:
-            raise CheckpointError(
-                f"{ckpt['path']}: the editor it holds does not fit this configuration (was mend.* changed?): "
-                f"{str(e).splitlines()[0]} ..."
-            ) from e
+        load_editor_state(self.editor, ckpt["editor"], ckpt["path"])
 
     def _resume(self, resume: str) -> None:
         """Restore the whole training state of checkpoints/last.pt: continuing gives the same run as no stop."""
         cfg = self.config
         ckpt = load_checkpoint(resume, cfg, name=LAST_NAME, key="resume", model=self.editor.model)
-        saved = _flatten(ckpt["meta"].get("config", {}))
-        now = _flatten(OmegaConf.to_container(cfg, resolve=True))
-        changed = [
-            f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
-            for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k) and not k.startswith(_RESUME_FREE_KEYS)
-        ]
+        changed = changed_settings(ckpt["meta"], cfg)
         if changed:
             LOG.warning("Resuming with settings that differ from the interrupted run: %s", "; ".join(changed))
         self._load_editor(ckpt)
@@ -175,28 +141,6 @@ class EditTrainer:
         )
 
     # -- logging --------------------------------------------------------------------------
-    def _init_wandb(self):
-        w = self.config.wandb
-        if not w.enabled or w.mode == "disabled":
-            return None
-        try:
-            import wandb  # optional: only runs with wandb.enabled=true need it
-        except ImportError:
-            LOG.warning(
-                "wandb is not installed: logging to the console only (pip install wandb, or wandb.enabled=false)."
-            )
-            return None
-        model = os.path.basename(self.config.model.name)
-        name = f"{self.config.task}-{self.config.alg}-{model}-{os.path.basename(self.run_dir)}"
-        return wandb.init(
-            project=w.project,
-            entity=w.entity,
-            mode=w.mode,
-            dir=self.run_dir,
-            name=name,
-            config=OmegaConf.to_container(self.config, resolve=True),
-        )
-
     def _log(self, stats: Dict[str, float], step: int) -> None:
         if self.wandb is not None:
             self.wandb.log(stats, step=step)
@@ -561,7 +505,7 @@ class EditTrainer:
                         stats = averager.summary()
                         averager = StatAverager()
                         bar.set_postfix({"loss": f"{stats['loss/total_edit']:.3f}", "ES": f"{stats['edit/acc']:.2f}"})
-                        LOG.info("step %d: %s", self.step, _fmt(stats))
+                        LOG.info("step %d: %s", self.step, format_stats(stats))
                         self._log(stats, self.step)
                 # Over when early stopping said so or max_iters is reached; not after max_time (resume continues).
                 self.finished = stop == "early_stop" or self.step >= cfg.max_iters
@@ -625,7 +569,7 @@ class EditTrainer:
         self.last_val_step = self.step
         point = {"step": self.step, "seconds": self.train_seconds}
         self.val_history.append({**point, **{k: float(v) for k, v in stats.items()}})
-        LOG.info("validation at step %d: %s", self.step, _fmt(stats))
+        LOG.info("validation at step %d: %s", self.step, format_stats(stats))
         self._log(stats, self.step)
         if self.stopper.update(self.step, stats):
             self.save_checkpoint(stats)
@@ -683,64 +627,3 @@ class EditTrainer:
         if self.wandb is not None:
             self.wandb.finish()
         return report
-
-
-def _fmt(stats: Dict[str, float]) -> str:
-    keys = [
-        k
-        for k in stats
-        if k.split("_val")[0]
-        in (
-            "loss/total_edit",
-            "loss/edit",
-            "loss/loc",
-            "edit/acc",
-            "edit/acc_pre",
-            "perplexity/pre",
-            "perplexity/post",
-            "acc/pre",
-            "acc/post",
-            "time/edit",
-            "grad",
-        )
-    ]
-    return ", ".join(f"{k}={stats[k]:.4g}" for k in keys)
-
-
-def summary_table(report: dict, task: str) -> str:
-    """A side-by-side table of the trained and untrained editor's final metrics."""
-    cols = [("trained", report["results"])]
-    if "untrained" in report:
-        cols.append(("untrained editor", report["untrained"]))
-    rows = [
-        ("edit success (edit/acc_val)", "edit/acc_val", "{:.3f}"),
-        ("edit success before the edit", "edit/acc_pre_val", "{:.3f}"),
-        ("target token accuracy", "edit/acc_tok_val", "{:.3f}"),
-        ("target log-prob", "edit/log_prob_val", "{:.3f}"),
-    ]
-    if task == "gen":
-        rows += [
-            ("locality perplexity, pre-edit", "perplexity/pre_val", "{:.3f}"),
-            ("locality perplexity, post-edit", "perplexity/post_val", "{:.3f}"),
-            ("drawdown (perplexity increase)", "perplexity/drawdown_val", "{:.3f}"),
-        ]
-    else:
-        rows += [
-            ("locality accuracy, pre-edit", "acc/pre_val", "{:.3f}"),
-            ("locality accuracy, post-edit", "acc/post_val", "{:.3f}"),
-            ("drawdown (accuracy decrease)", "acc/drawdown_val", "{:.4f}"),
-        ]
-        if task == "qa":  # the original's acc/* count whole answers; the token accuracy beside them
-            rows += [("drawdown in token accuracy", "acc_tok/drawdown_val", "{:.4f}")]
-    rows += [("median edit time (s)", "time/edit_val", "{:.3f}"), ("edits evaluated", "eval_time/n_edits", "{:.0f}")]
-    width = max(len(r[0]) for r in rows) + 2
-    lines = ["".ljust(width) + "".join(name.rjust(28) for name, _ in cols)]
-    for label, key, fmt in rows:
-        cells = []
-        for _, stats in cols:
-            v = stats.get(key)
-            cells.append(
-                (fmt.format(v) if v is not None and not (isinstance(v, float) and math.isnan(v)) else "-").rjust(28)
-            )
-        lines.append(label.ljust(width) + "".join(cells))
-    return "\n".join(lines)

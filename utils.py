@@ -199,3 +199,14 @@ def atomic_write_text(text: str, path: str) -> None:
 
 def write_json(obj, path: str) -> None:
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def flatten_dict(d, prefix: str = "") -> dict:
+    """A nested dict as one level of dotted keys."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
