@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from config_schema import ConfigError
+from errors import ConfigError
 
 LOG = logging.getLogger(__name__)
 

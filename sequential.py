@@ -13,6 +13,7 @@ import os
 from typing import List, Optional, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from data_classes.gen import GenDataset
 from data_classes.requests import EditTokens
@@ -92,14 +93,9 @@ def eval_sequential(
 
 
 def plot_sequential(rows: List[dict], path: str, title: str = "") -> str:
-    # Deferred: only this experiment plots, and the Agg backend must be chosen before pyplot loads.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ks = [r["n_edits"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot(ks, [r["held_frac"] for r in rows], "o-", label="earlier edits that hold (prompt)")
     ax.plot(ks, [r["held_rephrase_frac"] for r in rows], "s--", label="... on the rephrasing")
     ax.set_xlabel("number of sequential edits")
@@ -118,5 +114,4 @@ def plot_sequential(rows: List[dict], path: str, title: str = "") -> str:
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

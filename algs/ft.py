@@ -20,8 +20,8 @@ from typing import Dict, Iterator, List, Optional
 import torch
 import torch.nn as nn
 
-from config_schema import ConfigError
 from editable_model import EditableModel
+from errors import ConfigError
 from losses import kl_loc_loss
 from utils import model_inputs, to_device
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 from editable_model import EditableModel
+from models import edited_module_name as module_name
 
 LOG = logging.getLogger(__name__)
 
@@ -28,10 +29,6 @@ UPDATE_RULES = ("paper", "original")
 # ---------------------------------------------------------------------------------------------
 # Capturing layer inputs and output gradients
 # ---------------------------------------------------------------------------------------------
-def module_name(param_name: str) -> str:
-    return param_name.rsplit(".", 1)[0]
-
-
 def weight_layout(module: nn.Module, param_name: str) -> Tuple[bool, int, int]:
     """(fan_in_fan_out, d_in, d_out) of an edited weight, decided by the layer type.
 

@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from matplotlib.figure import Figure
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (alg, overrides that make it this editor)
@@ -213,12 +215,8 @@ def write_tables(rows, out: str, stem: str = "comparison", task: str = "gen") ->
 
 
 def write_plot(rows, out: str, title: str, stem: str = "comparison", experiment: str = "gen") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
     xs = [r["drawdown"] for r in rows if not math.isnan(r["drawdown"])] or [0.0]
     span = max(max(xs) - min(xs), 1e-9)
     placed = []
@@ -238,7 +236,6 @@ def write_plot(rows, out: str, title: str, stem: str = "comparison", experiment:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(out, f"{stem}.png"), dpi=120)
-    plt.close(fig)
 
 
 def common_parser(description: str, default_out: str) -> argparse.ArgumentParser:

@@ -18,6 +18,8 @@ import csv
 import json
 import os
 
+from matplotlib.figure import Figure
+
 from benchmarks.compare_editors import locality_metric, run_once
 
 # The paper's MEND row of Table 4 (edit success, drawdown).
@@ -48,13 +50,9 @@ def write_curve(rows, out: str, task: str, title: str) -> None:
         writer.writeheader()
         writer.writerows(rows)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = [r["step"] for r in rows]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5.5), sharex=True)
+    fig = Figure(figsize=(6, 5.5))
+    top, bottom = fig.subplots(2, 1, sharex=True)
     top.plot(steps, [r["edit_success"] for r in rows], marker="o")
     top.set_ylabel("edit success (validation)")
     top.set_ylim(-0.05, 1.05)
@@ -71,7 +69,6 @@ def write_curve(rows, out: str, task: str, title: str) -> None:
     top.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curve.png"), dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,187 @@
+"""The house rules of docs/architecture.md, checked on the source: which module may import which, no import
+cycles, imports at the top of a file unless a comment says why, no generic module that names an editor, and no
+file over the size a reader can hold."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SKIP_DIRS = {".venv", ".git", "tests", "outputs", "__pycache__", "docs", "config"}
+
+# Each part and the parts it may import (docs/architecture.md, "The parts"). A module not listed is an error.
+ALLOWED = {
+    "errors": set(),
+    "losses": set(),
+    "utils": set(),
+    "reporting": set(),
+    "config_schema": {"errors"},
+    "distributed": {"errors"},
+    "models": {"errors", "models"},
+    "editable_model": {"errors", "losses"},
+    "algs": {"algs", "editable_model", "errors", "losses", "models", "utils"},
+    "data_classes": {"data_classes", "errors", "losses", "utils"},
+    "memory": {"algs"},
+    "checkpoints": {"config_schema", "distributed", "errors", "models", "utils"},
+    "patches": {"checkpoints", "editable_model", "errors"},
+    "sequential": {"data_classes"},
+    "trainer": {"checkpoints", "distributed", "editable_model", "errors", "losses", "memory", "reporting", "utils"},
+    "run": {
+        "algs",
+        "checkpoints",
+        "config_schema",
+        "data_classes",
+        "distributed",
+        "errors",
+        "memory",
+        "models",
+        "trainer",
+        "utils",
+    },  # fmt: skip
+    "edit": {"algs", "checkpoints", "data_classes", "errors", "losses", "models", "patches", "sequential", "utils"},
+}
+# The tools on top may import any part of the project, but not each other's internals the other way round.
+TOOLS = {"scripts", "benchmarks"}
+# Generic modules: they know editors only through the contract (editable_model.EditableModel) and the registry.
+GENERIC = {"trainer", "checkpoints", "patches", "memory", "distributed", "run", "edit", "reporting", "config_schema",
+           "sequential", "utils", "losses", "editable_model"}  # fmt: skip
+EDITOR_NAMES = ("mend", "efk", "enn", "ft")
+MAX_LINES = 650
+
+
+def _modules():
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+        for f in filenames:
+            if f.endswith(".py"):
+                path = Path(dirpath) / f
+                name = str(path.relative_to(ROOT))[:-3].replace(os.sep, ".")
+                found[name.removesuffix(".__init__")] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _resolve(name: str):
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _imports(module: str, path: Path):
+    """(line, imported project module, at module level) for every import of a project module in ``path``."""
+    tree = ast.parse(path.read_text())
+    top_level = {id(node) for node in tree.body}
+    for node in tree.body:  # imports under a module-level if / try count as module level
+        if isinstance(node, (ast.If, ast.Try)):
+            top_level |= {id(n) for n in ast.walk(node)}
+    out = []
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module if path.name == "__init__.py" else module.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                full = f"{base}.{node.module}" if node.module else base
+            else:
+                full = node.module
+            targets = [full] + [f"{full}.{a.name}" for a in node.names]
+        for t in targets:
+            resolved = _resolve(t)
+            if resolved and resolved != module:
+                out.append((node.lineno, resolved, id(node) in top_level))
+    return out
+
+
+def _part(module: str) -> str:
+    return module.split(".")[0]
+
+
+GRAPH = {m: {target for _, target, _ in _imports(m, p)} for m, p in MODULES.items()}
+
+
+def test_every_import_is_allowed_by_the_layering():
+    bad = []
+    for module, targets in GRAPH.items():
+        part = _part(module)
+        if part in TOOLS:
+            continue
+        assert part in ALLOWED, f"{module}: a new part; give it its place in ALLOWED and docs/architecture.md"
+        for t in targets:
+            if _part(t) != part and _part(t) not in ALLOWED[part]:
+                bad.append(f"{module} imports {t}")
+    assert not bad, "imports the layering does not allow (docs/architecture.md):\n" + "\n".join(bad)
+
+
+def test_no_part_imports_the_tools_on_top():
+    bad = [f"{m} imports {t}" for m, ts in GRAPH.items() for t in ts if _part(t) in TOOLS and _part(m) not in TOOLS]
+    assert not bad, bad
+
+
+def test_there_is_no_import_cycle():
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(GRAPH.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for m in sorted(GRAPH):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles
+
+
+def test_imports_inside_functions_say_why():
+    """An import inside a function hides an edge of the graph; it needs a comment saying why, on its line or above
+    the block of consecutive imports it belongs to."""
+    bad = []
+    for path in MODULES.values():
+        lines = path.read_text().splitlines()
+        tree = ast.parse("\n".join(lines))
+        top = {id(n) for n in tree.body}
+        for node in tree.body:
+            if isinstance(node, (ast.If, ast.Try)):
+                top |= {id(n) for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in top:
+                continue
+            i = node.lineno - 1
+            if "#" in lines[i]:
+                continue
+            while i > 0 and (not lines[i - 1].strip() or lines[i - 1].strip().startswith(("import ", "from "))):
+                i -= 1  # up through the block of imports (and blank lines between them)
+            if not (i > 0 and lines[i - 1].strip().startswith("#")):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert not bad, "imports inside functions without a comment saying why:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _part(m) in GENERIC))
+def test_generic_modules_do_not_name_an_editor(module):
+    source = MODULES[module].read_text()
+    specific = [t for t in GRAPH[module] if t.startswith("algs.")]
+    assert not specific, f"{module} imports {specific}: generic code reaches editors through algs.editor_class"
+    names = "|".join(EDITOR_NAMES)
+    code = "\n".join(line.split("#")[0] for line in source.splitlines())
+    compared = re.findall(rf"""(?:==|!=|\bin)\s*\(?\s*["']({names})["']|\.alg\s*(?:==|!=)\s*["'](\w+)["']""", code)
+    assert not compared, f"{module} branches on an editor's name: {compared}"
+    assert not re.search(r"\b(MEND|EFK|ENN|FT)\(", code), f"{module} constructs a named editor"
+
+
+def test_no_file_is_too_long_to_read():
+    long = {str(p.relative_to(ROOT)): n for p in MODULES.values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"files over {MAX_LINES} lines: {long}"
