@@ -152,6 +152,23 @@ def load_editor_state(editor: torch.nn.Module, state: dict, path: str) -> None:
         ) from None
 
 
+def _refuse_other_shapes(diff: IdentityDiff, where: str, given_name: str) -> None:
+    """A CheckpointError for edited weights of another shape; a warning for weights of other values."""
+    if diff.shapes:
+        w, made_for, given = diff.shapes[0]
+        raise CheckpointError(
+            f"{where}: the editor was trained on a model whose {w} has shape {made_for}; {given_name} has shape "
+            f"{given}. An editor only edits the model (architecture and weights) it was trained on."
+        )
+    for w in diff.values:
+        LOG.warning(
+            "%s: the edited weight %s differs from the one the editor was trained on (another version or fine-tune "
+            "of the model?); edits may not work as validated.",
+            where,
+            w,
+        )
+
+
 # -- reading --------------------------------------------------------------------------------------------------
 def read_checkpoint(path: str, key: str = "archive") -> dict:
     """Load a checkpoint file without executing code: tensors through weights_only, metadata as JSON."""
@@ -193,20 +210,7 @@ def load_checkpoint(
     identity = meta.get("base_model")
     if model is not None and identity:
         diff = identity_diff(model, {"edited_weights": identity.get("edited_weights", {})})
-        if diff.shapes:
-            w, made_for, given = diff.shapes[0]
-            raise CheckpointError(
-                f"{key}: {path} was trained on a model whose {w} has shape {made_for}; this model's "
-                f"{config.model.name} has shape {given}."
-            )
-        for w in diff.values:
-            LOG.warning(
-                "%s: the edited weight %s of %s differs from the one the checkpoint was trained on "
-                "(another version or fine-tune of the model?).",
-                key,
-                w,
-                config.model.name,
-            )
+        _refuse_other_shapes(diff, f"{key}: {path}", f"this model's {config.model.name}")
     ckpt["path"] = path
     return ckpt
 
@@ -239,19 +243,7 @@ def check_base_model(model: torch.nn.Module, meta: dict, inner_params: List[str]
             f"{path}: this editor edits {inner_params}, which do not fit the base model given ({cls}): {e}"
         ) from None
     diff = identity_diff(model, trained_for, weight_identity(model, inner_params))
-    if diff.shapes:
-        w, made_for, given = diff.shapes[0]
-        raise CheckpointError(
-            f"{path}: this editor was trained on a model whose {w} has shape {made_for}; the base model "
-            f"given has shape {given}."
-        )
-    for w in diff.values:
-        LOG.warning(
-            "%s: the base model's %s differs from the one the editor was trained on (another version or "
-            "fine-tune?); edits may not work as validated.",
-            path,
-            w,
-        )
+    _refuse_other_shapes(diff, path, "the base model given")
 
 
 # -- writing --------------------------------------------------------------------------------------------------

@@ -440,17 +440,9 @@ class Editor:
         return model
 
     # -- sequential evaluation ------------------------------------------------------------------------------
-    def eval_sequential(
-        self,
-        n: int = 100,
-        checkpoints: Sequence[int] = (1, 10, 100),
-        plot: Optional[str] = None,
-        n_loc: int = 20,
-        split: str = "validation",
-        cache_dir: Optional[str] = None,
-    ) -> dict:
-        """Apply ``n`` edits from the gen ``split`` one after another (see :func:`sequential.eval_sequential`)."""
-        return eval_sequential(self, n, checkpoints, plot, n_loc, split, cache_dir)
+    def eval_sequential(self, **options) -> dict:
+        """Apply edits from the gen set one after another: :func:`sequential.eval_sequential` with this editor."""
+        return eval_sequential(self, **options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -538,7 +530,9 @@ def _cmd_eval_sequential(args) -> int:
     except ValueError:
         raise EditRequestError(f"--checkpoints {args.checkpoints!r}: expected comma-separated integers.") from None
     editor = Editor.from_archive(args.archive, args.device, args.cache_dir, args.model_name)
-    result = editor.eval_sequential(args.n, checkpoints, plot=args.plot, n_loc=args.n_loc, cache_dir=args.cache_dir)
+    result = editor.eval_sequential(
+        n=args.n, checkpoints=checkpoints, plot=args.plot, n_loc=args.n_loc, cache_dir=args.cache_dir
+    )
     head = (
         f"{'edits':>6}  {'still hold':>10}  {'on rephrasing':>13}  {'held when applied':>17}  "
         f"{'ppl pre':>8}  {'ppl post':>8}  {'drawdown':>8}"
