@@ -11,13 +11,14 @@ Checks that span several keys (``combine`` with ``one_sided``, ``n_edits >= batc
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from errors import ConfigError
 
@@ -66,8 +67,17 @@ class DataConfig:
     max_passage_tokens: int = 64
     # gen: fraction of countries (corpus documents) held out for validation.
     val_fraction: float = 0.15
-    # gen: sampling temperature used when building targets from the model.
+    # gen: sampling temperature used when building targets from the model (0: greedy decoding).
     sample_temperature: float = 1.0
+    # gen, embedded set: use the documents of the first N countries only (quick tests); None: all.
+    max_documents: Optional[int] = None
+    # gen, embedded set: sample targets for at most this many passages (a seeded draw that keeps each split's
+    # share); None: all ~2,265. Sampling costs ~0.12 s a passage for SmolLM2-135M on 2 CPU cores.
+    max_passages: Optional[int] = 1200
+    # fc, embedded set: use the facts of the first N countries (alphabetical) only; None: all.
+    max_countries: Optional[int] = None
+    # fc: claims are cut to this many tokens (and to the model's context).
+    max_length: int = 128
 
 
 @dataclass
@@ -153,7 +163,6 @@ class EvalConfig:
     final_steps: Optional[int] = None
     # Also evaluate the untrained (identity-initialised) editor and report it side by side.
     compare_untrained: bool = True
-    verbose: bool = True
 
 
 @dataclass
@@ -239,6 +248,24 @@ def compose_config(overrides, config_name: str = "config"):
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         return compose(config_name=config_name, overrides=list(overrides))
+
+
+# Keys that an earlier version of the schema declared: a saved configuration (a checkpoint's) may still hold them.
+REMOVED_KEYS = ("eval.verbose",)
+
+
+def merge_saved_config(saved: dict):
+    """A run configuration saved by this or an earlier version (a checkpoint's metadata) over the schema's
+    defaults: keys declared since take their defaults, keys removed since (:data:`REMOVED_KEYS`) are dropped."""
+    saved = copy.deepcopy(saved)
+    for key in REMOVED_KEYS:
+        *parents, name = key.split(".")
+        node = saved
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(name, None)
+    return OmegaConf.merge(OmegaConf.structured(Config), saved)
 
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
