@@ -514,14 +514,14 @@ def config_from_meta(meta: dict, path: str):
     """The full run configuration stored in a checkpoint's metadata, as an OmegaConf object."""
     from omegaconf import OmegaConf
 
-    from config_schema import Config
+    from config_schema import merge_saved_config
     from trainer import CheckpointError
 
     saved = meta.get("config")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: its metadata holds no run configuration; it cannot be used to edit.")
     try:
-        return OmegaConf.merge(OmegaConf.structured(Config), saved)
+        return merge_saved_config(saved)  # keys added since take their defaults, keys removed since are dropped
     except Exception:  # written by another version of the schema: take it as it is
         return OmegaConf.create(saved)
 
