@@ -14,11 +14,13 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from errors import ConfigError
 
@@ -244,10 +246,48 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
 
 
 def compose_config(overrides, config_name: str = "config"):
-    """The run configuration of ``python -m run <overrides>``, composed outside a Hydra app (scripts, tests)."""
+    """The run configuration of ``python -m run <overrides>``, composed outside a Hydra app (scripts, tests).
+
+    An override that Hydra or OmegaConf refuse (an unknown key ``lrr=3``, a value of the wrong type
+    ``max_iters=nan``, a missing config ``+alg=foo``) raises a :class:`ConfigError` whose message is theirs on one
+    line, e.g. ``Error merging override max_iters=nan: Value 'nan' of type 'float' could not be converted to
+    Integer, full_key: max_iters``.
+    """
     register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name=config_name, overrides=list(overrides))
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            return compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(one_line(e)) from e
+
+
+def check_command_line(args: Sequence[str]) -> None:
+    """Compose the configuration of ``python -m run <args>``; raise a one-line :class:`ConfigError` where Hydra
+    would refuse it with a report of several lines and exit status 1. Hydra flags (``--multirun``, ``--cfg job``,
+    ...) and ``HYDRA_FULL_ERROR=1`` leave the command line to Hydra alone."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(a.startswith("-") for a in args):
+        return
+    compose_config(args)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of a Hydra or OmegaConf error and of its cause, on one line (their ``object_type=`` lines and
+    Hydra's config search path left out)."""
+    parts = []
+    for e in (error, error.__cause__):
+        if e is None:
+            continue
+        text = ""
+        for line in str(e).splitlines():
+            line = line.strip()
+            if line.startswith("Config search path"):
+                break
+            if not line or line.startswith(("object_type=", "reference_type=")):
+                continue
+            text = line if not text else text + (" " if text.endswith((".", ":")) else ", ") + line
+        if text:
+            parts.append(text)
+    return ": ".join(parts) or type(error).__name__
 
 
 # Keys that an earlier version of the schema declared: a saved configuration (a checkpoint's) may still hold them.
