@@ -24,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 import distributed
-from config_schema import Config
+from config_schema import merge_saved_config
 from errors import CheckpointError, CheckpointWriteError, InnerParamsError
 from models import check_inner_params
 from utils import atomic_torch_save, flatten_dict
@@ -221,7 +221,7 @@ def config_from_meta(meta: dict, path: str):
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: its metadata holds no run configuration; it cannot be used to edit.")
     try:
-        return OmegaConf.merge(OmegaConf.structured(Config), saved)
+        return merge_saved_config(saved)  # keys added since take their defaults, keys removed since are dropped
     except Exception:  # written by another version of the schema: take it as it is
         return OmegaConf.create(saved)
 

@@ -5,19 +5,25 @@ YAML files in ``config/`` and each command-line override against this schema, so
 key (``lrr=1e-4``) or a mistyped value (``lr=abc``) is refused before anything is loaded,
 with a message that names the key.
 
-Checks that span several keys (``combine`` with ``one_sided``, ``n_edits >= batch_size``,
-...) live in :func:`validate_config`, called once by ``run.py``.
+Every numeric key has a range (:data:`RANGES`): a value outside it (``max_iters=0``, ``edit_lr=nan``,
+``batch_size=1e12``) is refused by :func:`validate_config` with a one-line message that names the key, the value
+and what is expected. Checks that span several keys (``combine`` with ``one_sided``, ``n_edits >= batch_size``,
+...) live there too. ``run.py`` calls it once, before anything heavy loads.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from errors import ConfigError
 
@@ -66,8 +72,17 @@ class DataConfig:
     max_passage_tokens: int = 64
     # gen: fraction of countries (corpus documents) held out for validation.
     val_fraction: float = 0.15
-    # gen: sampling temperature used when building targets from the model.
+    # gen: sampling temperature used when building targets from the model (0: greedy decoding).
     sample_temperature: float = 1.0
+    # gen, embedded set: use the documents of the first N countries only (quick tests); None: all.
+    max_documents: Optional[int] = None
+    # gen, embedded set: sample targets for at most this many passages (a seeded draw that keeps each split's
+    # share); None: all ~2,265. Sampling costs ~0.12 s a passage for SmolLM2-135M on 2 CPU cores.
+    max_passages: Optional[int] = 1200
+    # fc, embedded set: use the facts of the first N countries (alphabetical) only; None: all.
+    max_countries: Optional[int] = None
+    # fc: claims are cut to this many tokens (and to the model's context).
+    max_length: int = 128
 
 
 @dataclass
@@ -153,7 +168,6 @@ class EvalConfig:
     final_steps: Optional[int] = None
     # Also evaluate the untrained (identity-initialised) editor and report it side by side.
     compare_untrained: bool = True
-    verbose: bool = True
 
 
 @dataclass
@@ -249,10 +263,184 @@ def config_for(model: ModelConfig, task: str, **overrides):
 
 
 def compose_config(overrides, config_name: str = "config"):
-    """The run configuration of ``python -m run <overrides>``, composed outside a Hydra app (scripts, tests)."""
+    """The run configuration of ``python -m run <overrides>``, composed outside a Hydra app (scripts, tests).
+
+    An override that Hydra or OmegaConf refuse (an unknown key ``lrr=3``, a value of the wrong type
+    ``max_iters=nan``, a missing config ``+alg=foo``) raises a :class:`ConfigError` whose message is theirs on one
+    line, e.g. ``Error merging override max_iters=nan: Value 'nan' of type 'float' could not be converted to
+    Integer, full_key: max_iters``.
+    """
     register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name=config_name, overrides=list(overrides))
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            return compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(one_line(e)) from e
+
+
+def check_command_line(args: Sequence[str]) -> None:
+    """Compose the configuration of ``python -m run <args>``; raise a one-line :class:`ConfigError` where Hydra
+    would refuse it with a report of several lines and exit status 1. Hydra flags (``--multirun``, ``--cfg job``,
+    ...) and ``HYDRA_FULL_ERROR=1`` leave the command line to Hydra alone."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(a.startswith("-") for a in args):
+        return
+    compose_config(args)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of a Hydra or OmegaConf error and of its cause, on one line (their ``object_type=`` lines and
+    Hydra's config search path left out)."""
+    parts = []
+    for e in (error, error.__cause__):
+        if e is None:
+            continue
+        text = ""
+        for line in str(e).splitlines():
+            line = line.strip()
+            if line.startswith("Config search path"):
+                break
+            if not line or line.startswith(("object_type=", "reference_type=")):
+                continue
+            text = line if not text else text + (" " if text.endswith((".", ":")) else ", ") + line
+        if text:
+            parts.append(text)
+    return ": ".join(parts) or type(error).__name__
+
+
+INT64_MAX = 2**63 - 1  # larger integers do not fit the 64-bit integers of torch and numpy
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts: finite, ``low <= value <= high`` (``low < value`` with ``low_open``,
+    ``value < high`` with ``high_open``), and for an integer key at most :data:`INT64_MAX`. A key the schema
+    declares Optional also takes null; ``null`` says what null means. ``why`` says why the bounds are where they
+    are (it ends the message)."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    null: str = ""
+    why: str = ""
+
+    def accepts(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if isinstance(value, int) and abs(value) > INT64_MAX:
+            return False
+        above_low = value > self.low if self.low_open else value >= self.low
+        below_high = value < self.high if self.high_open else value <= self.high
+        return above_low and below_high
+
+    def message(self, key: str, value) -> str:
+        """The one-line refusal: ``max_iters=0: expected an integer >= 1.``"""
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        kind = "an integer" if integer else "a finite number"
+        if self.high == math.inf:
+            bounds = f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        else:
+            bounds = (
+                f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}"
+                f"{')' if self.high_open else ']'}"
+            )
+        text = f"{key}={'null' if value is None else value}: expected {kind} {bounds}"
+        if integer and abs(value) > INT64_MAX:
+            text += f" that fits in 64 bits (at most {INT64_MAX})"
+        if self.null:
+            text += f", or null ({self.null})"
+        return text + (f"; {self.why}." if self.why else ".")
+
+
+def _number(x: float) -> str:
+    if isinstance(x, int) or (float(x).is_integer() and abs(x) < 1e7):
+        return str(int(x))
+    return f"{x:g}"
+
+
+# Rules shared by groups of keys.
+STEP = Range(0, 1e3, low_open=True, why="a larger step or scale throws the weights out of range in one update")
+LOSS_WEIGHT = Range(0, 1e6, why="0 drops the term, far larger weights overflow float32 gradients")
+COUNT = Range(1)
+BATCH = Range(1, 2**16, why="the rows of a batch go through the model at once")
+WIDTH = Range(1, 2**16, why="a layer of this width is allocated at once")
+TOKENS = Range(1, 2**17, why="no model this project runs has a longer context")
+
+# Every int or float key of the schema (tests/test_config_sweep.py checks that none is missing), checked by
+# validate_config before anything loads.
+RANGES: Dict[str, Range] = {
+    # outer optimisation
+    **dict.fromkeys(("lr", "lr_lr", "edit_lr"), STEP),
+    **dict.fromkeys(("cedit", "cloc", "cbase"), LOSS_WEIGHT),
+    "grad_clip": Range(0, low_open=True, why="a huge value leaves the gradients unclipped"),
+    **dict.fromkeys(("batch_size", "val_batch_size"), BATCH),
+    # schedule
+    **dict.fromkeys(
+        ("accumulate_bs", "max_iters", "log_interval", "val_interval", "val_steps", "early_stop_patience"), COUNT
+    ),
+    "max_nonfinite_steps": COUNT,
+    "max_time": Range(0, low_open=True, null="no limit"),
+    "checkpoint_interval": Range(1, null="every val_interval"),
+    "seed": Range(0, 2**32 - 1, why="numpy seeds are 32-bit"),
+    # data
+    "data.n_edits": COUNT,
+    "data.n_tokens": TOKENS,
+    "data.max_passage_tokens": TOKENS,
+    "data.max_length": TOKENS,
+    "data.val_fraction": Range(0, 1, low_open=True, high_open=True, why="both splits need documents"),
+    "data.sample_temperature": Range(0, why="0 decodes greedily"),
+    **dict.fromkeys(("data.max_documents", "data.max_passages", "data.max_countries"), Range(1, null="all")),
+    # editors
+    "mend.rank": Range(1, why="a larger rank is capped at each layer's width"),
+    "mend.n_hidden": Range(0, 1024, why="every layer is allocated at once"),
+    "efk.lr": STEP,
+    **dict.fromkeys(("efk.lstm_hidden", "efk.condition_dim", "efk.hidden_dim"), WIDTH),
+    "efk.max_scale": STEP,
+    **dict.fromkeys(("enn.lr", "enn.edit_lr", "enn.lr_lr"), STEP),
+    "enn.n_edit_steps": Range(1, 1024, why="every inner step is kept in memory for the backward pass"),
+    "ft.edit_lr": STEP,
+    "ft.max_edit_steps": COUNT,
+    "ft.time_limit": Range(0, low_open=True, null="no limit"),
+    "ft.rank": Range(1, 2**16, null="a full-rank residual", why="a residual of this rank is allocated at once"),
+    "ft.init_std": STEP,
+    "ft.locality.cedit": LOSS_WEIGHT,
+    "ft.locality.batch_size": BATCH,
+    "eval.final_steps": Range(1, null="val_steps"),
+    "dist.timeout_minutes": Range(0, 1e6, low_open=True, why="1e6 minutes is about two years"),
+}
+
+
+def check_ranges(cfg) -> None:
+    """Raise a ConfigError for the first key of :data:`RANGES` whose value ``cfg`` holds outside its range."""
+    for key, rule in RANGES.items():
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{key}: {one_line(e)}") from e
+        if value is None and rule.null:
+            continue
+        if not rule.accepts(value):
+            raise ConfigError(rule.message(key, value))
+
+
+# Keys that an earlier version of the schema declared: a saved configuration (a checkpoint's) may still hold them.
+REMOVED_KEYS = ("eval.verbose",)
+
+
+def merge_saved_config(saved: dict):
+    """A run configuration saved by this or an earlier version (a checkpoint's metadata) over the schema's
+    defaults: keys declared since take their defaults, keys removed since (:data:`REMOVED_KEYS`) are dropped."""
+    saved = copy.deepcopy(saved)
+    for key in REMOVED_KEYS:
+        *parents, name = key.split(".")
+        node = saved
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(name, None)
+    return OmegaConf.merge(OmegaConf.structured(Config), saved)
 
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -260,14 +448,25 @@ TASKS_BY_KIND = {"causal_lm": ("gen", "qa"), "seq2seq": ("qa",), "classifier": (
 
 
 def validate_config(cfg, algs=(), tasks=()) -> None:
-    """Checks that involve several keys. Raises ConfigError naming the keys.
+    """The range of every numeric key (:data:`RANGES`) and the checks that involve several keys. Raises a
+    ConfigError naming the key(s).
 
     ``algs`` and ``tasks`` are the names the caller can run.
     """
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        choose = {
+            "alg": f"+alg=<name> ({', '.join(algs)})",
+            "task": f"+experiment=<name> ({', '.join(tasks)})",
+            "model": "+model=<name> (a file of config/model/, e.g. smollm2)",
+        }
+        key = next((k for k in choose if k in missing), min(missing))
+        raise ConfigError(f"{key} has no value: set it with {choose.get(key, f'{key}=<value>')}.")
     if cfg.alg not in algs:
         raise ConfigError(f"alg={cfg.alg!r} is not implemented; valid: {', '.join(algs)} (use +alg=<name>).")
     if cfg.task not in tasks:
         raise ConfigError(f"task={cfg.task!r} is not implemented; valid: {', '.join(tasks)} (use +experiment=<name>).")
+    check_ranges(cfg)
     m = cfg.mend
     variants = [k for k in ("one_sided", "x_only", "delta_only") if m[k]]
     if m.combine and variants:
@@ -283,23 +482,12 @@ def validate_config(cfg, algs=(), tasks=()) -> None:
         raise ConfigError(
             f"mend.update_rule={m.update_rule!r}: expected 'paper' (W - alpha * g) or 'original' (W + alpha * g)."
         )
-    if m.rank < 1 or m.n_hidden < 0:
-        raise ConfigError("mend.rank must be >= 1 and mend.n_hidden >= 0.")
     for key in ("batch_size", "val_batch_size"):
         if cfg.data.n_edits >= cfg[key]:
             raise ConfigError(
                 f"data.n_edits={cfg.data.n_edits} must be smaller than {key}={cfg[key]}: each batch holds "
                 f"n_edits edits plus at least one locality example (e.g. data.n_edits=5 batch_size=6 val_batch_size=6)."
             )
-    if cfg.data.n_edits < 1:
-        raise ConfigError("data.n_edits must be >= 1.")
-    for key in ("accumulate_bs", "log_interval", "val_interval", "val_steps"):
-        if cfg[key] < 1:
-            raise ConfigError(f"{key}={cfg[key]} must be >= 1.")
-    if cfg.checkpoint_interval is not None and cfg.checkpoint_interval < 1:
-        raise ConfigError(f"checkpoint_interval={cfg.checkpoint_interval} must be >= 1 (or null: val_interval).")
-    if cfg.max_nonfinite_steps < 1:
-        raise ConfigError(f"max_nonfinite_steps={cfg.max_nonfinite_steps} must be >= 1.")
     if cfg.resume is not None and cfg.archive is not None:
         raise ConfigError(
             "resume= and archive= are exclusive: resume continues an interrupted run (its own editor included); "
@@ -307,14 +495,6 @@ def validate_config(cfg, algs=(), tasks=()) -> None:
         )
     if cfg.resume is not None and cfg.eval_only:
         raise ConfigError("resume= continues training; to evaluate a run's editor use eval_only=True archive=<run>.")
-    if cfg.enn.n_edit_steps < 1:
-        raise ConfigError(f"enn.n_edit_steps={cfg.enn.n_edit_steps} must be >= 1.")
-    if cfg.ft.max_edit_steps < 1:
-        raise ConfigError(f"ft.max_edit_steps={cfg.ft.max_edit_steps} must be >= 1.")
-    if cfg.ft.rank is not None and cfg.ft.rank < 1:
-        raise ConfigError(f"ft.rank={cfg.ft.rank} must be >= 1 (or null: a full-rank residual).")
-    if cfg.ft.locality.batch_size < 1:
-        raise ConfigError(f"ft.locality.batch_size={cfg.ft.locality.batch_size} must be >= 1.")
     if cfg.model.dtype not in MODEL_DTYPES:
         raise ConfigError(f"model.dtype={cfg.model.dtype!r}: expected one of {', '.join(MODEL_DTYPES)}.")
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):

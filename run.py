@@ -26,9 +26,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from algs import ALGS, editor_class
-from config_schema import register_configs, validate_config
+from config_schema import check_command_line, register_configs, validate_config
 from data_classes import DATASETS, dataset_class
-from errors import ConfigError, TrainingInterrupted, UserError
+from errors import TrainingInterrupted, UserError
 
 LOG = logging.getLogger("run")
 
@@ -128,9 +128,6 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     try:
         validate_config(cfg, algs=ALGS, tasks=DATASETS)
-    except ConfigError as e:
-        _fail(e)
-    try:
         main_job(cfg, HydraConfig.get().runtime.output_dir)
     except UserError as e:
         _fail(e)
@@ -158,4 +155,8 @@ def _quiet_hydra_on_other_ranks(argv: list) -> list:
 
 if __name__ == "__main__":
     sys.argv = _quiet_hydra_on_other_ranks(sys.argv)
+    try:
+        check_command_line(sys.argv[1:])  # a key or value Hydra refuses: one line and exit 2, not Hydra's report
+    except UserError as e:
+        _fail(e)
     main()

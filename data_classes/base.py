@@ -1,4 +1,4 @@
-"""What the edit sets of every experiment share: option reading, seeded streams, and the batch schedule.
+"""What the edit sets of every experiment share: seeded streams and the batch schedule.
 
 A data set subclasses :class:`EditDataset` and implements ``__len__`` and ``_batch(edits, n_loc, epoch, draw)``,
 which builds one batch (the ``edit_inner`` / ``edit_outer`` / ``loc`` / ``cond`` / ``raw`` layout described in
@@ -26,14 +26,6 @@ from . import DataError
 LOG = logging.getLogger(__name__)
 
 
-def opt(cfg, name: str, default):
-    """A data option that may be absent from the config (read with getattr)."""
-    try:
-        return getattr(cfg, name, default)
-    except Exception:  # omegaconf raises its own errors for unknown keys in some modes
-        return default
-
-
 def rng(*entropy: int) -> np.random.Generator:
     """A generator seeded by the integers given (the seed, a salt that names the use, indices)."""
     return np.random.default_rng([int(e) for e in entropy])
@@ -55,7 +47,8 @@ def data_cache_dir(cache_dir: str, task: str, params: dict) -> Path:
 
 class EditDataset(torch.utils.data.Dataset):
     """The batch schedule shared by the experiments. Subclasses set ``split``, ``seed`` and ``cfg`` (the data
-    config), the two order salts, and what one locality example is called in messages."""
+    config: every key of ``config_schema.DataConfig``), the two order salts, and what one locality example is
+    called in messages."""
 
     TRAIN_ORDER_SALT: int
     EVAL_ORDER_SALT: int
@@ -82,7 +75,7 @@ class EditDataset(torch.utils.data.Dataset):
         ``len(self) // n_edits``) from the start of a fixed seeded order, the same on every call;
         the order wraps around when ``n * n_edits`` exceeds the number of examples.
         """
-        n_edits = int(opt(self.cfg, "n_edits", 1))
+        n_edits = int(self.cfg.n_edits)
         n_loc = int(batch_size) - n_edits
         if n_edits < 1:
             raise DataError(f"data.n_edits={n_edits} must be >= 1.")

@@ -39,7 +39,7 @@ from errors import ModelLoadError
 from utils import atomic_write_text
 
 from . import DataError
-from .base import EditDataset, data_cache_dir, normalise_split, opt
+from .base import EditDataset, data_cache_dir, normalise_split
 from .base import rng as _rng
 
 LOG = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ FORMAT_HINT = (
     '{"input": claim, "prediction": "SUPPORTS"|"REFUTES", "alternatives": [...], "filtered_rephrases": [...], '
     '"output": [{"answer": "SUPPORTS"|"REFUTES"}], "logit": float}'
 )
-DEFAULT_MAX_LENGTH = 128
 # Bump when the embedded build changes in a way that invalidates cached files.
 CACHE_FORMAT = 1
 
@@ -182,8 +181,8 @@ def embedded_params(data_cfg, seed: int) -> dict:
         "format": CACHE_FORMAT,
         "facts": FACT_PACKAGES,
         "seed": int(seed),
-        "val_fraction": float(opt(data_cfg, "val_fraction", 0.15)),
-        "max_countries": opt(data_cfg, "max_countries", None),
+        "val_fraction": float(data_cfg.val_fraction),
+        "max_countries": data_cfg.max_countries,
     }
 
 
@@ -286,13 +285,13 @@ class FCDataset(EditDataset):
         self.split_id = _SPLIT_IDS[self.split]
         self.seed = int(seed)
         if max_length is None:
-            max_length = int(opt(data_cfg, "max_length", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH)
+            max_length = int(data_cfg.max_length)
             context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
             if isinstance(context, int) and context > 0:
                 max_length = min(max_length, context)
         self.max_length = max_length
 
-        path = opt(data_cfg, "path", None)
+        path = data_cfg.path
         if path:
             self.source = split_file(Path(os.path.expanduser(str(path))), self.split)
         else:
@@ -369,7 +368,7 @@ class FCDataset(EditDataset):
     def _batch(self, edits: List[int], n_loc: int, epoch: int = -1, draw: int = 0) -> dict:
         labels = [self.edit_labels[i] for i in edits]
         inner = self._encode([self.claims[i] for i in edits], labels)
-        if opt(self.cfg, "rephrase", True):
+        if self.cfg.rephrase:
             rephrases = [self.rephrase(i, epoch) for i in edits]
             outer = self._encode(rephrases, labels)
         else:

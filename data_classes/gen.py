@@ -16,7 +16,7 @@ Sources:
   original format under ``<cache_dir>/data/gen/<key>/`` and later runs load it without the model.
 * ``data.wiki_webtext``: locality passages from OpenWebText (needs the HuggingFace hub).
 
-Optional data options read with ``getattr`` (not all are in the schema): ``max_documents``
+Two data options size the embedded set (``config_schema.DataConfig``): ``max_documents``
 (default None: cap on the number of countries of the embedded corpus, for quick tests) and
 ``max_passages`` (default 1200: cap on the number of embedded passages whose targets are
 sampled, a seeded draw that keeps each split's share; None samples all ~2,265).
@@ -36,7 +36,7 @@ import torch
 from utils import atomic_write_text
 
 from . import DataError
-from .base import EditDataset, data_cache_dir, normalise_split, opt
+from .base import EditDataset, data_cache_dir, normalise_split
 from .base import rng as _rng
 from .corpus import CORPUS_NAME, corpus_version, factbook_documents, split_passages
 
@@ -46,9 +46,6 @@ LOG = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 MIN_PASSAGE_TOKENS = 16
 SAMPLE_BATCH_SIZE = 32
-# Default cap on the embedded passages whose targets are sampled (data.max_passages; None: all ~2,265).
-# Sampling costs ~0.12 s per passage for SmolLM2-135M on 2 CPU cores, so 1,200 take ~2.5 minutes.
-DEFAULT_MAX_PASSAGES = 1200
 WEBTEXT_DATASET = "stas/openwebtext-10k"
 WEBTEXT_TRAIN_FRACTION = 0.9
 VALIDATION_FILES = ("validation.json", "val.json", "valid.json")
@@ -173,18 +170,17 @@ def embedded_params(data_cfg, seed: int, model_id: str) -> dict:
         "corpus": CORPUS_NAME,
         "corpus_version": corpus_version(),
         "seed": int(seed),
-        "n_tokens": int(opt(data_cfg, "n_tokens", 10)),
-        "max_passage_tokens": int(opt(data_cfg, "max_passage_tokens", 64)),
+        "n_tokens": int(data_cfg.n_tokens),
+        "max_passage_tokens": int(data_cfg.max_passage_tokens),
         "min_passage_tokens": MIN_PASSAGE_TOKENS,
-        "val_fraction": float(opt(data_cfg, "val_fraction", 0.15)),
-        "sample_temperature": float(opt(data_cfg, "sample_temperature", 1.0)),
-        "max_documents": _positive_or_none(data_cfg, "max_documents", None),
-        "max_passages": _positive_or_none(data_cfg, "max_passages", DEFAULT_MAX_PASSAGES),
+        "val_fraction": float(data_cfg.val_fraction),
+        "sample_temperature": float(data_cfg.sample_temperature),
+        "max_documents": _positive_or_none(data_cfg.max_documents, "max_documents"),
+        "max_passages": _positive_or_none(data_cfg.max_passages, "max_passages"),
     }
 
 
-def _positive_or_none(cfg, name: str, default: Optional[int]) -> Optional[int]:
-    value = opt(cfg, name, default)
+def _positive_or_none(value, name: str) -> Optional[int]:
     if value is None:
         return None
     if int(value) < 1:
@@ -440,15 +436,15 @@ class GenDataset(EditDataset):
         self.split = normalise_split(split)
         self.seed = int(seed)
         self.device = device  # generation runs on the model's own device; batches are on the CPU
-        self.n_tokens = int(opt(data_cfg, "n_tokens", 10))
-        self.max_passage_tokens = int(opt(data_cfg, "max_passage_tokens", 64))
+        self.n_tokens = int(data_cfg.n_tokens)
+        self.max_passage_tokens = int(data_cfg.max_passage_tokens)
         # The model's context: no row (passage + target) may be longer. Defaults to the model's own.
         self.max_length = max_length if max_length is not None else context_length(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None:
             raise DataError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
 
-        path = opt(data_cfg, "path", None)
+        path = data_cfg.path
         stored_ids: Optional[List[List[int]]] = None
         if path:
             self.source = split_file(Path(os.path.expanduser(str(path))), self.split)
@@ -598,7 +594,7 @@ class GenDataset(EditDataset):
     def _build_locality(self) -> None:
         self._webtext: Optional[List[str]] = None
         self._webtext_cache: Dict[int, Tuple[str, List[int]]] = {}
-        if opt(self.cfg, "wiki_webtext", False):
+        if self.cfg.wiki_webtext:
             self._webtext = webtext_passages(self.split)
         elif len(set(self.documents)) < 2:
             raise DataError(
@@ -660,7 +656,7 @@ class GenDataset(EditDataset):
         inner = self._pad(
             [self.passage_ids[i] + self.target_ids[i] for i in edits], [len(self.passage_ids[i]) for i in edits]
         )
-        if opt(self.cfg, "rephrase", True):
+        if self.cfg.rephrase:
             cuts = [self.rephrase(i, draw) for i in edits]
             outer = self._pad(
                 [ids + self.target_ids[i] for i, (_, ids) in zip(edits, cuts)], [len(ids) for _, ids in cuts]

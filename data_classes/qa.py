@@ -42,7 +42,7 @@ import torch
 from utils import atomic_write_text
 
 from . import DataError
-from .base import EditDataset, data_cache_dir, normalise_split, opt
+from .base import EditDataset, data_cache_dir, normalise_split
 from .base import rng as _rng
 
 LOG = logging.getLogger(__name__)
@@ -163,12 +163,12 @@ def read_nq(path: Path) -> List[Tuple[str, str]]:
 
 
 def nq_file(data_cfg, split: str) -> Path:
-    nq_path = opt(data_cfg, "nq_path", None)
+    nq_path = data_cfg.nq_path
     if nq_path:
         return _find(
             Path(os.path.expanduser(str(nq_path))), NQ_FILES[split], f"Natural Questions {NQ_HINT}", "data.nq_path"
         )
-    path = opt(data_cfg, "path", None)
+    path = data_cfg.path
     if not path:
         raise DataError(
             "data.zsre_nq=True takes locality questions from Natural Questions files, which the embedded set does not "
@@ -195,7 +195,7 @@ def embedded_params(data_cfg, seed: int) -> dict:
         "format": CACHE_FORMAT,
         "facts": FACT_PACKAGES,
         "seed": int(seed),
-        "val_fraction": float(opt(data_cfg, "val_fraction", 0.15)),
+        "val_fraction": float(data_cfg.val_fraction),
         "n_alternatives": N_ALTERNATIVES,
     }
 
@@ -314,7 +314,7 @@ class QADataset(EditDataset):
         self.start_id = seq2seq_start_id(model) if self.seq2seq else None
         self.eos_id = tokenizer.eos_token_id
 
-        path = opt(data_cfg, "path", None)
+        path = data_cfg.path
         if path:
             self.source = zsre_file(Path(os.path.expanduser(str(path))), self.split)
         else:
@@ -336,7 +336,7 @@ class QADataset(EditDataset):
             r["rephrase"] = r["rephrases"][int(_rng(self.seed, _SALT_REPHRASE, i).integers(len(r["rephrases"])))]
             r["cond"] = f"{r['prediction']} >> {r['alt']} || {r['input']}"
         self.nq: Optional[List[Tuple[str, str]]] = None
-        if opt(data_cfg, "zsre_nq", False):
+        if data_cfg.zsre_nq:
             self.nq = read_nq(nq_file(data_cfg, self.split))
         elif len(records) < 2:
             raise DataError(f"{self.source}: the {self.split} split needs at least 2 examples (locality uses others).")
@@ -439,7 +439,7 @@ class QADataset(EditDataset):
     def _batch(self, edits: List[int], n_loc: int, epoch: int = 0, draw: int = 0) -> dict:
         recs = [self.records[i] for i in edits]
         inner = self.tensors([(r["input"], r["alt"]) for r in recs])
-        if opt(self.cfg, "rephrase", True):
+        if self.cfg.rephrase:
             outer = self.tensors([(r["rephrase"], r["alt"]) for r in recs])
         else:
             outer = {k: v.clone() for k, v in inner.items()}

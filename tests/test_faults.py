@@ -440,8 +440,14 @@ def test_command_line_faults_end_in_one_clear_line(workspace, straight_cli, tmp_
         (tmp_path / "train.json").write_text("")
         (tmp_path / "validation.json").write_text("")
         overrides.append(f"data.path={tmp_path}")
-    elif case == "nan-loss":
-        overrides += ["cedit=nan", "max_nonfinite_steps=3"]
+    elif case == "nan-loss":  # a base model holding a NaN weight: every loss is NaN (cedit=nan is refused up front)
+        nan_model = tmp_path / "nan-gpt2"
+        model = transformers.GPT2LMHeadModel.from_pretrained(workspace["model"])
+        with torch.no_grad():
+            model.transformer.h[1].mlp.c_proj.bias[0] = float("nan")
+        model.save_pretrained(nan_model)
+        transformers.AutoTokenizer.from_pretrained(workspace["model"]).save_pretrained(nan_model)
+        overrides += [f"model.name={nan_model}", f"model.tokenizer_name={nan_model}", "max_nonfinite_steps=3"]
     elif case == "resume-other-inner-params":
         overrides += [f"resume={straight_dir}", "model.inner_params=[transformer.h.0.mlp.c_fc.weight]"]
     else:

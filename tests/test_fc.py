@@ -25,7 +25,7 @@ from algs.efk import EFK
 from algs.enn import ENN
 from algs.ft import FT
 from algs.mend import MEND
-from config_schema import Config, ConfigError, ModelConfig, validate_config
+from config_schema import Config, ConfigError, DataConfig, ModelConfig, validate_config
 from data_classes import DATASETS, DataError
 from data_classes.facts import Fact, split_countries
 from data_classes.fc import FCDataset, build_claims, read_fever
@@ -114,7 +114,7 @@ def ws(tmp_path_factory):
 
 def _data_cfg(**kw):
     base = {"path": None, "n_edits": 1, "rephrase": True, "val_fraction": 0.25}
-    return OmegaConf.create({**base, **kw})
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), {**base, **kw})
 
 
 def make_config(ws, **overrides):
