@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,32 @@ import torch
 from . import DataError
 
 LOG = logging.getLogger(__name__)
+
+
+def read_jsonl(path, error=DataError, hint: str = "") -> List[Tuple[int, str, object]]:
+    """(line number, "<path>, line <n>", parsed object) for each non-blank line of a JSON-lines file. A file that
+    cannot be read or a line that is not JSON raises ``error`` naming the file (and line), with ``hint`` (what a line
+    must hold) after the reason."""
+    tail = f"; {hint}" if hint else ""
+    try:
+        with open(os.path.expanduser(str(path)), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise error(f"{path}: no such file.") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror}).") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            out.append((number, where, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise error(f"{where}: not valid JSON ({e.msg} at column {e.colno}){tail}.") from None
+    return out
 
 
 def rng(*entropy: int) -> np.random.Generator:

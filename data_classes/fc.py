@@ -39,8 +39,9 @@ from errors import ModelLoadError
 from utils import atomic_write_text
 
 from . import DataError
-from .base import EditDataset, data_cache_dir, normalise_split
+from .base import EditDataset, data_cache_dir, normalise_split, read_jsonl
 from .base import rng as _rng
+from .facts import FACT_PACKAGES, RELATIONS, load_facts, objects_by_relation, other_object, split_countries
 
 LOG = logging.getLogger(__name__)
 
@@ -128,25 +129,7 @@ def read_fever(path: Path) -> Tuple[List[dict], int]:
     number: locality claims come from another group). Lines without alternatives or rephrases are skipped.
     """
     records, skipped = [], 0
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror}).") from e
-    with f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from e
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {lineno}"
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be {FORMAT_HINT}."
-            ) from e
+    for lineno, where, d in read_jsonl(path, DataError, f"each line must be {FORMAT_HINT}"):
         d = _check_record(d, where)
         rephrases = [r for r in d["filtered_rephrases"] if r.strip() and r != d["input"]]
         if not d["alternatives"] or not rephrases:
@@ -175,8 +158,6 @@ def read_fever(path: Path) -> Tuple[List[dict], int]:
 
 
 def embedded_params(data_cfg, seed: int) -> dict:
-    from .facts import FACT_PACKAGES
-
     return {
         "format": CACHE_FORMAT,
         "facts": FACT_PACKAGES,
@@ -192,8 +173,6 @@ def embedded_cache_dir(cache_dir: str, params: dict) -> Path:
 
 def build_claims(facts, val_fraction: float, seed: int) -> Dict[str, List[dict]]:
     """FEVER-format records from facts: a true and a false claim per fact, split by country (seeded)."""
-    from .facts import RELATIONS, objects_by_relation, other_object, split_countries
-
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"data.val_fraction={val_fraction} must be strictly between 0 and 1.")
     pools = objects_by_relation(facts)
@@ -223,8 +202,6 @@ def build_claims(facts, val_fraction: float, seed: int) -> Dict[str, List[dict]]
 
 
 def build_embedded(out_dir: Path, params: dict) -> None:
-    from .facts import load_facts
-
     facts = load_facts()
     limit = params.get("max_countries")
     if limit:

@@ -38,14 +38,15 @@ from utils import atomic_write_text
 from . import DataError
 from .base import EditDataset, data_cache_dir, normalise_split
 from .base import rng as _rng
+from .batches import prompt_target_batch
 from .corpus import CORPUS_NAME, corpus_version, factbook_documents, split_passages
+from .sampling import sample_continuations
 
 LOG = logging.getLogger(__name__)
 
 # Bump when the embedded build changes in a way that invalidates cached files.
 CACHE_FORMAT = 1
 MIN_PASSAGE_TOKENS = 16
-SAMPLE_BATCH_SIZE = 32
 WEBTEXT_DATASET = "stas/openwebtext-10k"
 WEBTEXT_TRAIN_FRACTION = 0.9
 VALIDATION_FILES = ("validation.json", "val.json", "valid.json")
@@ -207,86 +208,6 @@ def split_documents(doc_ids: Sequence[str], val_fraction: float, seed: int) -> T
     return order[: len(ids) - n_val], order[len(ids) - n_val :]
 
 
-def _left_pad(seqs: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        if s:
-            ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[r, width - len(s) :] = 1
-    return ids, mask
-
-
-@torch.no_grad()
-def sample_continuations(
-    model,
-    tokenizer,
-    prompts: List[List[int]],
-    n_tokens: int,
-    temperature: float,
-    seed: int,
-    batch_size: int = SAMPLE_BATCH_SIZE,
-) -> List[List[int]]:
-    """Sample exactly ``n_tokens`` new token ids after each prompt (pure sampling: no top-k, no top-p).
-
-    Prompts are batched by length with left padding and an attention mask. The global torch RNG
-    is seeded with ``seed`` inside a forked RNG state, so the caller's random state is untouched
-    and the result is reproducible on the same device. ``temperature <= 0`` decodes greedily.
-    """
-    from transformers import GenerationConfig
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise DataError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
-    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad_id
-    sampling = temperature > 0
-    gen_cfg = GenerationConfig(
-        do_sample=sampling,
-        temperature=float(temperature) if sampling else None,
-        top_k=0 if sampling else None,
-        top_p=1.0 if sampling else None,
-        min_new_tokens=n_tokens,
-        max_new_tokens=n_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-    )
-    device = next(model.parameters()).device
-    # generate() fills unset options from the checkpoint's own generation config (top_k, min_p,
-    # repetition_penalty, ...); swap in a neutral one so that this is pure sampling for every model.
-    saved_gen_cfg = getattr(model, "generation_config", None)
-    if saved_gen_cfg is not None:
-        model.generation_config = GenerationConfig(pad_token_id=pad_id, eos_token_id=eos_id)
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-    out: List[Optional[List[int]]] = [None] * len(prompts)
-    was_training = model.training
-    model.eval()
-    fork_devices = [device] if device.type == "cuda" else []
-    start, next_report = time.time(), 0.1
-    try:
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(seed)
-            for b in range(0, len(order), batch_size):
-                if b / len(order) >= next_report:
-                    LOG.info("Sampled %d/%d targets (%.0f s)", b, len(order), time.time() - start)
-                    next_report += 0.1
-                idx = order[b : b + batch_size]
-                ids, mask = _left_pad([prompts[i] for i in idx], pad_id)
-                gen = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
-                )
-                new = gen[:, ids.shape[1] :].cpu()
-                if new.shape[1] != n_tokens:
-                    raise RuntimeError(f"generate returned {new.shape[1]} new tokens instead of {n_tokens}.")
-                for r, i in enumerate(idx):
-                    out[i] = new[r].tolist()
-    finally:
-        model.train(was_training)
-        if saved_gen_cfg is not None:
-            model.generation_config = saved_gen_cfg
-    return out  # type: ignore[return-value]
-
-
 def build_embedded(tokenizer, seed: int, model, out_dir: Path, params: dict) -> None:
     """Build both splits of the embedded set and write them (original format + extra keys) to out_dir."""
     start = time.time()
@@ -387,7 +308,7 @@ def webtext_passages(split: str) -> List[str]:
     """OpenWebText documents for locality (the original's ``data.wiki_webtext``): 90% train, 10% validation."""
     hint = "data.wiki_webtext=False takes locality passages from the edit corpus instead."
     try:
-        import datasets
+        import datasets  # optional: only data.wiki_webtext=True needs it
     except ImportError as e:
         raise DataError(
             f"data.wiki_webtext=True needs the `datasets` package (pip install datasets) and the HuggingFace "
@@ -640,17 +561,8 @@ class GenDataset(EditDataset):
     # ---- batches
 
     def _pad(self, seqs: List[List[int]], n_prefix: List[int]) -> Dict[str, torch.Tensor]:
-        """Right-pad; labels are the ids except on the first n_prefix[r] positions and on padding (-100)."""
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-        for r, (s, k) in enumerate(zip(seqs, n_prefix)):
-            row = torch.tensor(s, dtype=torch.long)
-            ids[r, : len(s)] = row
-            mask[r, : len(s)] = 1
-            labels[r, k : len(s)] = row[k:]
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        """Right-pad; labels are the ids except on the first n_prefix[r] positions and on padding (IGNORE)."""
+        return prompt_target_batch([(s[:k], s[k:]) for s, k in zip(seqs, n_prefix)], self.pad_id)
 
     def _batch(self, edits: List[int], n_loc: int, epoch: int = 0, draw: int = 0) -> dict:
         inner = self._pad(

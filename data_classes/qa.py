@@ -39,11 +39,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from losses import IGNORE
 from utils import atomic_write_text
 
 from . import DataError
-from .base import EditDataset, data_cache_dir, normalise_split
+from .base import EditDataset, data_cache_dir, normalise_split, read_jsonl
 from .base import rng as _rng
+from .batches import pad_rows, prompt_target_batch
+from .facts import FACT_PACKAGES, RELATIONS, load_facts, objects_by_relation, other_object, split_countries
 
 LOG = logging.getLogger(__name__)
 
@@ -89,48 +92,37 @@ def read_zsre(path: Path) -> Tuple[List[dict], int]:
     object of the right shape raises DataError naming the file and the line.
     """
     records, skipped = [], 0
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror}).") from e
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}); expected {FORMAT_HINT}.") from e
-            if not isinstance(d, dict):
-                raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(d).__name__}.")
-            question = d.get("input")
-            if not isinstance(question, str) or not question.strip():
-                raise DataError(f"{path}, line {lineno}: 'input' must be a non-empty string (the question).")
-            for key in ("alternatives", "filtered_rephrases", "output"):
-                if key in d and not isinstance(d[key], list):
-                    raise DataError(f"{path}, line {lineno}: {key!r} must be a list, got {type(d[key]).__name__}.")
-            alternatives = [a for a in d.get("alternatives") or [] if isinstance(a, str) and a.strip()]
-            rephrases = [r for r in d.get("filtered_rephrases") or [] if isinstance(r, str) and r.strip()]
-            rephrases = [r for r in rephrases if r.strip() != question.strip()]
-            prediction = d.get("prediction") if isinstance(d.get("prediction"), str) else ""
-            answers = [
-                o["answer"] for o in d.get("output") or [] if isinstance(o, dict) and isinstance(o.get("answer"), str)
-            ]
-            answer = next((a for a in answers if a.strip()), prediction)
-            if not alternatives or not rephrases or not answer.strip():
-                skipped += 1
-                continue
-            records.append(
-                {
-                    "input": question,
-                    "prediction": prediction or answer,
-                    "alternatives": alternatives,
-                    "rephrases": rephrases,
-                    "answer": answer,
-                    "country": d.get("country"),
-                    "line": lineno,
-                }
-            )
+    for lineno, where, d in read_jsonl(path, DataError, f"expected {FORMAT_HINT}"):
+        if not isinstance(d, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}.")
+        question = d.get("input")
+        if not isinstance(question, str) or not question.strip():
+            raise DataError(f"{where}: 'input' must be a non-empty string (the question).")
+        for key in ("alternatives", "filtered_rephrases", "output"):
+            if key in d and not isinstance(d[key], list):
+                raise DataError(f"{where}: {key!r} must be a list, got {type(d[key]).__name__}.")
+        alternatives = [a for a in d.get("alternatives") or [] if isinstance(a, str) and a.strip()]
+        rephrases = [r for r in d.get("filtered_rephrases") or [] if isinstance(r, str) and r.strip()]
+        rephrases = [r for r in rephrases if r.strip() != question.strip()]
+        prediction = d.get("prediction") if isinstance(d.get("prediction"), str) else ""
+        answers = [
+            o["answer"] for o in d.get("output") or [] if isinstance(o, dict) and isinstance(o.get("answer"), str)
+        ]
+        answer = next((a for a in answers if a.strip()), prediction)
+        if not alternatives or not rephrases or not answer.strip():
+            skipped += 1
+            continue
+        records.append(
+            {
+                "input": question,
+                "prediction": prediction or answer,
+                "alternatives": alternatives,
+                "rephrases": rephrases,
+                "answer": answer,
+                "country": d.get("country"),
+                "line": lineno,
+            }
+        )
     return records, skipped
 
 
@@ -189,8 +181,6 @@ def nq_file(data_cfg, split: str) -> Path:
 
 
 def embedded_params(data_cfg, seed: int) -> dict:
-    from .facts import FACT_PACKAGES
-
     return {
         "format": CACHE_FORMAT,
         "facts": FACT_PACKAGES,
@@ -206,8 +196,6 @@ def embedded_cache_dir(cache_dir: str, params: dict) -> Path:
 
 def build_embedded(params: dict) -> Dict[str, List[dict]]:
     """Both splits of the embedded question set as zsRE records (plus each fact's country and relation)."""
-    from .facts import load_facts, objects_by_relation, other_object, split_countries
-
     val_fraction = params["val_fraction"]
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"data.val_fraction={val_fraction} must be strictly between 0 and 1.")
@@ -242,8 +230,6 @@ def build_embedded(params: dict) -> Dict[str, List[dict]]:
 
 
 def _questions(fact) -> Tuple[str, ...]:
-    from .facts import RELATIONS
-
     return RELATIONS[fact.relation][1]
 
 
@@ -404,25 +390,16 @@ class QADataset(EditDataset):
         self._enc_cache[key] = (prompt, target)
         return prompt, target
 
-    def _pad(self, rows: List[List[int]], value: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), value, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for n, r in enumerate(rows):
-            ids[n, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[n, : len(r)] = 1
-        return ids, mask
-
     def tensors(self, pairs: List[Tuple[str, str]]) -> Dict[str, torch.Tensor]:
         """One batch role (edit_inner, edit_outer or loc) for (question, answer) pairs."""
         enc = [self.encode_pair(q, a) for q, a in pairs]
         if self.seq2seq:
-            ids, mask = self._pad([p for p, _ in enc], self.pad_id)
-            labels, dec_mask = self._pad([t for _, t in enc], -100)
+            ids, mask = pad_rows([p for p, _ in enc], self.pad_id)
+            labels, dec_mask = pad_rows([t for _, t in enc], IGNORE)
             # The model's own shift: the decoder reads the start token, then the labels up to the last one.
             dec_ids = torch.full_like(labels, self.pad_id)
             dec_ids[:, 0] = self.start_id
-            dec_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, self.pad_id)
+            dec_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE, self.pad_id)
             return {
                 "input_ids": ids,
                 "attention_mask": mask,
@@ -430,11 +407,7 @@ class QADataset(EditDataset):
                 "decoder_input_ids": dec_ids,
                 "decoder_attention_mask": dec_mask,
             }
-        ids, mask = self._pad([p + t for p, t in enc], self.pad_id)
-        labels = torch.full_like(ids, -100)
-        for n, (p, t) in enumerate(enc):
-            labels[n, len(p) : len(p) + len(t)] = torch.tensor(t, dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return prompt_target_batch(enc, self.pad_id)
 
     def _batch(self, edits: List[int], n_loc: int, epoch: int = 0, draw: int = 0) -> dict:
         recs = [self.records[i] for i in edits]
@@ -446,7 +419,7 @@ class QADataset(EditDataset):
         # Slot k holds partner k // n_edits of edit k % n_edits (as in gen).
         locs = [self._loc(edits[k % len(edits)], k // len(edits), draw) for k in range(n_loc)]
         loc = self.tensors(locs)
-        cond_ids, cond_mask = self._pad([self._ids(r["cond"], True) for r in recs], self.pad_id)
+        cond_ids, cond_mask = pad_rows([self._ids(r["cond"], True) for r in recs], self.pad_id)
         return {
             "edit_inner": inner,
             "edit_outer": outer,

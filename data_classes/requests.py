@@ -9,12 +9,12 @@ checked, not trained on). A request file has one JSON object per line,
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from typing import List
 
 from errors import EditRequestError
+
+from .base import read_jsonl
 
 REQUEST_KEYS = ("prompt", "target", "rephrases", "watch")
 
@@ -70,23 +70,7 @@ class EditRequest:
 
 def load_requests(path: str) -> List[EditRequest]:
     """Read a JSONL file of requests (blank lines skipped); a malformed line raises naming file and line."""
-    try:
-        with open(os.path.expanduser(path), encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise EditRequestError(f"{path}: no such request file.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EditRequestError(f"{path}: cannot be read ({e}).") from None
-    requests = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EditRequestError(f"{where}: not valid JSON ({e.msg} at column {e.colno}).") from None
-        requests.append(EditRequest.from_dict(obj, where))
+    requests = [EditRequest.from_dict(obj, where) for _, where, obj in read_jsonl(path, EditRequestError)]
     if not requests:
         raise EditRequestError(f"{path}: holds no requests (one JSON object per line).")
     return requests

@@ -195,7 +195,7 @@ def test_accepted_ft_values_edit():
 
 @pytest.mark.parametrize("temperature", [0.0, 1e30])
 def test_accepted_sample_temperatures_sample(temperature):
-    from data_classes.gen import sample_continuations
+    from data_classes.sampling import sample_continuations
 
     tok = SimpleNamespace(pad_token_id=0, eos_token_id=0)
     out = sample_continuations(tiny_gpt2(), tok, [[1, 2, 3], [4, 5]], n_tokens=3, temperature=temperature, seed=0)

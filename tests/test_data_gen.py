@@ -22,7 +22,8 @@ import torch
 from config_schema import DataConfig
 from data_classes import DataError
 from data_classes.corpus import factbook_documents, split_passages, split_sentences
-from data_classes.gen import GenDataset, embedded_cache_dir, embedded_params, sample_continuations
+from data_classes.gen import GenDataset, embedded_cache_dir, embedded_params
+from data_classes.sampling import sample_continuations
 
 N_TOKENS = 10
 MAX_PASSAGE = 64
