@@ -189,8 +189,8 @@ class Config:
     device: str = "auto"
 
     # Outer optimisation (the editor's parameters). Defaults: the paper's values, identical across
-    # models and datasets. Only model configs that carry a demo schedule (smollm2) change them, so the
-    # order of +alg / +experiment / +model on the command line does not matter.
+    # models and datasets. Only the CPU demo schedules (config/schedule/, chosen by the embedded models'
+    # configs smollm2 and minilm) change them, so the order of +alg / +experiment / +model does not matter.
     opt: str = "Adam"
     lr: float = 1e-6  # Adam learning rate of the editor MLPs
     lr_lr: float = 1e-4  # Adam learning rate of the learned per-weight edit step sizes

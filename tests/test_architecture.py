@@ -185,3 +185,15 @@ def test_generic_modules_do_not_name_an_editor(module):
 def test_no_file_is_too_long_to_read():
     long = {str(p.relative_to(ROOT)): n for p in MODULES.values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+def test_the_demo_schedule_comes_with_the_embedded_model_and_yields_to_the_command_line():
+    from config_schema import compose_config
+
+    demo = compose_config(["+alg=mend", "+experiment=gen", "+model=smollm2"])
+    assert (demo.max_iters, demo.lr, demo.model.name) == (400, 1e-6, "embedded:smollm2-135m")
+    assert compose_config(["+model=smollm2", "+alg=mend", "+experiment=gen", "max_iters=7"]).max_iters == 7
+    fc = compose_config(["+alg=efk", "+experiment=fc", "+model=minilm"])
+    assert (fc.max_iters, fc.efk.lr, fc.model.kind) == (600, 1e-4, "classifier")
+    plain = compose_config(["+alg=mend", "+experiment=gen", "+model=distilgpt2"])
+    assert (plain.max_iters, plain.accumulate_bs) == (500000, 10)  # the paper's, untouched by any schedule
