@@ -231,10 +231,8 @@ class EditedModel:
         return state_dict_with(self.base, self.weights)
 
     def apply_to(self, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-        """Write the edited weights into ``model`` (a copy of the base) in place; returns the originals.
-
-        ``restore(model, originals)`` puts them back bit for bit.
-        """
+        """Write the edited weights into ``model`` (a copy of the base) in place; returns the original weights, which
+        ``restore(model, originals)`` puts back bit for bit."""
         originals = {}
         with torch.no_grad():
             for name, w in self.weights.items():
@@ -242,6 +240,13 @@ class EditedModel:
                 originals[name] = param.detach().clone()
                 param.copy_(w.to(param.device, param.dtype))
         return originals
+
+    @staticmethod
+    def restore(model: torch.nn.Module, originals: Dict[str, torch.Tensor]) -> None:
+        """Put back the weights :meth:`apply_to` replaced."""
+        with torch.no_grad():
+            for name, w in originals.items():
+                model.get_parameter(name).copy_(w)
 
     def materialize(self) -> torch.nn.Module:
         """A plain transformers model (a copy of the base) holding the edited weights."""
