@@ -47,8 +47,8 @@ class ModelConfig:
     # Storage type of the base model's weights: float32 | bfloat16 | float16 (the original's half=True). The editor,
     # its optimiser state and the losses stay in float32 whatever this is.
     dtype: str = "float32"
-    # The model's config.json sizes (model_type, hidden_size, ...), so that `python -m benchmarks.memory_estimate` can estimate the
-    # memory a run needs without downloading the model. Not used for loading.
+    # The model's config.json sizes (model_type, hidden_size, ...), so that the memory estimate
+    # (`python -m benchmarks.memory_estimate`) needs no download of the model. Not used for loading.
     arch: Optional[Dict[str, Any]] = None
 
 
