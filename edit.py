@@ -204,7 +204,7 @@ class Editor:
 
         ``model_name`` loads the base model from another place (e.g. a directory it was moved to);
         ``model`` / ``tokenizer`` use objects already loaded. Either must be the model the editor was trained
-        for: another class, other edited weights or other shapes raise :class:`trainer.CheckpointError`.
+        for: another class, other edited weights or other shapes raise :class:`errors.CheckpointError`.
         """
         path = checkpoint_path(archive)
         ckpt = read_checkpoint(path)
