@@ -132,7 +132,8 @@ _RESUME_FREE_KEYS = (
 def changed_settings(meta: dict, config) -> List[str]:
     """The settings of ``config`` that differ from those a checkpoint was written with (``meta``), as
     "key: old -> new", leaving out the keys that cannot affect training (output places, logging, time limits)."""
-    saved = flatten_dict(meta.get("config", {}))
+    # read as the schema reads it now: keys renamed since compare under their new names
+    saved = flatten_dict(OmegaConf.to_container(merge_saved_config(meta.get("config", {})), resolve=True))
     now = flatten_dict(OmegaConf.to_container(config, resolve=True))
     return [
         f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"

@@ -2,13 +2,17 @@
 
 Every key a run accepts is declared here, with its type and default. Hydra validates the
 YAML files in ``config/`` and each command-line override against this schema, so an unknown
-key (``lrr=1e-4``) or a mistyped value (``lr=abc``) is refused before anything is loaded,
+key (``mend.lrr=1e-4``) or a mistyped value (``mend.lr=abc``) is refused before anything is loaded,
 with a message that names the key.
 
-Every numeric key has a range (:data:`RANGES`): a value outside it (``max_iters=0``, ``edit_lr=nan``,
+Every numeric key has a range (:data:`RANGES`): a value outside it (``max_iters=0``, ``mend.edit_lr=nan``,
 ``batch_size=1e12``) is refused by :func:`validate_config` with a one-line message that names the key, the value
 and what is expected. Checks that span several keys (``combine`` with ``one_sided``, ``n_edits >= batch_size``,
 ...) live there too. ``run.py`` calls it once, before anything heavy loads.
+
+Each editor's own settings live in its group (``mend.*``, ``efk.*``, ``enn.*``, ``ft.*``). Keys that earlier versions
+spelled otherwise (:data:`RENAMED_KEYS`: MEND's rates at the top level, ``ft.edit_lr``) are moved on reading a saved
+configuration, and refused on the command line with a message that gives the new name.
 """
 
 from __future__ import annotations
@@ -87,6 +91,11 @@ class DataConfig:
 
 @dataclass
 class MendConfig:
+    # Outer optimisation: the paper's values, identical across models and datasets. Only the CPU demo schedules
+    # (config/schedule/, chosen by the embedded models' configs smollm2 and minilm) change them.
+    lr: float = 1e-6  # Adam learning rate of the editor MLPs
+    lr_lr: float = 1e-4  # Adam learning rate of the learned per-weight edit step sizes
+    edit_lr: float = 1e-4  # initial per-weight edit step size alpha_l
     rank: int = 1920
     n_hidden: int = 1
     init: str = "id"  # id | xavier
@@ -134,7 +143,7 @@ class FTLocalityConfig:
 @dataclass
 class FTConfig:
     # Fine-tuning the edited weights on the edit example; no training.
-    edit_lr: float = 5e-6  # learning rate of the fine-tuning optimizer (the original's ft.yaml)
+    lr: float = 5e-6  # learning rate of the fine-tuning optimizer (the original's ft.yaml edit_lr)
     opt: str = "RMSprop"  # a torch.optim class name
     max_edit_steps: int = 100  # stop after this many steps even if the target is not yet the greedy prediction
     time_limit: Optional[float] = None  # seconds per edit (None: no limit)
@@ -188,13 +197,10 @@ class Config:
     # auto | cpu | cuda | cuda:N. auto picks cuda when available.
     device: str = "auto"
 
-    # Outer optimisation (the editor's parameters). Defaults: the paper's values, identical across
-    # models and datasets. Only the CPU demo schedules (config/schedule/, chosen by the embedded models'
-    # configs smollm2 and minilm) change them, so the order of +alg / +experiment / +model does not matter.
+    # Outer optimisation, shared by the trained editors (their learning rates are in their groups: mend.lr,
+    # efk.lr, enn.lr). Defaults: the paper's values; only the CPU demo schedules (config/schedule/) change them,
+    # so the order of +alg / +experiment / +model does not matter.
     opt: str = "Adam"
-    lr: float = 1e-6  # Adam learning rate of the editor MLPs
-    lr_lr: float = 1e-4  # Adam learning rate of the learned per-weight edit step sizes
-    edit_lr: float = 1e-4  # initial per-weight edit step size alpha_l
     cedit: float = 0.1
     cloc: float = 1.0
     # Weight of the base-model loss (ENN's train_base) in the logged loss/total only: as in the original, that loss
@@ -284,6 +290,14 @@ def check_command_line(args: Sequence[str]) -> None:
     ...) and ``HYDRA_FULL_ERROR=1`` leave the command line to Hydra alone."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(a.startswith("-") for a in args):
         return
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if "=" in arg and key in RENAMED_KEYS:
+            value = arg.split("=", 1)[1]
+            raise ConfigError(
+                f"{key}= is now {RENAMED_KEYS[key]}= (each editor's settings live in its own group): "
+                f"use {RENAMED_KEYS[key]}={value}."
+            )
     compose_config(args)
 
 
@@ -372,7 +386,6 @@ TOKENS = Range(1, 2**17, why="no model this project runs has a longer context")
 # validate_config before anything loads.
 RANGES: Dict[str, Range] = {
     # outer optimisation
-    **dict.fromkeys(("lr", "lr_lr", "edit_lr"), STEP),
     **dict.fromkeys(("cedit", "cloc", "cbase"), LOSS_WEIGHT),
     "grad_clip": Range(0, low_open=True, why="a huge value leaves the gradients unclipped"),
     **dict.fromkeys(("batch_size", "val_batch_size"), BATCH),
@@ -393,6 +406,7 @@ RANGES: Dict[str, Range] = {
     "data.sample_temperature": Range(0, why="0 decodes greedily"),
     **dict.fromkeys(("data.max_documents", "data.max_passages", "data.max_countries"), Range(1, null="all")),
     # editors
+    **dict.fromkeys(("mend.lr", "mend.lr_lr", "mend.edit_lr"), STEP),
     "mend.rank": Range(1, why="a larger rank is capped at each layer's width"),
     "mend.n_hidden": Range(0, 1024, why="every layer is allocated at once"),
     "efk.lr": STEP,
@@ -400,7 +414,7 @@ RANGES: Dict[str, Range] = {
     "efk.max_scale": STEP,
     **dict.fromkeys(("enn.lr", "enn.edit_lr", "enn.lr_lr"), STEP),
     "enn.n_edit_steps": Range(1, 1024, why="every inner step is kept in memory for the backward pass"),
-    "ft.edit_lr": STEP,
+    "ft.lr": STEP,
     "ft.max_edit_steps": COUNT,
     "ft.time_limit": Range(0, low_open=True, null="no limit"),
     "ft.rank": Range(1, 2**16, null="a full-rank residual", why="a residual of this rank is allocated at once"),
@@ -427,19 +441,44 @@ def check_ranges(cfg) -> None:
 
 # Keys that an earlier version of the schema declared: a saved configuration (a checkpoint's) may still hold them.
 REMOVED_KEYS = ("eval.verbose",)
+# Keys that an earlier version spelled otherwise: old name -> new name.
+RENAMED_KEYS = {
+    "lr": "mend.lr",
+    "lr_lr": "mend.lr_lr",
+    "edit_lr": "mend.edit_lr",
+    "ft.edit_lr": "ft.lr",
+}
+
+
+def _parent(tree: dict, key: str, create: bool = False):
+    """The dict of a nested dict that holds the dotted ``key`` (created on the way when ``create``), and its last
+    name; ``(None, name)`` where a parent is missing."""
+    *parents, name = key.split(".")
+    node = tree
+    for parent in parents:
+        if create and isinstance(node, dict):
+            node = node.setdefault(parent, {})
+        else:
+            node = node.get(parent) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), name
 
 
 def merge_saved_config(saved: dict):
     """A run configuration saved by this or an earlier version (a checkpoint's metadata) over the schema's
-    defaults: keys declared since take their defaults, keys removed since (:data:`REMOVED_KEYS`) are dropped."""
+    defaults: keys declared since take their defaults, keys renamed since (:data:`RENAMED_KEYS`) move to their new
+    names, keys removed since (:data:`REMOVED_KEYS`) are dropped."""
     saved = copy.deepcopy(saved)
     for key in REMOVED_KEYS:
-        *parents, name = key.split(".")
-        node = saved
-        for parent in parents:
-            node = node.get(parent) if isinstance(node, dict) else None
-        if isinstance(node, dict):
+        node, name = _parent(saved, key)
+        if node is not None:
             node.pop(name, None)
+    for old, new in RENAMED_KEYS.items():
+        node, name = _parent(saved, old)
+        if node is None or name not in node:
+            continue
+        value = node.pop(name)
+        target, new_name = _parent(saved, new, create=True)
+        target.setdefault(new_name, value)  # a saved config that holds both keeps the new one
     return OmegaConf.merge(OmegaConf.structured(Config), saved)
 
 

@@ -10,10 +10,10 @@ A subclass implements exactly:
   - ``with_weights(weights) -> EditableModel``: the same editor on other edited weights (what ``edit`` returns);
   - ``outer_parameters() -> list[nn.Parameter]``: everything the outer (editor-training) optimiser updates.
 It may also override:
-  - ``step_size_parameters()`` when some outer parameters (learned step sizes) take their own
-    optimiser with learning rate ``lr_lr``;
-  - ``outer_lr()``, the learning rate of the other outer parameters (default: ``lr``), and ``step_size_lr()``,
-    that of the step sizes (default: ``lr_lr``);
+  - ``outer_lr()``, the learning rate of the outer parameters, read from the editor's config group (e.g.
+    ``mend.lr``); an editor with outer parameters must name it;
+  - ``step_size_parameters()`` when some outer parameters (learned step sizes) take their own optimiser, with
+    ``step_size_lr()`` its learning rate (e.g. ``mend.lr_lr``);
   - ``base_loss(loc_inputs, mask)``, an extra training loss on the locality inputs (ENN's ``train_base``);
   - ``attach_training_data(dataset)``, for editors that draw data at edit time (FT+KL).
 It declares what generic code must know about it, so that no generic module names an editor:
@@ -146,16 +146,16 @@ class EditableModel(nn.Module, ABC):
         """All parameters trained by the outer loop."""
 
     def step_size_parameters(self) -> List[nn.Parameter]:
-        """Outer parameters that take the separate step-size optimiser (lr_lr). Default: none."""
+        """Outer parameters that take the separate step-size optimiser (``step_size_lr()``). Default: none."""
         return []
 
     def outer_lr(self) -> float:
-        """Learning rate of the outer parameters that are not step sizes."""
-        return float(self.config.lr)
+        """Learning rate of the outer parameters that are not step sizes (a key of the editor's config group)."""
+        raise NotImplementedError(f"{type(self).__name__} has outer parameters but names no learning rate for them")
 
     def step_size_lr(self) -> float:
         """Learning rate of the step-size optimiser (``step_size_parameters()``)."""
-        return float(self.config.lr_lr)
+        raise NotImplementedError(f"{type(self).__name__} has step sizes but names no learning rate for them")
 
     def base_loss(self, loc_inputs: dict, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """An extra training loss on the locality inputs; None: no such term.

@@ -116,7 +116,7 @@ class EditTrainer:
         ):
             if opt is not None and ckpt.get(key):
                 opt.load_state_dict(ckpt[key])
-                for group in opt.param_groups:  # a changed lr / lr_lr on the command line takes effect
+                for group in opt.param_groups:  # a changed rate on the command line takes effect
                     group["lr"] = lr
         params = dict(self.editor.named_parameters())
         if self.dist.is_main:  # gradients accumulated since the last optimiser step (see distributed.mean_gradients)
@@ -266,7 +266,8 @@ class EditTrainer:
             raise NonFiniteLossError(
                 f"{self.consecutive_nonfinite} consecutive training steps (up to step {self.step + 1}) had "
                 f"non-finite losses or gradients (max_nonfinite_steps={self.config.max_nonfinite_steps}); "
-                f"stopping. Lower lr / edit_lr, check cedit / cloc, or raise max_nonfinite_steps."
+                f"stopping. Lower the editor's rates ({self.config.alg}.lr and the like), check cedit / cloc, or raise "
+                f"max_nonfinite_steps."
             )
 
     def _sync_due(self) -> bool:

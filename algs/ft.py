@@ -2,7 +2,7 @@
 
 An edit fine-tunes a residual R added to each edited weight (W~ = W + R, R = 0 at the start; with
 ``ft.rank`` set, R = U V with U random and V zero) on the edit example with ``ft.opt`` (RMSprop) at
-``ft.edit_lr``, until the edit target is the greedy prediction for every edit of the batch, or
+``ft.lr``, until the edit target is the greedy prediction for every edit of the batch, or
 ``ft.max_edit_steps`` optimizer steps, or ``ft.time_limit`` seconds. The base model is not touched.
 
 ``ft.locality.enabled=True`` gives FT+KL: each step draws ``ft.locality.batch_size`` locality examples
@@ -79,7 +79,7 @@ class FT(EditableModel):
             else:
                 factors[n] = [nn.Parameter(torch.zeros_like(w))]
         params = [p for fs in factors.values() for p in fs]
-        opt = getattr(torch.optim, cfg.opt)(params, lr=cfg.edit_lr)
+        opt = getattr(torch.optim, cfg.opt)(params, lr=cfg.lr)
 
         def edited_weights():
             return {n: base[n] + (fs[0] @ fs[1] if len(fs) == 2 else fs[0]) for n, fs in factors.items()}

@@ -258,7 +258,7 @@ class MEND(EditableModel):
                 mend[key] = GradientTransform(d_in, d_out, config.mend, n_modes)
         self.mend = mend
         if edit_lrs is None:
-            edit_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(config.edit_lr)))
+            edit_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(config.mend.edit_lr)))
         self.edit_lrs = edit_lrs
         if config.mend.update_rule not in UPDATE_RULES:
             raise ValueError(
@@ -274,6 +274,12 @@ class MEND(EditableModel):
 
     def step_size_parameters(self) -> List[nn.Parameter]:
         return [self.edit_lrs]
+
+    def outer_lr(self) -> float:
+        return float(self.config.mend.lr)
+
+    def step_size_lr(self) -> float:
+        return float(self.config.mend.lr_lr)
 
     def descent_step_sizes(self) -> torch.Tensor:
         """The step sizes alpha_l of the paper's rule W~ = W - alpha_l * g~, whichever rule the editor applies."""

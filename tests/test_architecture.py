@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -191,9 +192,18 @@ def test_the_demo_schedule_comes_with_the_embedded_model_and_yields_to_the_comma
     from config_schema import compose_config
 
     demo = compose_config(["+alg=mend", "+experiment=gen", "+model=smollm2"])
-    assert (demo.max_iters, demo.lr, demo.model.name) == (400, 1e-6, "embedded:smollm2-135m")
+    assert (demo.max_iters, demo.mend.lr, demo.model.name) == (400, 1e-6, "embedded:smollm2-135m")
     assert compose_config(["+model=smollm2", "+alg=mend", "+experiment=gen", "max_iters=7"]).max_iters == 7
     fc = compose_config(["+alg=efk", "+experiment=fc", "+model=minilm"])
     assert (fc.max_iters, fc.efk.lr, fc.model.kind) == (600, 1e-4, "classifier")
     plain = compose_config(["+alg=mend", "+experiment=gen", "+model=distilgpt2"])
     assert (plain.max_iters, plain.accumulate_bs) == (500000, 10)  # the paper's, untouched by any schedule
+
+
+def test_the_package_installs_every_module_of_the_project():
+    """``pip install -e .`` makes the top-level modules importable from anywhere only if pyproject lists them all."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    modules = sorted(p.stem for p in ROOT.glob("*.py"))
+    packages = sorted(p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name != "tests")
+    assert sorted(project["py-modules"]) == modules
+    assert sorted(project["packages"]) == packages

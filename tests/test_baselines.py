@@ -22,8 +22,8 @@ EDITORS = {
     "mend": (MEND, {}),
     "efk": (EFK, SMALL_EFK),
     "enn": (ENN, {"train_base": True}),
-    "ft": (FT, {"ft.edit_lr": 1e-3}),
-    "ft+kl": (FT, {"ft.edit_lr": 1e-3, "ft.locality.enabled": True, "ft.locality.batch_size": 2}),
+    "ft": (FT, {"ft.lr": 1e-3}),
+    "ft+kl": (FT, {"ft.lr": 1e-3, "ft.locality.enabled": True, "ft.locality.batch_size": 2}),
 }
 
 
@@ -85,8 +85,8 @@ def _train(name, model, tmp_path, steps, **overrides):
     cls, base = EDITORS[name]
     settings = {
         "alg": cls.__name__.lower(),
-        "lr": 1e-3,
-        "lr_lr": 1e-2,
+        "mend.lr": 1e-3,
+        "mend.lr_lr": 1e-2,
         "accumulate_bs": 1,
         "max_iters": steps,
         "val_interval": max(steps, 1),
@@ -262,7 +262,7 @@ def test_enn_train_base_trains_every_base_parameter_with_a_kl_to_the_original_mo
 # FT: when it stops
 # ------------------------------------------------------------------------------------------------
 def _ft_edit(model, batch, **overrides):
-    editor = make_editor("ft", model, **{"ft.opt": "Adam", "ft.edit_lr": 3e-3, **overrides})
+    editor = make_editor("ft", model, **{"ft.opt": "Adam", "ft.lr": 3e-3, **overrides})
     edited, info = editor.edit(batch)
     return edited, info, editor.loss_with(batch, edited.weights)["acc"].item()
 
@@ -283,7 +283,7 @@ def test_ft_never_exceeds_max_edit_steps_and_leaves_a_solved_edit_alone():
     build, _, _ = TINY["llama"]
     model = build()
     batch = next(SyntheticEdits(8, seed=4).edit_generator(2, n=1))["edit_inner"]
-    edited, info, acc = _ft_edit(model, batch, **{"ft.edit_lr": 1e-9, "ft.max_edit_steps": 7})
+    edited, info, acc = _ft_edit(model, batch, **{"ft.lr": 1e-9, "ft.max_edit_steps": 7})
     assert edited.steps_taken == 7 and info["ft/steps"] == 7.0 and acc < 1.0
     # a target that already is the greedy prediction takes no step and changes nothing
     with torch.no_grad():

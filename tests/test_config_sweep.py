@@ -28,7 +28,8 @@ from omegaconf.errors import OmegaConfBaseException
 from test_run import ROOT, run_cli, workspace  # noqa: F401  (workspace is a fixture)
 
 from algs import ALGS
-from config_schema import RANGES, Config, ConfigError, compose_config, validate_config
+from checkpoints import changed_settings
+from config_schema import RANGES, Config, ConfigError, compose_config, merge_saved_config, validate_config
 from data_classes import DATASETS
 
 BASE = ["+alg=mend", "+experiment=gen", "+model=smollm2"]
@@ -131,7 +132,7 @@ def test_the_refusals_say_what_is_expected(base_cfg):
         return str(e.value)
 
     assert refusal("max_iters", 0) == "max_iters=0: expected an integer >= 1."
-    assert refusal("edit_lr", math.nan).startswith("edit_lr=nan: expected a finite number in (0, 1000];")
+    assert refusal("mend.edit_lr", math.nan).startswith("mend.edit_lr=nan: expected a finite number in (0, 1000];")
     assert refusal("batch_size", 10**12).startswith("batch_size=1000000000000: expected an integer in [1, 65536];")
     assert refusal("max_time", math.inf) == "max_time=inf: expected a finite number > 0, or null (no limit)."
     assert "or null (a full-rank residual)" in refusal("ft.rank", 0)
@@ -158,7 +159,7 @@ def test_accepted_edge_values_train(tmp_path, overrides):
 
     cfg = make_config(
         "llama",
-        lr=1e-3,
+        mend__lr=1e-3,
         accumulate_bs=1,
         max_iters=4,
         val_interval=4,
@@ -209,7 +210,7 @@ def test_accepted_sample_temperatures_sample(temperature):
     "override, key",
     [
         ("max_iters=0", "max_iters"),  # was a RuntimeError from deep inside the editor after training nothing
-        ("edit_lr=nan", "edit_lr"),  # was a run of skipped steps ending in a table of NaN, exit 0
+        ("mend.edit_lr=nan", "mend.edit_lr"),  # was a run of skipped steps ending in a table of NaN, exit 0
         ("batch_size=-1", "batch_size"),
         ("max_iters=nan", "max_iters"),  # Hydra's own refusal: several lines and exit status 1
         ("data.n_edits=1e30", "data.n_edits"),
@@ -236,7 +237,6 @@ def test_a_command_line_without_an_editor_says_which_to_choose(tmp_path):
 def test_a_configuration_saved_before_the_data_keys_were_declared_still_loads():
     """A checkpoint's configuration from before this schema: it holds eval.verbose (since removed) and lacks the
     data keys declared since; merged over the schema, it has every key the data classes read."""
-    from config_schema import merge_saved_config
 
     saved = OmegaConf.to_container(make_config("llama"))
     saved["eval"]["verbose"] = True
@@ -245,3 +245,31 @@ def test_a_configuration_saved_before_the_data_keys_were_declared_still_loads():
     cfg = merge_saved_config(saved)
     assert "verbose" not in cfg.eval and cfg.data.max_passages == 1200 and cfg.data.max_length == 128
     assert saved["eval"]["verbose"] is True  # the saved dict itself is left as it was
+
+
+def test_a_configuration_saved_with_the_old_key_names_moves_them_to_their_groups():
+    """Checkpoints written before each editor's keys moved into its group hold MEND's rates at the top level and
+    FT's rate as ft.edit_lr; read back, the values are those of the new keys."""
+
+    saved = OmegaConf.to_container(make_config("llama"))
+    for key in ("lr", "lr_lr", "edit_lr"):
+        del saved["mend"][key]
+    del saved["ft"]["lr"]
+    saved.update(lr=3e-6, lr_lr=2e-5, edit_lr=7e-4)
+    saved["ft"]["edit_lr"] = 4e-5
+    cfg = merge_saved_config(saved)
+    assert (cfg.mend.lr, cfg.mend.lr_lr, cfg.mend.edit_lr, cfg.ft.lr) == (3e-6, 2e-5, 7e-4, 4e-5)
+    assert "lr" not in cfg and "edit_lr" not in cfg.ft
+    # resuming such a run with the same settings under the new names changes nothing
+    same = make_config("llama", mend__lr=3e-6, mend__lr_lr=2e-5, mend__edit_lr=7e-4, ft__lr=4e-5)
+    assert changed_settings({"config": saved}, same) == []
+    assert changed_settings({"config": saved}, make_config("llama")) == [
+        "ft.lr: 4e-05 -> 5e-06",
+        "mend.edit_lr: 0.0007 -> 0.0001",
+        "mend.lr: 3e-06 -> 1e-06",
+        "mend.lr_lr: 2e-05 -> 0.0001",
+    ]
+    # a saved config that already has the new key keeps it
+    saved = OmegaConf.to_container(make_config("llama", mend__lr=5e-5))
+    saved["lr"] = 1.0
+    assert merge_saved_config(saved).mend.lr == 5e-5

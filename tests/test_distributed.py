@@ -28,9 +28,9 @@ from algs.mend import MEND
 from trainer import EditTrainer
 
 TRAIN = dict(
-    lr=1e-3,
-    lr_lr=1e-2,
-    edit_lr=1e-3,
+    mend__lr=1e-3,
+    mend__lr_lr=1e-2,
+    mend__edit_lr=1e-3,
     accumulate_bs=2,
     max_iters=8,
     val_interval=4,

@@ -63,7 +63,7 @@ def editor_with_statistics(arch: str, tokenizer, seed: int = 0) -> Editor:
     from checkpoints import base_model_identity
 
     model = tiny_model(arch, len(tokenizer), seed)
-    cfg = make_config(arch, edit_lr=1.0)
+    cfg = make_config(arch, mend__edit_lr=1.0)
     alg = MEND(model, cfg)
     editor = Editor(alg, tokenizer, cfg, {}, "test-editor")
     alg.train()

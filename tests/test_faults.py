@@ -39,9 +39,9 @@ from trainer import EditTrainer
 # -- in-process training on a tiny Llama ---------------------------------------------------------------------
 
 TRAIN = dict(
-    lr=1e-3,
-    lr_lr=1e-2,
-    edit_lr=1e-3,
+    mend__lr=1e-3,
+    mend__lr_lr=1e-2,
+    mend__edit_lr=1e-3,
     accumulate_bs=4,
     max_iters=12,
     val_interval=6,
@@ -362,7 +362,7 @@ CLI_TRAIN = (
     "val_steps=3",
     "log_interval=4",
     "accumulate_bs=3",
-    "lr=1e-3",
+    "mend.lr=1e-3",
     "eval.compare_untrained=false",
     "silent=true",
 )

@@ -310,7 +310,7 @@ EDITORS = {
     "mend": (MEND, {}),
     "efk": (EFK, SMALL_EFK),
     "enn": (ENN, {"train_base": True}),
-    "ft": (FT, {"ft.edit_lr": 1e-2}),
+    "ft": (FT, {"ft.lr": 1e-2}),
 }
 
 
@@ -345,7 +345,7 @@ def test_edit_changes_only_inner_params_of_the_classifier(ws, name, n_edits):
 @pytest.mark.parametrize(
     "name, overrides, steps, margin",
     [
-        ("mend", {"lr": 1e-3, "lr_lr": 1e-2, "edit_lr": 1e-2}, 40, 0.02),
+        ("mend", {"mend.lr": 1e-3, "mend.lr_lr": 1e-2, "mend.edit_lr": 1e-2}, 40, 0.02),
         # EFK's outer-product updates start near zero and grow slowly (as in test_baselines): a large editor lr
         ("efk", {"efk.lr": 1e-1, "efk.max_scale": 50.0}, 40, 0.005),
         # a random tiny BERT's gradients at the edited weights are small (norm ~0.015): large initial step sizes

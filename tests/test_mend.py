@@ -41,7 +41,7 @@ def _true_grads(model, batch, names):
 def test_identity_editor_without_norm_reproduces_the_true_gradient(arch):
     build, inner, _ = TINY[arch]
     model = build()
-    cfg = make_config(arch, **{"mend.norm": False, "edit_lr": 0.5})
+    cfg = make_config(arch, **{"mend.norm": False, "mend.edit_lr": 0.5})
     editor = MEND(model, cfg)
     batch = _edit_batch()
     edited, info = editor.edit(batch)
@@ -85,7 +85,7 @@ def test_edit_leaves_base_untouched_changes_only_inner_params_and_leaves_no_hook
 def test_multi_edit_batch_applies_every_edit_in_one_update():
     build, inner, _ = TINY["llama"]
     model = build()
-    cfg = make_config("llama", **{"mend.norm": False, "edit_lr": 20.0, "data.n_edits": 3, "batch_size": 4})
+    cfg = make_config("llama", **{"mend.norm": False, "mend.edit_lr": 20.0, "data.n_edits": 3, "batch_size": 4})
     editor = MEND(model, cfg)
     batch = _edit_batch(n=3, seed=3)
     edited, _ = editor.edit(batch)
@@ -173,9 +173,9 @@ def test_training_raises_edit_success_above_the_untrained_editor(tmp_path):
     model = build()
     cfg = make_config(
         "llama",
-        lr=1e-3,
-        lr_lr=1e-2,
-        edit_lr=1e-4,
+        mend__lr=1e-3,
+        mend__lr_lr=1e-2,
+        mend__edit_lr=1e-4,
         accumulate_bs=1,
         max_iters=300,
         val_interval=300,
@@ -237,7 +237,7 @@ def test_step_sizes_sit_only_in_the_step_size_optimiser_at_lr_lr(tmp_path):
 
     build, _, _ = TINY["llama"]
     model = build()
-    cfg = make_config("llama", lr=1e-6, lr_lr=1e-4)
+    cfg = make_config("llama", mend__lr=1e-6, mend__lr_lr=1e-4)
     trainer = EditTrainer(lambda: MEND(model, cfg), cfg, SyntheticEdits(8), SyntheticEdits(4, seed=1), str(tmp_path))
     edit_lrs = trainer.editor.edit_lrs
     main = [p for g in trainer.opt.param_groups for p in g["params"]]

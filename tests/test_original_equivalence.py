@@ -66,7 +66,7 @@ def make_editor(arch: str, update_rule: str = "paper"):
     cfg = config_for(
         ModelConfig(name=f"golden-{arch}", class_name=meta["model_class"], inner_params=meta["inner_params"]),
         "gen",
-        edit_lr=meta["mend_config"]["edit_lr"],
+        mend__edit_lr=meta["mend_config"]["edit_lr"],
         cedit=meta["mend_config"]["cedit"],
         cloc=meta["mend_config"]["cloc"],
     )

@@ -358,7 +358,7 @@ def test_editor_contract_on_seq2seq(tmp_path, arch, alg):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # MEND without normalisation and ENN are one gradient step at initialisation; FT fine-tunes
     step = 30.0 if arch == "bart" else 1e-1
-    overrides = {"mend.norm": False, "edit_lr": step, "enn.edit_lr": step, "ft.edit_lr": 1e-2, "ft.opt": "Adam"}
+    overrides = {"mend.norm": False, "mend.edit_lr": step, "enn.edit_lr": step, "ft.lr": 1e-2, "ft.opt": "Adam"}
     editor = _editor(arch, alg, model, ds, **overrides)
     editor.train(alg != "mend")
     edited, info = editor.edit(batch["edit_inner"], batch["cond"])
@@ -389,9 +389,9 @@ def test_learned_editors_train_on_qa(tmp_path, alg, steps, overrides):
     train = dataset(tmp_path, model=model, tok=tok, split="train")
     val = dataset(tmp_path, model=model, tok=tok, split="validation")
     settings = {
-        "lr": 1e-3,
-        "lr_lr": 1e-2,
-        "edit_lr": 1e-2,
+        "mend.lr": 1e-3,
+        "mend.lr_lr": 1e-2,
+        "mend.edit_lr": 1e-2,
         "accumulate_bs": 1,
         "max_iters": steps,
         "val_interval": steps,

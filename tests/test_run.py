@@ -98,7 +98,7 @@ def test_train_then_eval_only_reproduces_the_metrics(workspace):
         "val_steps=4",
         "log_interval=4",
         "accumulate_bs=2",
-        "lr=1e-3",
+        "mend.lr=1e-3",
         run_dir=run_dir,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -149,7 +149,8 @@ def test_multi_edit_run(workspace):
     "override, message",
     [
         ("lrr=3", "Key 'lrr' not in"),
-        ("lr=abc", "full_key: lr"),
+        ("mend.lr=abc", "full_key: mend.lr"),
+        ("lr=1e-5", "lr= is now mend.lr= (each editor's settings live in its own group): use mend.lr=1e-5."),
         ("mend.one_sided=true", "mend.combine=True cannot be used with mend.one_sided"),
         ("data.n_edits=2", "data.n_edits=2 must be smaller than batch_size=2"),
         ("model.inner_params=[transformer.h.1.mlp.c_fcc.weight]", "transformer.h.1.mlp.c_fcc.weight"),
