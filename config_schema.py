@@ -154,6 +154,25 @@ class FTConfig:
 
 
 @dataclass
+class SpeedConfig:
+    # Work a training step can skip, with identical results (to float rounding; tests/test_speed.py). Each switch
+    # set to false gives the plain path, which benchmarks/step_speed.py times against.
+    # Run the blocks below the lowest edited one once for the pre- and post-edit locality passes (they see the
+    # same inputs and unedited weights there), unless some of their weights are edited or trained.
+    reuse_lower_blocks: bool = True
+    # One editor-MLP call for all the weights that share it (mend.shared) instead of one call per weight.
+    batched_mlp: bool = True
+    # True weight gradients and their cosine with the pseudo-gradient (grad/cos*, grad/*_mag*) only on the training
+    # steps that log (every log_interval); false: on every training and validation edit. Never when applying edits.
+    grad_stats_on_log_steps: bool = True
+    # A causal LM computes its vocabulary head only at the positions that predict a target token, in the edit and
+    # equivalence passes (the locality passes need every position).
+    label_logits_only: bool = True
+    # An edit made in evaluation (validation, python -m edit) builds no autograd graph through the editor MLPs.
+    no_graph_in_evaluation: bool = True
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = True
     project: str = "mend"
@@ -189,6 +208,7 @@ class Config:
     efk: EFKConfig = field(default_factory=EFKConfig)
     enn: ENNConfig = field(default_factory=ENNConfig)
     ft: FTConfig = field(default_factory=FTConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)

@@ -27,6 +27,7 @@ It declares what generic code must know about it, so that no generic module name
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import Dict, List, Optional
 
@@ -35,7 +36,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from errors import ConfigError
-from losses import binary_log_probs, masked_log_probs
+from losses import IGNORE, binary_log_probs, masked_log_probs
 
 
 def logits_of(output) -> torch.Tensor:
@@ -53,6 +54,17 @@ def call_with_weights(model: nn.Module, weights: Dict[str, torch.Tensor], kwargs
     if weights:
         return logits_of(functional_call(model, weights, (), kwargs, strict=False))
     return logits_of(model(**kwargs))
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """The model's forward can compute its logits at chosen positions only (transformers' ``logits_to_keep``)."""
+    cls = type(model)
+    if cls not in _LOGITS_TO_KEEP:
+        _LOGITS_TO_KEEP[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+    return _LOGITS_TO_KEEP[cls]
+
+
+_LOGITS_TO_KEEP: Dict[type, bool] = {}
 
 
 def state_dict_with(model: nn.Module, weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -90,6 +102,9 @@ class EditableModel(nn.Module, ABC):
         self.config = config
         self.weights: Dict[str, torch.Tensor] = dict(weights or {})
         self.is_classifier = config.model.kind == "classifier"
+        # Compute the figures that are only logged (MEND's true-gradient cosines) on the next edits; the trainer sets
+        # it for the steps that log. Off when applying edits.
+        self.diagnostics = False
         self.shift = config.model.kind == "causal_lm"
 
     # -- running the (edited) model -------------------------------------------------------
@@ -104,8 +119,23 @@ class EditableModel(nn.Module, ABC):
         return call_with_weights(self.model, {**self.weights, **weights}, inputs)
 
     def loss_with(self, batch: dict, weights: Dict[str, torch.Tensor]) -> dict:
-        """Edit-loss metrics of ``batch`` (with labels) with ``weights`` in place of the same-named weights."""
-        return self.edit_loss_fn(self.logits_with(batch, weights), batch["labels"])
+        """Edit-loss metrics of ``batch`` (with labels) with ``weights`` in place of the same-named weights.
+
+        A causal LM whose forward takes ``logits_to_keep`` computes its vocabulary head only at the positions that
+        predict a label (``speed.label_logits_only``): the same metrics, without the logits nobody reads."""
+        labels = batch["labels"]
+        kept = self._label_positions(labels)
+        if kept is None:
+            return self.edit_loss_fn(self.logits_with(batch, weights), labels)
+        logits = self.logits_with({**batch, "logits_to_keep": kept}, weights)
+        return masked_log_probs(logits, labels[:, kept + 1], shift=False)
+
+    def _label_positions(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """The positions whose logits predict a label (those before a label), or None: compute every position."""
+        if not (self.shift and self.config.speed.label_logits_only and accepts_logits_to_keep(self.model)):
+            return None
+        kept = (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(-1)
+        return kept if kept.numel() else None
 
     def current_weight(self, name: str) -> torch.Tensor:
         """The weight ``name`` as this (possibly edited) model uses it."""

@@ -1,17 +1,17 @@
-"""Memory of editor training: which blocks keep activations, activation checkpointing, and an estimate per device.
+"""Memory of editor training: activation checkpointing, and an estimate per device.
 
-Only the blocks from the lowest edited one upward keep activations for the backward pass: the base model is frozen,
-so nothing below the first edited weight requires a gradient and autograd saves nothing there (the original needed
-a fork of transformers for this; here it follows from editing through ``functional_call`` with frozen weights, and
-tests/test_memory.py checks it). ``activation_checkpointing=True`` also drops the activations inside those blocks
-and recomputes them in the backward pass.
+Only the blocks from the lowest edited one upward keep activations for the backward pass (``blocks.grad_blocks``):
+the base model is frozen, so nothing below the first edited weight requires a gradient and autograd saves nothing
+there (the original needed a fork of transformers for this; here it follows from editing through
+``functional_call`` with frozen weights, and tests/test_memory.py checks it). ``activation_checkpointing=True`` also
+drops the activations inside those blocks and recomputes them in the backward pass.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterable, List
+from typing import List
 
 import torch
 import torch.nn as nn
@@ -22,35 +22,9 @@ from torch.profiler._memory_profiler import Action
 from torch.utils.checkpoint import checkpoint
 
 from algs import editor_class
+from blocks import grad_blocks
 
 LOG = logging.getLogger("memory")
-
-
-def _block_of(model: nn.Module, param_name: str):
-    """(name of the ModuleList holding the block, index) of the block that owns ``param_name``, or None."""
-    parts = param_name.split(".")
-    module = model
-    for i, part in enumerate(parts[:-1]):
-        child = module.get_submodule(part)
-        if isinstance(module, nn.ModuleList):
-            return ".".join(parts[:i]), int(part)
-        module = child
-    return None
-
-
-def grad_blocks(model: nn.Module, inner_params: Iterable[str]) -> List[str]:
-    """Names of the blocks that keep activations: in each stack of blocks, the lowest edited one and all above it."""
-    lowest = {}
-    for name in inner_params:
-        found = _block_of(model, name)
-        if found is not None:
-            stack, index = found
-            lowest[stack] = min(index, lowest.get(stack, index))
-    names = []
-    for stack, index in lowest.items():
-        n_blocks = len(model.get_submodule(stack))
-        names += [f"{stack}.{i}" for i in range(index, n_blocks)]
-    return names
 
 
 @contextlib.contextmanager

@@ -13,15 +13,16 @@ import inspect
 import logging
 import os
 import signal
-import threading
 import time
 from typing import Callable, Dict, Optional
 
 import torch
 from omegaconf import OmegaConf
+from torch.profiler import record_function
 from tqdm import tqdm
 
 import distributed
+from blocks import LowerBlocks, grad_blocks
 from checkpoints import (
     BEST_NAME,
     LAST_NAME,
@@ -36,11 +37,13 @@ from checkpoints import (
 from editable_model import EditableModel
 from errors import NonFiniteLossError, TrainingInterrupted
 from losses import kl_loc_loss
-from memory import activation_checkpointing, grad_blocks
+from memory import activation_checkpointing
 from reporting import format_stats, init_wandb, summary_table
+from signals import graceful_stop
 from utils import (
     EarlyStopper,
     StatAverager,
+    all_finite,
     model_inputs,
     peak_memory_mb,
     rng_state,
@@ -94,6 +97,7 @@ class EditTrainer:
 
         # Under torchrun: DDP over the editor's parameters (it starts every rank from rank 0's editor).
         wrap = self.dist.enabled and self.editor.needs_training  # FT trains nothing: no DDP wrapper
+        self._lower: Optional[LowerBlocks] = None  # built on first use (_lower_blocks)
         self._ddp = distributed.wrap(self.editor, self._edit_losses, self.device) if wrap else None
         if self.dist.enabled and config.resume is None:
             seed_everything(config.seed + self.dist.rank)  # rank 0 keeps the single-process stream
@@ -146,27 +150,39 @@ class EditTrainer:
             self.wandb.log(stats, step=step)
 
     # -- one edit step ----------------------------------------------------------------------
-    def edit_step(self, batch: dict, training: bool) -> Dict[str, float]:
+    def edit_step(self, batch: dict, training: bool, diagnostics: bool = False) -> Dict[str, float]:
+        """One edit and its losses; in training, their gradients accumulated into the editor. ``diagnostics``: also
+        the figures that are only logged (see ``speed.grad_stats_on_log_steps``)."""
         editor = self.editor
         editor.train(training)
+        editor.diagnostics = diagnostics or not self.config.speed.grad_stats_on_log_steps
         batch = to_device(batch, self.device)
         loc, outer = batch["loc"], batch["edit_outer"]
+        lower = self._lower_blocks()
 
-        with torch.no_grad():
-            pre_loc_logits = editor(**model_inputs(loc))
-            pre_edit = None if training else editor.edit_loss_fn(editor(**model_inputs(outer)), outer["labels"])
+        # The parts of a step are labelled for the profiler (benchmarks/step_speed.py reports their shares).
+        with torch.no_grad(), record_function("step/pre_edit"):
+            with lower.record() if lower else contextlib.nullcontext():
+                pre_loc_logits = editor(**model_inputs(loc))
+            pre_edit = None if training else editor.loss_with(outer, {})
 
-        if training and self._ddp is not None:  # through DDP, which then averages the gradients over ranks
-            with distributed.optional_no_sync(self._ddp, self._sync_due()):
-                out = self._ddp(batch, pre_loc_logits, training)
-        else:
-            out = self._edit_losses(batch, pre_loc_logits, training)
+        try:
+            if training and self._ddp is not None:  # through DDP, which then averages the gradients over ranks
+                with distributed.optional_no_sync(self._ddp, self._sync_due()):
+                    out = self._ddp(batch, pre_loc_logits, training, lower)
+            else:
+                out = self._edit_losses(batch, pre_loc_logits, training, lower)
+        finally:
+            editor.diagnostics = False
+            if lower:
+                lower.clear()
         info, edit_time, post_edit = out["info"], out["edit_time"], out["post_edit"]
         post_loc_logits, l_edit, l_loc, l_total = out["post_loc_logits"], out["l_edit"], out["l_loc"], out["l_total"]
         l_total_edit, l_base = out["l_total_edit"], out["l_base"]
 
         if training:
-            self._backward(out["loss"])
+            with record_function("step/backward"):
+                self._backward(out["loss"])
 
         with torch.no_grad():
             pre_loc = editor.loc_loss_fn(pre_loc_logits, loc["labels"])
@@ -209,23 +225,30 @@ class EditTrainer:
             info.update({f"lr/lr{i}": lr.item() for i, lr in enumerate(p.detach().reshape(-1))})
         return info
 
-    def _edit_losses(self, batch: dict, pre_loc_logits: torch.Tensor, training: bool) -> dict:
+    def _edit_losses(
+        self, batch: dict, pre_loc_logits: torch.Tensor, training: bool, lower: Optional[LowerBlocks] = None
+    ) -> dict:
         """The differentiable part of an edit step: the edit, then the losses of the edited model.
 
         Returns the total loss under "loss" with what the metrics need. Under torchrun this is the forward of the
-        module DDP wraps (distributed.EditStep).
+        module DDP wraps (distributed.EditStep). ``lower``: the lower blocks recorded in the pre-edit locality pass,
+        replayed in the post-edit one.
         """
         cfg = self.config
         loc, outer = batch["loc"], batch["edit_outer"]
         loc_mask = loc.get("decoder_attention_mask", loc["attention_mask"])
 
         start = time.perf_counter()
-        edited, info = self.editor.edit(batch["edit_inner"], batch.get("cond"))
+        with record_function("step/edit"):
+            edited, info = self.editor.edit(batch["edit_inner"], batch.get("cond"))
         edit_time = time.perf_counter() - start
 
         with torch.set_grad_enabled(training), activation_checkpointing(edited.model, self._checkpointed_blocks()):
-            post_edit = edited.edit_loss_fn(edited(**model_inputs(outer)), outer["labels"])
-            post_loc_logits = edited(**model_inputs(loc))
+            with record_function("step/post_edit_equivalence"):
+                post_edit = edited.loss_with(outer, {})
+            with record_function("step/post_edit_locality"):
+                with lower.replay(edited.weights) if lower else contextlib.nullcontext():
+                    post_loc_logits = edited(**model_inputs(loc))
             l_edit = post_edit["nll"]
             l_loc = kl_loc_loss(pre_loc_logits, post_loc_logits, loc_mask)
             l_total_edit = cfg.cedit * l_edit + cfg.cloc * l_loc
@@ -248,6 +271,14 @@ class EditTrainer:
             "info": info,
             "edit_time": edit_time,
         }
+
+    def _lower_blocks(self) -> Optional[LowerBlocks]:
+        """The blocks below the edits, reused between the locality passes (``speed.reuse_lower_blocks``)."""
+        if not self.config.speed.reuse_lower_blocks:
+            return None
+        if self._lower is None or self._lower.model is not self.editor.model:
+            self._lower = LowerBlocks(self.editor.model, self.config.model.inner_params)
+        return self._lower if self._lower.blocks else None
 
     def _checkpointed_blocks(self) -> list:
         """The blocks whose activations are recomputed in the backward pass (activation_checkpointing=True)."""
@@ -289,7 +320,7 @@ class EditTrainer:
             self._skip_nonfinite()
             return
         (loss * distributed.per_rank_loss_scale(self.config, self.dist.world_size)).backward()
-        if sync and not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
+        if sync and not all_finite(p.grad for p in params):
             for p in params:
                 p.grad = None
             self._skip_nonfinite()
@@ -305,14 +336,17 @@ class EditTrainer:
         grads = None
         if torch.isfinite(loss):
             grads = torch.autograd.grad(loss / self.config.accumulate_bs, params, allow_unused=True)
-        if grads is None or not all(g is None or torch.isfinite(g).all() for g in grads):
+        if grads is None or not all_finite(grads):
             self._skip_nonfinite()
             return
         self.consecutive_nonfinite = 0
         for p, g in zip(params, grads):
             if g is None:
                 continue
-            p.grad = g if p.grad is None else p.grad + g
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
 
     def _optimizer_step(self) -> Dict[str, float]:
         params = [p for p in self.editor.outer_parameters() if p.grad is not None]
@@ -427,33 +461,15 @@ class EditTrainer:
         self._last_saved_step = self.step
 
     # -- signals --------------------------------------------------------------------------
-    @contextlib.contextmanager
     def _stop_on_signals(self):
         """SIGINT / SIGTERM ask training to stop after the current step; a second one stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {}
 
-        def handler(signum, frame):
-            if self._stop_signal is not None:
-                signal.signal(signum, signal.SIG_DFL)
-                raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        def first(signum):
             self._stop_signal = signum
-            LOG.warning(
-                "%s received: stopping after the current step and writing checkpoints/%s (send it again to "
-                "stop at once).",
-                signal.Signals(signum).name,
-                LAST_NAME,
-            )
+            what = f"{signal.Signals(signum).name} received: stopping after the current step and writing"
+            LOG.warning("%s checkpoints/%s (send it again to stop at once).", what, LAST_NAME)
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
-        try:
-            yield
-        finally:
-            for sig, h in previous.items():
-                signal.signal(sig, h)
+        return graceful_stop(first, lambda: self._stop_signal is not None)
 
     # -- the loop -------------------------------------------------------------------------
     def _train_batches(self):
@@ -542,7 +558,8 @@ class EditTrainer:
         # 1. one edit and its losses, gradients accumulated into the editor (on N processes: N batches at once,
         #    and the normalisation statistics merged over them)
         before = distributed.stats_snapshot(self.editor)
-        averager.add(self.edit_step(batch, training=True))
+        log_due = (self.step + self.dist.world_size) // cfg.log_interval != self.step // cfg.log_interval
+        averager.add(self.edit_step(batch, training=True, diagnostics=log_due))
         distributed.merge_running_stats(self.editor, before)
         self.step += self.dist.world_size
         # 2. an optimiser step every accumulate_bs edits

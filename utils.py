@@ -12,7 +12,7 @@ import statistics
 import sys
 import tempfile
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -80,6 +80,13 @@ def peak_memory_mb() -> Dict[str, float]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def all_finite(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
+    """No tensor (None: skipped) holds an inf or a NaN. One sum per tensor, read once: a sum is non-finite when a
+    term is (or when finite terms overflow float32's 3e38 together, values no training step should apply either)."""
+    sums = [t.sum(dtype=torch.float32) for t in tensors if t is not None]
+    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def model_inputs(batch: dict) -> dict:

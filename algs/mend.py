@@ -48,22 +48,21 @@ def weight_layout(module: nn.Module, param_name: str) -> Tuple[bool, int, int]:
 
 @contextmanager
 def capture_factors(model: nn.Module, module_names: List[str]):
-    """Record each named module's input x and the gradient delta at its output during one forward/backward.
+    """Record each named module's input x and its output during one forward pass.
 
-    Yields a dict name -> {"x": [tensors], "delta": [tensors]} (each (N, d), detached). All hooks are
-    removed on exit, whatever happens inside the block; nothing is left on the model or its parameters.
+    Yields a dict name -> {"x": [tensors], "out": [tensors]}: the inputs (N, d_in), detached, and the outputs as the
+    graph holds them, one entry per call of the module. The gradients delta = dL/d(out) are then asked of autograd
+    for these outputs alone, which computes no weight gradient. All hooks are removed on exit, whatever happens
+    inside the block; nothing is left on the model or its parameters.
     """
-    records: Dict[str, Dict[str, list]] = {n: {"x": [], "delta": []} for n in module_names}
+    records: Dict[str, Dict[str, list]] = {n: {"x": [], "out": []} for n in module_names}
     handles = []
 
     def make_hook(name):
         def forward_hook(module, inputs, output):
             x = inputs[0]
             records[name]["x"].append(x.detach().reshape(-1, x.shape[-1]))
-            if output.requires_grad:
-                output.register_hook(
-                    lambda grad: records[name]["delta"].append(grad.detach().reshape(-1, grad.shape[-1]))
-                )
+            records[name]["out"].append(output)
 
         return forward_hook
 
@@ -152,10 +151,12 @@ class LowRankResidual(nn.Module):
         else:
             self.scale = self.shift = None
 
-    def forward(self, h: torch.Tensor, mode: Optional[int] = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, mode=None) -> torch.Tensor:
+        """``mode``: the index of the edited weight within a shared transform, for all rows (an int) or per row (a
+        LongTensor of shape (N,), when the rows of several weights go through in one call)."""
         pre = (h @ self.v.t()) @ self.u.t() + self.bias  # (N, d)
         if self.scale is not None and mode is not None:
-            idx = torch.tensor(mode, device=h.device)
+            idx = mode if isinstance(mode, torch.Tensor) else torch.tensor(mode, device=h.device)
             pre = pre * self.scale(idx) + self.shift(idx)
         act = pre.clamp(min=0)
         return h + act if self.residual else act
@@ -169,7 +170,7 @@ class IDMLP(nn.Module):
         r = min(rank, dim)
         self.layers = nn.ModuleList(LowRankResidual(dim, r, init=init, n_modes=n_modes) for _ in range(n_hidden + 1))
 
-    def forward(self, h: torch.Tensor, mode: Optional[int] = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, mode=None) -> torch.Tensor:
         for layer in self.layers:
             h = layer(h, mode)
         return h
@@ -204,7 +205,11 @@ class GradientTransform(nn.Module):
             self.mlp_u = mlp(x_dim) if transform_u else None
             self.mlp_v = mlp(delta_dim) if transform_v else None
 
-    def forward(self, u: torch.Tensor, v: torch.Tensor, mode: Optional[int] = None):
+    def forward(self, u: torch.Tensor, v: torch.Tensor, mode=None):
+        return self.transform(*self.prepare(u, v), mode)
+
+    def prepare(self, u: torch.Tensor, v: torch.Tensor):
+        """The rows that carry signal, in float32, standardised (after updating the statistics, in training)."""
         u, v = u.float(), v.float()
         keep = (u != 0).any(-1) & (v != 0).any(-1)  # drop positions with no signal (padding, masked labels)
         u, v = u[keep], v[keep]
@@ -213,6 +218,10 @@ class GradientTransform(nn.Module):
             self.norm_v.update(v)
         if self.use_norm:
             u, v = self.norm_u(u), self.norm_v(v)
+        return u, v
+
+    def transform(self, u: torch.Tensor, v: torch.Tensor, mode=None):
+        """The MLP(s) on prepared rows; ``mode`` as in :meth:`LowRankResidual.forward`."""
         if self.combine:
             out = self.mlp(torch.cat([u, v], -1), mode)
             return out[:, : self.x_dim], out[:, self.x_dim :]
@@ -313,40 +322,80 @@ class MEND(EditableModel):
     def edit(self, batch: dict, condition: Optional[dict] = None):
         names = self.inner_params
         with torch.enable_grad():
-            # Gradients of the edit loss at the current weights, through fresh leaves: the base model's own
-            # parameters stay frozen and untouched.
+            # The edit loss at the current weights, through fresh leaves: the base model's own parameters stay
+            # frozen and untouched. Autograd is asked for the gradients at the edited layers' outputs (delta) and,
+            # only when the diagnostics are wanted, for the true weight gradients too (a d_in x d_out product each).
             leaves = {n: self.current_weight(n).detach().requires_grad_(True) for n in names}
             with capture_factors(self.model, [module_name(n) for n in names]) as factors:
                 loss = self.loss_with(batch, leaves)["nll"]
-                true_grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+            outputs = [out for n in names for out in factors[module_name(n)]["out"]]
+            wanted = outputs + ([leaves[n] for n in names] if self.diagnostics else [])
+            grads = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ()
+        deltas, true_grads = iter(grads[: len(outputs)]), grads[len(outputs) :]
 
-        new_weights = dict(self.weights)
-        factors_out: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-        info = {"loss/edit_inner": loss.item()}
-        for i, name in enumerate(names):
+        rows: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (x (N, d_in), delta (N, d_out))
+        for name in names:
             rec = factors[module_name(name)]
-            if not rec["x"] or not rec["delta"]:
+            delta = [g for g in (next(deltas) for _ in rec["out"]) if g is not None]
+            if not rec["x"] or not delta:
                 raise RuntimeError(
                     f"no activations or gradients were captured for {name}; is it used by the forward pass?"
                 )
-            x = torch.cat(rec["x"])  # (N, d_in)
-            delta = torch.cat(rec["delta"])  # (N, d_out)
-            key, mode = self.transform_of[name]
-            u, v = self.mend[key](x, delta, mode)
-            fan_in_fan_out = self.layout[name][0]
-            pseudo = u.t() @ v if fan_in_fan_out else v.t() @ u  # W's own layout
-            with torch.no_grad():
-                info[f"grad/cos{i}"] = F.cosine_similarity(
-                    true_grads[i].reshape(-1).float(), pseudo.detach().reshape(-1), dim=0
-                ).item()
-                info[f"grad/true_mag{i}"] = true_grads[i].norm().item()
-                info[f"grad/pseudo_mag{i}"] = pseudo.detach().norm().item()
-            w = self.current_weight(name)
-            new_weights[name] = w + self.update_sign * self.edit_lrs[i] * pseudo.to(w.dtype)
-            factors_out[name] = (u.detach(), v.detach())
+            rows[name] = torch.cat(rec["x"]), torch.cat([d.reshape(-1, d.shape[-1]) for d in delta])
+
+        info = {"loss/edit_inner": loss.item()}
+        # The editor MLPs build a graph only when the editor trains; an evaluation or applied edit keeps none.
+        graph = torch.is_grad_enabled() and (self.training or not self.config.speed.no_graph_in_evaluation)
+        with torch.set_grad_enabled(graph):
+            factors_out = self._transform(rows)
+            new_weights = dict(self.weights)
+            for i, name in enumerate(names):
+                u, v = factors_out[name]
+                pseudo = u.t() @ v if self.layout[name][0] else v.t() @ u  # W's own layout
+                if self.diagnostics:
+                    with torch.no_grad():
+                        info[f"grad/cos{i}"] = F.cosine_similarity(
+                            true_grads[i].reshape(-1).float(), pseudo.detach().reshape(-1), dim=0
+                        ).item()
+                        info[f"grad/true_mag{i}"] = true_grads[i].norm().item()
+                        info[f"grad/pseudo_mag{i}"] = pseudo.detach().norm().item()
+                w = self.current_weight(name)
+                new_weights[name] = w + self.update_sign * self.edit_lrs[i] * pseudo.to(w.dtype)
 
         edited = self.with_weights(new_weights)
         # The update as low-rank factors: W~ = W - alpha * (v~^T u~) (nn.Linear) or (u~^T v~) (Conv1D), with
         # u~ (N, d_in), v~ (N, d_out) over the N positions that carried gradient and alpha = descent_step_sizes()[i].
-        edited.last_factors = factors_out
+        edited.last_factors = {name: (u.detach(), v.detach()) for name, (u, v) in factors_out.items()}
         return edited, info
+
+    def _transform(self, rows: Dict[str, Tuple[torch.Tensor, torch.Tensor]]):
+        """(u~, v~) for each edited weight from its (x, delta) rows.
+
+        The rows of each weight are prepared (filtered, standardised) in the order of ``inner_params``, so that the
+        running statistics of a shared transform are updated and applied exactly as one weight at a time would.
+        With ``speed.batched_mlp`` the prepared rows of all the weights that share a transform then go through its
+        MLP in one call (the weights read once instead of once per edited weight), each row with its weight's mode.
+        """
+        out: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        if not self.config.speed.batched_mlp:
+            for name, (x, delta) in rows.items():
+                key, mode = self.transform_of[name]
+                out[name] = self.mend[key](x, delta, mode)
+            return out
+        groups: Dict[str, List[str]] = {}
+        for name in rows:
+            groups.setdefault(self.transform_of[name][0], []).append(name)
+        for key, group in groups.items():
+            transform = self.mend[key]
+            prepared = [transform.prepare(*rows[name]) for name in group]
+            sizes = [u.shape[0] for u, _ in prepared]
+            mode = self.transform_of[group[0]][1]
+            if mode is not None:
+                device = prepared[0][0].device
+                mode = torch.cat(
+                    [torch.full((n,), self.transform_of[name][1], device=device) for name, n in zip(group, sizes)]
+                )
+            u, v = transform.transform(torch.cat([u for u, _ in prepared]), torch.cat([v for _, v in prepared]), mode)
+            for name, u_i, v_i in zip(group, u.split(sizes), v.split(sizes)):
+                out[name] = u_i, v_i
+        return out

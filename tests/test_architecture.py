@@ -21,17 +21,30 @@ ALLOWED = {
     "losses": set(),
     "utils": set(),
     "reporting": set(),
+    "blocks": set(),
+    "signals": set(),
     "config_schema": {"errors"},
     "distributed": {"errors"},
     "models": {"errors", "models"},
     "editable_model": {"errors", "losses"},
     "algs": {"algs", "editable_model", "errors", "losses", "models", "utils"},
     "data_classes": {"data_classes", "errors", "losses", "utils"},
-    "memory": {"algs"},
+    "memory": {"algs", "blocks"},
     "checkpoints": {"config_schema", "distributed", "errors", "models", "utils"},
     "patches": {"checkpoints", "editable_model", "errors"},
     "sequential": {"data_classes"},
-    "trainer": {"checkpoints", "distributed", "editable_model", "errors", "losses", "memory", "reporting", "utils"},
+    "trainer": {
+        "blocks",
+        "checkpoints",
+        "distributed",
+        "editable_model",
+        "errors",
+        "losses",
+        "memory",
+        "reporting",
+        "signals",
+        "utils",
+    },  # fmt: skip
     "run": {
         "algs",
         "checkpoints",
@@ -49,8 +62,8 @@ ALLOWED = {
 # The tools on top may import any part of the project, but not each other's internals the other way round.
 TOOLS = {"scripts", "benchmarks"}
 # Generic modules: they know editors only through the contract (editable_model.EditableModel) and the registry.
-GENERIC = {"trainer", "checkpoints", "patches", "memory", "distributed", "run", "edit", "reporting", "config_schema",
-           "sequential", "utils", "losses", "editable_model"}  # fmt: skip
+GENERIC = {"blocks", "trainer", "checkpoints", "patches", "memory", "distributed", "run", "edit", "reporting",
+           "config_schema", "sequential", "signals", "utils", "losses", "editable_model"}  # fmt: skip
 EDITOR_NAMES = ("mend", "efk", "enn", "ft")
 MAX_LINES = 650
 

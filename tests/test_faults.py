@@ -179,8 +179,8 @@ def _interrupt_at(trainer, step, signum=signal.SIGTERM):
     """Deliver a stop signal while the trainer runs step ``step`` (through its real handler)."""
     edit_step = trainer.edit_step
 
-    def edit_step_then_signal(batch, training):
-        out = edit_step(batch, training)
+    def edit_step_then_signal(batch, training, **kwargs):
+        out = edit_step(batch, training, **kwargs)
         if training and trainer.step + 1 == step:
             os.kill(os.getpid(), signum)
         return out

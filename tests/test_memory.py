@@ -12,6 +12,7 @@ from conftest import SyntheticEdits, freeze, make_config
 from omegaconf import OmegaConf
 from torch.func import functional_call
 
+import blocks
 import memory
 from algs.mend import MEND
 from config_schema import ModelConfig
@@ -113,7 +114,7 @@ def test_blocks_below_the_edited_ones_keep_no_activations():
     small = saved_bytes(tiny_gqa_llama(4), mlps((1, 2, 3)))
     large = saved_bytes(tiny_gqa_llama(8), mlps((5, 6, 7)))
     assert small == large
-    assert memory.grad_blocks(tiny_gqa_llama(8), INNER) == [f"model.layers.{i}" for i in range(1, 8)]
+    assert blocks.grad_blocks(tiny_gqa_llama(8), INNER) == [f"model.layers.{i}" for i in range(1, 8)]
 
 
 # -- model configs of current decoders --------------------------------------------------------------------------
