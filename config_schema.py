@@ -168,6 +168,8 @@ class SpeedConfig:
     # A causal LM computes its vocabulary head only at the positions that predict a target token, in the edit and
     # equivalence passes (the locality passes need every position).
     label_logits_only: bool = True
+    # The optimiser of the editor's parameters runs as one fused kernel (torch's fused=True, for Adam, AdamW, SGD).
+    fused_optimizer: bool = True
     # An edit made in evaluation (validation, python -m edit) builds no autograd graph through the editor MLPs.
     no_graph_in_evaluation: bool = True
 

@@ -84,7 +84,9 @@ class EditTrainer:
         step_params = {id(p) for p in self.editor.step_size_parameters()}
         main_params = [p for p in self.editor.outer_parameters() if id(p) not in step_params]
         opt_class = getattr(torch.optim, config.opt)
-        self.opt = opt_class(main_params, lr=self.editor.outer_lr()) if main_params else None
+        fused = config.speed.fused_optimizer and "fused" in inspect.signature(opt_class).parameters
+        options = {"fused": True} if fused else {}
+        self.opt = opt_class(main_params, lr=self.editor.outer_lr(), **options) if main_params else None
         step_size_params = self.editor.step_size_parameters()
         self.lr_opt = opt_class(step_size_params, lr=self.editor.step_size_lr()) if step_size_params else None
 

@@ -245,3 +245,18 @@ def test_the_edit_loss_from_the_label_positions_alone_is_the_full_one(build):
     for key, value in full.items():
         torch.testing.assert_close(kept[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert int(kept["n_tokens"]) == 6
+
+
+def test_the_fused_optimizer_takes_the_plain_optimizers_steps(tmp_path):
+    plain = _trainer(tmp_path / "plain", fused_optimizer=False)
+    fast = _trainer(tmp_path / "fast", fused_optimizer=True)
+    assert fast.opt.defaults.get("fused") and not plain.opt.defaults.get("fused")
+    fast.editor.load_state_dict(plain.editor.state_dict())
+    start = {n: p.detach().clone() for n, p in plain.editor.named_parameters()}
+    for seed in range(3):
+        for trainer in (plain, fast):
+            trainer.edit_step(_batch(seed), training=True)
+            trainer._optimizer_step()
+    for (name, p), q in zip(plain.editor.named_parameters(), fast.editor.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7, msg=name)
+    assert any(not torch.equal(p, start[n]) for n, p in plain.editor.named_parameters())  # the steps moved them
