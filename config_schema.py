@@ -87,6 +87,9 @@ class DataConfig:
     max_countries: Optional[int] = None
     # fc: claims are cut to this many tokens (and to the model's context).
     max_length: int = 128
+    # counterfact: locality inputs from the edit's own neighborhood prompts (other subjects with the same true
+    # answer); False: other cases' rewrite prompts with their true answers.
+    neighborhood_locality: bool = True
 
 
 @dataclass
@@ -505,7 +508,7 @@ def merge_saved_config(saved: dict):
 
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
-TASKS_BY_KIND = {"causal_lm": ("gen", "qa"), "seq2seq": ("qa",), "classifier": ("fc",)}
+TASKS_BY_KIND = {"causal_lm": ("gen", "qa", "counterfact"), "seq2seq": ("qa",), "classifier": ("fc",)}
 
 
 def validate_config(cfg, algs=(), tasks=()) -> None:

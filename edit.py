@@ -18,6 +18,8 @@ From the shell (no Hydra: the configuration comes from the checkpoint)::
     python -m edit apply --archive outputs/<run> --requests requests.jsonl --out edited-model/ \
         [--mode batched|sequential] [--patch-out patches/] [--patch patches/ ...] [--overwrite]
     python -m edit eval-sequential --archive outputs/<run> --n 100 --checkpoints 1,10,100 [--plot seq.png]
+    python -m edit eval --archive outputs/<run> [--path counterfact.json] --n 200 --mode single|batched|sequential \
+        [--n-edits 1,10,100] [--generation] [--out eval/] [--plot curve.png]
 
 A request file has one JSON object per line:
 ``{"prompt": "...", "target": "...", "rephrases": ["..."], "watch": ["..."]}`` (rephrases and watch optional).
@@ -33,7 +35,8 @@ for an editor whose update has no low-rank form (EFK, ENN), the dense difference
 written to: an :class:`patches.EditedModel` is the base model plus a stack of patches, and reverting a patch
 recomputes the weights from the untouched base and the remaining patches. The pieces live in their own modules:
 requests in ``data_classes/requests.py``, patches and the stack in ``patches.py``, the sequential experiment in
-``sequential.py``; this module is the :class:`Editor` and the command line.
+``sequential.py``, the field's metrics on CounterFact-format cases and the EasyEdit-shaped :meth:`Editor.edit` in
+``fact_eval.py``; this module is the :class:`Editor` and the command line.
 
 Exit status of the command line: 0 done; 2 a clear error (bad request file, checkpoint or model that do not fit,
 output directory not empty), printed as one line.
@@ -60,8 +63,12 @@ from checkpoints import (
     read_checkpoint,
 )
 from data_classes.batches import prompt_target_batch
+from data_classes.counterfact import load_split
 from data_classes.requests import EditRequest, EditTokens, load_requests
 from errors import CheckpointError, EditRequestError, PatchError, UserError
+from fact_eval import MODES, easyedit_edit, plot_fact_curve
+from fact_eval import evaluate as evaluate_facts
+from fact_eval import summary_table as fact_summary_table
 from losses import kl_loc_loss, sequence_log_probs
 from models import get_model, get_tokenizer
 from patches import EditedModel, Patch, check_output_dir, load_patches
@@ -69,6 +76,8 @@ from sequential import eval_sequential
 from utils import resolve_device
 
 LOG = logging.getLogger("edit")
+# EasyEdit's BaseEditor.edit options that have no effect here (accepted so that its scripts run unchanged).
+EASYEDIT_OPTIONS = ("keep_original_weight", "verbose", "test_generation", "summary_metrics", "eval_metric")
 
 # The Python API (names defined in the modules above are re-exported here, where users import them from).
 __all__ = [
@@ -439,6 +448,20 @@ class Editor:
             model.push(p)
         return model
 
+    def edit(self, prompts, target_new, ground_truth=None, subject=None, rephrase_prompts=None,
+             locality_inputs=None, portability_inputs=None, sequential_edit=False, **options):  # fmt: skip
+        """EasyEdit's ``editor.edit(...)``, with its argument names and meanings: returns ``(metrics, edited_model,
+        weights_copy)``; see :func:`fact_eval.easyedit_edit`. EasyEdit's options that do not apply here
+        (:data:`EASYEDIT_OPTIONS`: the base model is never changed, metrics are always computed) are accepted and
+        have no effect; any other keyword is an error."""
+        unknown = sorted(set(options) - set(EASYEDIT_OPTIONS))
+        if unknown:
+            raise TypeError(f"Editor.edit() got unexpected keyword argument(s) {', '.join(unknown)}.")
+        return easyedit_edit(
+            self, prompts, target_new, ground_truth, subject, rephrase_prompts, locality_inputs,
+            portability_inputs, sequential_edit,
+        )  # fmt: skip
+
     # -- sequential evaluation ------------------------------------------------------------------------------
     def eval_sequential(self, **options) -> dict:
         """Apply edits from the gen set one after another: :func:`sequential.eval_sequential` with this editor."""
@@ -478,6 +501,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n-loc", type=int, default=20, help="locality passages for the perplexity drawdown")
     s.add_argument("--plot", default="sequential-edits.png", help="PNG written here")
     s.add_argument("--report", help="write the figures as JSON here")
+
+    e = sub.add_parser("eval", help="the field's metrics on fact edits: CounterFact's scores, EasyEdit's accuracies")
+    common(e)
+    e.add_argument("--data", choices=("counterfact",), default="counterfact", help="the cases' format")
+    e.add_argument("--path", help="counterfact.json, a JSONL file or hf:<dataset id> (default: the embedded set)")
+    e.add_argument("--split", choices=("validation", "train", "all"), default="validation")
+    e.add_argument("--n", type=int, default=200, help="evaluate the first N cases")
+    e.add_argument("--mode", choices=MODES, default="single")
+    e.add_argument("--n-edits", default="1", help="batched / sequential: comma-separated group sizes (1,10,100)")
+    e.add_argument("--generation", action="store_true", help="also fluency and consistency (greedy continuations)")
+    e.add_argument("--gen-tokens", type=int, default=50, help="tokens generated per generation prompt")
+    e.add_argument("--out", help="directory for one JSON per run (cases in pre/post layout) and summary.md")
+    e.add_argument("--plot", help="PNG of the scores against the group size")
     return p
 
 
@@ -489,6 +525,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "apply":
             return _cmd_apply(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
         return _cmd_eval_sequential(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -548,6 +586,43 @@ def _cmd_eval_sequential(args) -> int:
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
     print(f"plot: {result['plot']}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    try:
+        sizes = [int(c) for c in args.n_edits.split(",") if c.strip()]
+    except ValueError:
+        raise EditRequestError(f"--n-edits {args.n_edits!r}: expected comma-separated integers.") from None
+    if not sizes or min(sizes) < 1 or args.n < 1:
+        raise EditRequestError("--n and --n-edits must be positive.")
+    if args.mode == "single":
+        sizes = [1]
+    editor = Editor.from_archive(args.archive, args.device, args.cache_dir, args.model_name)
+    data_cfg = editor.config.data.copy()
+    data_cfg.path = args.path
+    cache_dir = os.path.expanduser(args.cache_dir or editor.config.cache_dir)
+    splits = ("train", "validation") if args.split == "all" else (args.split,)
+    cases = [c for split in splits for c in load_split(data_cfg, split, editor.config.seed, cache_dir)[0]]
+    cases = cases[: args.n]
+    runs = []
+    for size in sizes:
+        run = evaluate_facts(editor, cases, args.mode, size, args.generation, args.gen_tokens)
+        runs.append(run)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            name = f"{args.mode}" + (f"-{size}" if args.mode != "single" else "")
+            with open(os.path.join(args.out, f"{name}.json"), "w", encoding="utf-8") as f:
+                json.dump(run, f, indent=1, ensure_ascii=False)
+    table = fact_summary_table(runs)
+    print(f"{len(cases)} cases ({args.data}, {args.path or 'embedded'}, {args.split}); scores in percent")
+    print(table)
+    if args.out:
+        with open(os.path.join(args.out, "summary.md"), "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+    if args.plot and len(runs) > 1:
+        plot_fact_curve(runs, args.plot)
+        print(f"plot: {args.plot}")
     return 0
 
 

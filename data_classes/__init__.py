@@ -16,6 +16,7 @@ DATASETS = {
     "gen": "data_classes.gen.GenDataset",
     "fc": "data_classes.fc.FCDataset",
     "qa": "data_classes.qa.QADataset",
+    "counterfact": "data_classes.counterfact.CounterFactDataset",
 }
 
 

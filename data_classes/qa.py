@@ -289,17 +289,7 @@ class QADataset(EditDataset):
         model_id: str = "",
         device="cpu",
     ):
-        self.tok = tokenizer
-        self.cfg = data_cfg
-        self.split = normalise_split(split)
-        self.seed = int(seed)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if self.pad_id is None:
-            raise DataError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
-        self.seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-        self.start_id = seq2seq_start_id(model) if self.seq2seq else None
-        self.eos_id = tokenizer.eos_token_id
-
+        self._setup(tokenizer, data_cfg, split, seed, model)
         path = data_cfg.path
         if path:
             self.source = zsre_file(Path(os.path.expanduser(str(path))), self.split)
@@ -326,8 +316,22 @@ class QADataset(EditDataset):
             self.nq = read_nq(nq_file(data_cfg, self.split))
         elif len(records) < 2:
             raise DataError(f"{self.source}: the {self.split} split needs at least 2 examples (locality uses others).")
-        self._enc_cache: Dict[Tuple[str, str], Tuple[List[int], List[int]]] = {}
         LOG.info("qa %s split: %d edit examples from %s", self.split, len(self), self.source)
+
+    def _setup(self, tokenizer, data_cfg, split: str, seed: int, model) -> None:
+        """What every question-and-answer style set needs before its records: the tokenizer, the split, the seed
+        and the batch layout of the model."""
+        self.tok = tokenizer
+        self.cfg = data_cfg
+        self.split = normalise_split(split)
+        self.seed = int(seed)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise DataError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
+        self.seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        self.start_id = seq2seq_start_id(model) if self.seq2seq else None
+        self.eos_id = tokenizer.eos_token_id
+        self._enc_cache: Dict[Tuple[str, str], Tuple[List[int], List[int]]] = {}
 
     def __len__(self) -> int:
         return len(self.records)

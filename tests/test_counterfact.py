@@ -1,0 +1,319 @@
+"""CounterFact-format data (data_classes/counterfact.py) and the field's metrics (fact_eval.py), with the
+`python -m edit eval` command and the counterfact experiment."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import test_edit
+import torch
+from omegaconf import OmegaConf
+from test_run import INNER, ROOT
+
+import fact_eval
+from config_schema import DataConfig
+from data_classes import DataError
+from data_classes.counterfact import (
+    CounterFactDataset,
+    build_embedded,
+    embedded_params,
+    load_split,
+    read_counterfact,
+    split_by_subject,
+)
+from losses import IGNORE
+
+FIXTURE = Path(__file__).parent / "fixtures" / "counterfact_sample.json"
+tokenizer = test_edit.tokenizer  # the real GPT-2 vocabulary (a module fixture)
+workspace, trained_run, edit_cli = test_edit.workspace, test_edit.trained_run, test_edit.edit_cli
+pytestmark = test_edit.pytestmark
+
+
+def data_cfg(**kw):
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), kw)
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+def test_the_rome_format_is_read_with_its_fields():
+    records = read_counterfact(FIXTURE)
+    assert [r["case_id"] for r in records] == [0, 1, 2]
+    first = records[0]
+    assert first["prompt"].format(first["subject"]) == "The mother tongue of Danielle Darrieux is"
+    assert (first["target_new"], first["target_true"], first["relation_id"]) == ("English", "French", "P103")
+    assert len(first["paraphrase_prompts"]) == 2 and len(first["neighborhood_prompts"]) == 3
+    assert first["reference_texts"] == [] and records[2]["reference_texts"][0].startswith("Sweden")
+
+
+def test_json_lines_are_read_too(tmp_path):
+    path = tmp_path / "cf.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in json.loads(FIXTURE.read_text())) + "\n")
+    assert [r["subject"] for r in read_counterfact(path)] == [r["subject"] for r in read_counterfact(FIXTURE)]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r.pop("case_id"), "record 1: 'case_id' must be an integer"),
+        (lambda r: r["requested_rewrite"].update(prompt="no slot"), "(case_id 1): 'requested_rewrite.prompt' must"),
+        (lambda r: r["requested_rewrite"].pop("target_new"), "'requested_rewrite.target_new.str' must be"),
+        (lambda r: r.update(neighborhood_prompts="one"), "'neighborhood_prompts' must be a list of strings"),
+        (lambda r: r.update(case_id=0), "case_id 0 appears twice"),
+    ],
+)
+def test_a_bad_record_is_refused_naming_the_file_record_and_field(tmp_path, change, message):
+    records = json.loads(FIXTURE.read_text())
+    change(records[1])
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError) as e:
+        read_counterfact(path)
+    assert str(path) in str(e.value) and message in str(e.value), str(e.value)
+
+
+def test_a_file_that_is_not_json_or_missing_says_so(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text("[{")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_counterfact(path)
+    with pytest.raises(DataError, match="no such file"):
+        read_counterfact(tmp_path / "absent.json")
+
+
+def test_a_file_is_split_by_subject():
+    records = read_counterfact(FIXTURE)
+    splits = split_by_subject(records, 0.34, seed=0)
+    assert len(splits["validation"]) == 1 and len(splits["train"]) == 2
+    assert not {r["subject"] for r in splits["train"]} & {r["subject"] for r in splits["validation"]}
+
+
+# -- the embedded set ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def embedded():
+    return build_embedded(embedded_params(data_cfg(), seed=0))
+
+
+def test_the_embedded_set_is_counterfact_shaped_and_split_by_country(embedded):
+    train, val = embedded["train"], embedded["validation"]
+    assert len(train) > 300 and len(val) > 40
+    assert not {r["requested_rewrite"]["subject"] for r in train} & {r["requested_rewrite"]["subject"] for r in val}
+    for r in train[:50] + val:
+        rw = r["requested_rewrite"]
+        assert "{}" in rw["prompt"] and rw["target_new"]["str"] != rw["target_true"]["str"]
+        assert all(rw["subject"] in p for p in r["paraphrase_prompts"]) and len(r["paraphrase_prompts"]) >= 2
+        assert all(p.count(".") >= 1 for p in r["paraphrase_prompts"])  # behind an unrelated sentence
+        assert r["neighborhood_prompts"] and rw["prompt"].format(rw["subject"]) not in r["neighborhood_prompts"]
+        assert all(not p.endswith(rw["target_true"]["str"]) for p in r["neighborhood_prompts"])
+    assert build_embedded(embedded_params(data_cfg(), seed=0)) == embedded  # deterministic
+
+
+def test_the_embedded_neighbors_share_the_true_object(embedded):
+    from data_classes.facts import load_facts
+
+    truth = {(f.country, f.relation): f.obj for f in load_facts()}
+    for r in embedded["validation"]:
+        rw = r["requested_rewrite"]
+        prefix, _, suffix = rw["prompt"].partition("{}")
+        for p in r["neighborhood_prompts"]:
+            country = p[len(prefix) : len(p) - len(suffix)]
+            assert truth[(country, rw["relation_id"])] == rw["target_true"]["str"], (p, rw)
+
+
+# -- training batches ------------------------------------------------------------------------------------------
+def test_training_batches_edit_toward_the_new_target_and_keep_the_neighbors(tokenizer, tmp_path):
+    model = test_edit.tiny_model("gpt2", len(tokenizer))
+    cfg = data_cfg(path=str(FIXTURE), val_fraction=0.34)
+    ds = CounterFactDataset(tokenizer, cfg, "train", seed=0, cache_dir=str(tmp_path), model=model)
+    batch = next(ds.edit_generator(3))
+    raw = batch["raw"]
+    case = next(c for c in ds.cases if c["prompt"].format(c["subject"]) == raw["question"][0])
+    assert raw["target"] == [case["target_new"]] and raw["rephrase"][0] in case["paraphrase_prompts"]
+    assert set(raw["loc"]) <= set(case["neighborhood_prompts"]) and set(raw["loc_ans"]) == {case["target_true"]}
+    inner = batch["edit_inner"]
+    target = tokenizer.decode(inner["input_ids"][0][inner["labels"][0] != IGNORE])
+    assert target.strip() == case["target_new"]
+    other = CounterFactDataset(tokenizer, data_cfg(path=str(FIXTURE), val_fraction=0.34, neighborhood_locality=False),
+                               "train", seed=0, cache_dir=str(tmp_path), model=model)  # fmt: skip
+    loc = next(other.edit_generator(3))["raw"]["loc"]
+    assert not set(loc) & set(case["neighborhood_prompts"])  # other cases' rewrite prompts instead
+
+
+# -- the metrics, on hand-made cases ---------------------------------------------------------------------------
+def test_n_gram_entropy_is_romes_weighted_mean():
+    # "a b a b": bigrams ab, ba, ab (H = 0.918 bits), trigrams aba, bab (H = 1 bit)
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert fact_eval.n_gram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    assert fact_eval.n_gram_entropy("the the the the the") == 0.0  # one n-gram only
+
+
+def test_tfidf_similarity_is_the_cosine_of_smoothed_tfidf_vectors():
+    tfidf = fact_eval.TfIdf(["apple banana", "apple cherry", "durian"])
+    assert tfidf.similarity("apple banana", "apple banana") == pytest.approx(1.0)
+    assert tfidf.similarity("banana", "cherry durian") == 0.0
+    # by hand: idf(apple) = ln(4/3) + 1, idf(banana) = idf(cherry) = ln(4/2) + 1
+    ia, ib = math.log(4 / 3) + 1, math.log(2) + 1
+    expected = ia * ia / (ia * ia + ib * ib)
+    assert tfidf.similarity("apple banana", "apple cherry") == pytest.approx(expected)
+
+
+def test_case_summary_and_score_follow_the_papers_definitions():
+    def probs(pairs):
+        return [{"target_new": n, "target_true": t} for n, t in pairs]
+
+    pre = {
+        "rewrite_prompts_probs": probs([(3.0, 1.0)]),
+        "paraphrase_prompts_probs": probs([(3.0, 1.0), (2.5, 1.5)]),
+        "neighborhood_prompts_probs": probs([(3.0, 1.0)]),
+        "rewrite_acc": [0.0],
+        "rephrase_acc": [0.0, 0.5],
+        "neighborhood_argmax": [[5, 6]],
+    }
+    post = {
+        "rewrite_prompts_probs": probs([(0.5, 2.0)]),  # the new target now likelier
+        "paraphrase_prompts_probs": probs([(0.5, 2.0), (2.0, 1.0)]),  # one of two
+        "neighborhood_prompts_probs": probs([(0.5, 2.0)]),  # the neighbour lost its true answer
+        "rewrite_acc": [1.0],
+        "rephrase_acc": [1.0, 0.0],
+        "neighborhood_argmax": [[5, 7]],
+    }
+    s = fact_eval.case_summary(pre, post)
+    assert (s["pre_efficacy_score"], s["post_efficacy_score"]) == (0.0, 1.0)
+    assert s["post_efficacy_magnitude"] == pytest.approx(math.exp(-0.5) - math.exp(-2.0))
+    assert s["post_paraphrase_score"] == 0.5 and s["post_neighborhood_score"] == 0.0
+    assert s["post_neighborhood_magnitude"] == pytest.approx(math.exp(-2.0) - math.exp(-0.5))
+    assert s["post_rephrase_acc"] == 0.5 and s["post_locality"] == 0.5
+    good = dict(s, post_neighborhood_score=1.0)
+    total = fact_eval.summarize([{"summary": s}, {"summary": good}])
+    assert total["post_neighborhood_score"] == 0.5
+    assert total["post_score"] == pytest.approx(3 / (1 / 1.0 + 1 / 0.5 + 1 / 0.5))  # harmonic mean of ES, PS, NS
+    assert total["pre_score"] == 0.0 and total["n_cases"] == 2
+
+
+def test_score_rows_gives_the_mean_token_nll_and_accuracy(tokenizer):
+    editor = test_edit.editor_with_statistics("gpt2", tokenizer)
+    base = editor.base()
+    rows = [editor.tokenize(test_edit.REQUESTS[0]).__dict__[k] for k in ("prompt", "target")]
+    prompt, target = rows
+    (got,) = fact_eval.score_rows(editor, base, [(prompt, target)])
+    ids = torch.tensor([prompt + target])
+    with torch.no_grad():
+        logp = torch.log_softmax(base(ids, torch.ones_like(ids))[0].float(), -1)
+    lp = [logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(target)]
+    assert got["nll"] == pytest.approx(-sum(lp) / len(lp), rel=1e-5)
+    argmax = [int(logp[len(prompt) - 1 + j].argmax()) for j in range(len(target))]
+    assert got["argmax"] == argmax
+    assert got["acc"] == pytest.approx(sum(a == t for a, t in zip(argmax, target)) / len(target))
+
+
+# -- evaluating an editor --------------------------------------------------------------------------------------
+def test_evaluate_in_every_mode_leaves_the_base_model_and_measures_each_case(tokenizer):
+    editor = test_edit.editor_with_statistics("gpt2", tokenizer)
+    before = {n: p.clone() for n, p in editor.model.named_parameters()}
+    cases = read_counterfact(FIXTURE)
+    runs = [
+        fact_eval.evaluate(editor, cases, "single"),
+        fact_eval.evaluate(editor, cases, "batched", n_edits=3),
+        fact_eval.evaluate(editor, cases, "sequential", n_edits=3, generation=True, gen_tokens=4),
+    ]
+    for n, p in editor.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    for run in runs:
+        assert [c["case_id"] for c in run["cases"]] == [0, 1, 2]
+        for c in run["cases"]:
+            assert set(c) >= {"case_id", "requested_rewrite", "pre", "post", "summary", "time"}
+            assert len(c["post"]["paraphrase_prompts_probs"]) == len(cases[c["case_id"]]["paraphrase_prompts"])
+        assert 0 <= run["summary"]["post_efficacy_score"] <= 1 and run["summary"]["n_cases"] == 3
+    assert runs[0]["cases"][0]["pre"] == runs[1]["cases"][0]["pre"]  # "pre" is the unedited model in every mode
+    # a visible edit: the new target's probability rises on the rewrite prompt
+    single = runs[0]["summary"]
+    assert single["post_efficacy_magnitude"] > single["pre_efficacy_magnitude"]
+    gen = runs[2]["cases"][2]["post"]
+    assert len(gen["text"]) == 1 and "ngram_entropy" in gen and 0 <= gen["reference_score"] <= 1
+    table = fact_eval.summary_table(runs)
+    assert table.splitlines()[2].startswith("| before |") and "after, sequential x3" in table
+
+
+def test_the_eval_command_writes_one_report_per_group_size_and_a_plot(trained_run, tmp_path):
+    out, plot = tmp_path / "eval", tmp_path / "curve.png"
+    proc = edit_cli(
+        "eval", "--archive", trained_run, "--path", FIXTURE, "--split", "all", "--n", 3, "--mode", "sequential",
+        "--n-edits", "1,3", "--out", out, "--plot", plot,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "3 cases" in proc.stdout and "after, sequential x3" in proc.stdout
+    report = json.loads((out / "sequential-3.json").read_text())
+    assert report["n_edits"] == 3 and len(report["cases"]) == 3 and "post" in report["cases"][0]
+    assert (out / "sequential-1.json").is_file() and (out / "summary.md").is_file() and plot.stat().st_size > 1000
+    proc = edit_cli("eval", "--archive", trained_run, "--path", tmp_path / "absent.json")
+    assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_embedded_validation_cases_load_for_an_editor(tmp_path):
+    cases, source = load_split(data_cfg(max_countries=40), "validation", seed=0, cache_dir=str(tmp_path))
+    assert cases and source.endswith("validation.json") and Path(source).is_file()
+    again, _ = load_split(data_cfg(max_countries=40), "validation", seed=0, cache_dir=str(tmp_path))
+    assert again == cases
+
+
+# -- the EasyEdit-shaped API -----------------------------------------------------------------------------------
+def test_the_easyedit_call_returns_its_metrics_layout(tokenizer):
+    editor = test_edit.editor_with_statistics("gpt2", tokenizer)
+    before = {n: p.clone() for n, p in editor.model.named_parameters()}
+    metrics, edited, weights_copy = editor.edit(
+        prompts=["The river city is", "A winter festival"],
+        target_new=["castle", "harbour garden"],
+        ground_truth=["old", "museum"],
+        subject=["river city", "winter festival"],
+        rephrase_prompts=["The city is", "Winter festival"],
+        locality_inputs={
+            "neighborhood": {"prompt": ["The old museum", "North of the bridge"], "ground_truth": ["is", "the"]}
+        },
+        portability_inputs={
+            "one_hop": {"prompt": ["The castle is in", "The garden is"], "ground_truth": ["town", "green"]}
+        },
+        keep_original_weight=True,
+    )  # fmt: skip
+    assert len(metrics) == 2 and [m["case_id"] for m in metrics] == [0, 1]
+    for m in metrics:
+        assert set(m["pre"]) >= {"rewrite_acc", "rephrase_acc", "portability", "locality"}
+        assert set(m["post"]["locality"]) == {"neighborhood_acc"}
+        assert 0 <= m["post"]["locality"]["neighborhood_acc"][0] <= 1
+        assert set(m["post"]["portability"]) == {"one_hop_acc"}
+        assert m["requested_rewrite"]["ground_truth"] in ("old", "museum")
+    assert set(weights_copy) == set(editor.inner_params)
+    for n, p in editor.model.named_parameters():
+        assert torch.equal(p, before[n]), n  # the base model is never changed
+        if n in weights_copy:
+            assert torch.equal(weights_copy[n], p)
+    assert len(edited.patches) == 1  # not sequential: the model of the last edit alone
+    _, sequential, _ = editor.edit(prompts=["The river city is", "A winter festival"], target_new=["castle", "harbour"],
+                                   sequential_edit=True)  # fmt: skip
+    assert len(sequential.patches) == 2
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        editor.edit(prompts="The river city is", target_new="castle", keep_orignal_weight=True)
+    with pytest.raises(ValueError, match="target_new: 1 values for 2 prompts"):
+        editor.edit(prompts=["a", "b"], target_new=["c"])
+
+
+def test_the_counterfact_experiment_trains_and_its_editor_evaluates(workspace, tmp_path):
+    run_dir = tmp_path / "cf-run"
+    cmd = [
+        sys.executable, "-m", "run", "+alg=mend", "+experiment=counterfact", "+model=distilgpt2",
+        f"model.name={workspace['model']}", f"model.tokenizer_name={workspace['model']}", f"model.inner_params={INNER}",
+        "data.max_countries=40", f"cache_dir={workspace['cache']}", "device=cpu", "wandb.enabled=false", "mend.rank=8",
+        "max_iters=4", "val_interval=4", "val_steps=2", "eval.final_steps=2", "eval.compare_untrained=false",
+        f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["train"]["steps"] == 4 and "edit/acc_val" in results["results"]
+    proc = edit_cli("eval", "--archive", run_dir, "--n", 2, "--cache-dir", workspace["cache"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 cases (counterfact, embedded, validation)" in proc.stdout
