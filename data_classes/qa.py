@@ -12,6 +12,10 @@ Sources:
   (``train.jsonl`` and ``validation.jsonl`` / ``dev.jsonl`` are accepted too). JSON lines, each
   ``{"input": question, "prediction": the model's answer, "alternatives": [answers], "filtered_rephrases": [questions],
   "output": [{"answer": ...}, ...]}``. Examples without alternatives or (other) rephrases are skipped.
+* ``data.path``: a directory holding ``zsre_mend_train.json`` and ``zsre_mend_eval.json``, the JSON format in which
+  MEND's later users ship zsRE (EasyEdit, MEMIT): a list of ``{"subject", "src": question, "pred", "rephrase",
+  "alt": new answer, "answers": [true answers], "loc": "nq question: ...", "loc_ans", "cond"}``; each record's
+  ``loc`` / ``loc_ans`` is its locality question (from Natural Questions) with its answer.
 * ``data.zsre_nq=True``: locality questions come from Natural Questions, in the original's format
   ``{"questions": [...], "answers": [...]}`` (an answer may be a string or a list whose first entry is used),
   one file per split: ``train.json`` and ``validation.json`` (or ``dev.json``) in the directory ``data.nq_path``,
@@ -52,8 +56,17 @@ LOG = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 N_ALTERNATIVES = 3  # alternatives per embedded question
-TRAIN_FILES = ("structured_zeroshot-train-new_annotated_final.jsonl", "train.jsonl")
-VALIDATION_FILES = ("structured_zeroshot-dev-new_annotated_final.jsonl", "validation.jsonl", "dev.jsonl")
+TRAIN_FILES = ("structured_zeroshot-train-new_annotated_final.jsonl", "train.jsonl", "zsre_mend_train.json")
+VALIDATION_FILES = (
+    "structured_zeroshot-dev-new_annotated_final.jsonl",
+    "validation.jsonl",
+    "dev.jsonl",
+    "zsre_mend_eval.json",
+)
+MEND_FORMAT_HINT = (
+    'a JSON list of {"src": question, "alt": new answer, "rephrase": question, "answers": [answers], '
+    '"loc": "nq question: ...", "loc_ans": answer, "pred"?: answer}'
+)
 NQ_FILES = {"train": ("train.json",), "validation": ("validation.json", "dev.json")}
 FORMAT_HINT = (
     'one JSON object per line: {"input": question, "prediction": answer, "alternatives": [answers], '
@@ -84,13 +97,63 @@ def zsre_file(directory: Path, split: str) -> Path:
 # Reading the original formats
 
 
+def read_zsre_mend(path: Path) -> Tuple[List[dict], int]:
+    """The records of a zsRE file in the JSON format MEND's later users ship (``zsre_mend_train.json``,
+    ``zsre_mend_eval.json``: EasyEdit, MEMIT), with each record's own locality question (``loc``, its ``nq
+    question: `` prefix removed) and answer (``loc_ans``). A record of the wrong shape raises DataError naming
+    the file, the record and the field."""
+    try:
+        items = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read ({e}).") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); expected {MEND_FORMAT_HINT}.") from None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected {MEND_FORMAT_HINT}.")
+    records, skipped = [], 0
+    for i, d in enumerate(items):
+        where = f"{path}, record {i}"
+        if not isinstance(d, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}.")
+        for key in ("src", "alt", "rephrase", "loc", "loc_ans"):
+            if not isinstance(d.get(key), str):
+                raise DataError(f"{where}: {key!r} must be a string; expected {MEND_FORMAT_HINT}.")
+        answers = d.get("answers", [])
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise DataError(f"{where}: 'answers' must be a list of strings.")
+        prediction = d.get("pred") if isinstance(d.get("pred"), str) else ""
+        answer = next((a for a in answers if a.strip()), prediction)
+        question, rephrase = d["src"].strip(), d["rephrase"].strip()
+        loc = d["loc"].strip()
+        loc = loc[len("nq question:") :].strip() if loc.lower().startswith("nq question:") else loc
+        if not question or not d["alt"].strip() or not answer.strip() or not rephrase or rephrase == question:
+            skipped += 1
+            continue
+        records.append(
+            {
+                "input": question,
+                "prediction": prediction or answer,
+                "alternatives": [d["alt"].strip()],
+                "rephrases": [rephrase],
+                "answer": answer,
+                "country": None,
+                "line": i,
+                "loc": (loc, d["loc_ans"].strip()) if loc and d["loc_ans"].strip() else None,
+            }
+        )
+    return records, skipped
+
+
 def read_zsre(path: Path) -> Tuple[List[dict], int]:
-    """The usable records of a zsRE JSON-lines file, and how many were skipped.
+    """The usable records of a zsRE JSON-lines file (or of a ``zsre_mend_*.json`` file: :func:`read_zsre_mend`),
+    and how many were skipped.
 
     Each record: input, prediction, alternatives, rephrases (input removed), answer (the first ``output`` answer,
     else the prediction), plus any ``country`` key (the embedded set's, for locality). A line that is not a JSON
     object of the right shape raises DataError naming the file and the line.
     """
+    if Path(path).suffix == ".json":
+        return read_zsre_mend(path)
     records, skipped = [], 0
     for lineno, where, d in read_jsonl(path, DataError, f"expected {FORMAT_HINT}"):
         if not isinstance(d, dict):
@@ -312,8 +375,11 @@ class QADataset(EditDataset):
             r["rephrase"] = r["rephrases"][int(_rng(self.seed, _SALT_REPHRASE, i).integers(len(r["rephrases"])))]
             r["cond"] = f"{r['prediction']} >> {r['alt']} || {r['input']}"
         self.nq: Optional[List[Tuple[str, str]]] = None
+        own = [r["loc"] for r in records if r.get("loc")]
         if data_cfg.zsre_nq:
             self.nq = read_nq(nq_file(data_cfg, self.split))
+        elif own:  # zsre_mend_*.json: each record brings its locality question (from Natural Questions)
+            self.nq = own
         elif len(records) < 2:
             raise DataError(f"{self.source}: the {self.split} split needs at least 2 examples (locality uses others).")
         LOG.info("qa %s split: %d edit examples from %s", self.split, len(self), self.source)

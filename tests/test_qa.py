@@ -555,3 +555,31 @@ def test_qa_runs_from_the_command_line(qa_workspace, arch, alg, extra):
     res = report["results"]
     for key in ("edit/acc_val", "acc/pre_val", "acc/post_val", "acc/drawdown_val", "time/edit_val"):
         assert key in res, key
+
+
+ZSRE_MEND = os.path.join(os.path.dirname(__file__), "fixtures", "zsre_mend")
+
+
+def test_the_zsre_mend_json_format_is_read_with_its_own_locality_questions(tmp_path):
+    tok = word_tokenizer()
+    ds = QADataset(tok, data_cfg(path=ZSRE_MEND), "train", seed=0, cache_dir=str(tmp_path), model=tiny_causal(len(tok)))
+    assert len(ds) == 3 and ds.source.name == "zsre_mend_train.json"
+    r = ds.records[0]
+    assert (r["input"], r["alt"], r["answer"]) == (
+        "What university did Watts Humphrey attend?", "University of Michigan", "Trinity College"
+    )  # fmt: skip
+    assert r["rephrase"] == "Which university did Watts Humphrey go to?"
+    batch = next(ds.edit_generator(2))
+    loc_q, loc_a = batch["raw"]["loc"][0], batch["raw"]["loc_ans"][0]
+    assert not loc_q.startswith("nq question") and (loc_q, loc_a) in [rec["loc"] for rec in ds.records]
+    val = QADataset(tok, data_cfg(path=ZSRE_MEND), "validation", seed=0, cache_dir=str(tmp_path),
+                    model=tiny_causal(len(tok)))  # fmt: skip
+    assert val.source.name == "zsre_mend_eval.json" and len(val) == 2
+
+
+def test_a_bad_zsre_mend_record_names_the_file_record_and_field(tmp_path):
+    records = json.loads(open(os.path.join(ZSRE_MEND, "zsre_mend_train.json")).read())
+    del records[1]["alt"]
+    (tmp_path / "zsre_mend_train.json").write_text(json.dumps(records))
+    with pytest.raises(DataError, match=r"zsre_mend_train.json, record 1: 'alt' must be a string"):
+        read_zsre(tmp_path / "zsre_mend_train.json")
