@@ -72,6 +72,7 @@ def test_comparison_writes_the_table_and_plot_and_skips_finished_runs(
         assert list(csv.DictReader(f)) == rows
 
 
+@pytest.mark.slow
 def test_ablations_run_each_variant_with_its_overrides_and_reuse_the_comparisons_mend(
     workspace,  # noqa: F811
     tmp_path,

@@ -169,6 +169,7 @@ def test_torchrun_two_processes_on_one_machine(workspace):  # noqa: F811
     assert (run_dir / ".hydra").is_dir() and not os.path.exists(os.path.join(ROOT, ".hydra"))
 
 
+@pytest.mark.slow
 def test_torchrun_two_nodes_by_rendezvous(workspace):  # noqa: F811
     """Two 'nodes' (here both on localhost), one process each, meeting at a c10d rendezvous endpoint."""
     run_dir = workspace["root"] / "torchrun-nodes"
