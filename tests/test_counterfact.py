@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import test_edit
 import torch
+from conftest import make_config
 from omegaconf import OmegaConf
+from test_baselines import SMALL_EFK
 from test_run import INNER, ROOT
 
 import fact_eval
+from algs import editor_class
 from config_schema import DataConfig
 from data_classes import DataError
 from data_classes.counterfact import (
@@ -28,6 +31,7 @@ from data_classes.counterfact import (
     split_by_subject,
 )
 from losses import IGNORE
+from trainer import EditTrainer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "counterfact_sample.json"
 tokenizer = test_edit.tokenizer  # the real GPT-2 vocabulary (a module fixture)
@@ -317,3 +321,21 @@ def test_the_counterfact_experiment_trains_and_its_editor_evaluates(workspace, t
     proc = edit_cli("eval", "--archive", run_dir, "--n", 2, "--cache-dir", workspace["cache"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 cases (counterfact, embedded, validation)" in proc.stdout
+
+
+@pytest.mark.parametrize("alg", ["mend", "efk", "enn", "ft"])
+def test_every_editor_trains_and_evaluates_on_the_counterfact_set(alg, tokenizer, tmp_path):
+    model = test_edit.tiny_model("gpt2", len(tokenizer))
+    settings = {
+        "alg": alg, "task": "counterfact", "data.max_countries": 40, "max_iters": 2, "val_interval": 2,
+        "val_steps": 2, "log_interval": 1, "accumulate_bs": 1, "save": False, "eval.final_steps": 2,
+        "eval.compare_untrained": False, "train_base": alg == "enn", "eval_only": alg == "ft",
+        **(SMALL_EFK if alg == "efk" else {}),
+    }  # fmt: skip
+    cfg = make_config("gpt2", **settings)
+    sets = [CounterFactDataset(tokenizer, cfg.data, s, 0, str(tmp_path), model=model) for s in ("train", "validation")]
+    cls = editor_class(alg)
+    report = EditTrainer(lambda: cls(model, cfg), cfg, *sets, str(tmp_path / "run")).run()
+    results = report["results"]
+    assert results["eval_time/n_edits"] == 2 and 0 <= results["edit/acc_val"] <= 1
+    assert math.isfinite(results["loss/loc_val"])
