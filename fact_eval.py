@@ -356,7 +356,7 @@ def easyedit_edit(
     ``weights_copy`` maps the edited weights' names to copies of their unedited values (the base model itself is
     never changed).
     """
-    prompts = _per_request(prompts, len([prompts] if isinstance(prompts, str) else prompts), "prompts")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     n = len(prompts)
     targets = _per_request(target_new, n, "target_new")
     truths = _per_request(ground_truth, n, "ground_truth")

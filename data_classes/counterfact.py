@@ -219,7 +219,7 @@ def build_embedded(params: dict) -> Dict[str, List[dict]]:
             if not others:
                 continue
             new = others[int(rng.integers(len(others)))]
-            attribute = [g for g in by_object[(f.relation, new)]]
+            attribute = list(by_object[(f.relation, new)])
             pick = _rng(params["seed"], _SALT_NEIGHBOR, case_id)
             neighbors = [neighbors[j] for j in sorted(pick.permutation(len(neighbors))[:N_NEIGHBORS])]
             attribute = [attribute[j] for j in sorted(pick.permutation(len(attribute))[:N_NEIGHBORS])]
