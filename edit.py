@@ -66,7 +66,7 @@ from data_classes.batches import prompt_target_batch
 from data_classes.counterfact import load_split
 from data_classes.requests import EditRequest, EditTokens, load_requests
 from errors import CheckpointError, EditRequestError, PatchError, UserError
-from fact_eval import MODES, easyedit_edit, plot_fact_curve
+from fact_eval import MODES, easyedit_edit, plot_fact_curve, pre_edit_metrics
 from fact_eval import evaluate as evaluate_facts
 from fact_eval import summary_table as fact_summary_table
 from losses import kl_loc_loss, sequence_log_probs
@@ -291,17 +291,9 @@ class Editor:
             out += [(lp[r].item(), bool(correct[r].item())) for r in range(len(lp))]
         return out
 
-    @torch.no_grad()
     def greedy(self, model: EditedModel, prompt: List[int], n: int) -> List[int]:
-        ids = list(prompt)
-        eos = self.tokenizer.eos_token_id
-        for _ in range(n):
-            x = torch.tensor([ids], device=self.device)
-            nxt = int(model(x, torch.ones_like(x))[0, -1].argmax())
-            ids.append(nxt)
-            if nxt == eos:
-                break
-        return ids[len(prompt) :]
+        """Up to ``n`` greedy tokens after ``prompt`` on ``model`` (with a key/value cache)."""
+        return model.greedy(prompt, n, self.tokenizer.eos_token_id)
 
     def _decode(self, ids: List[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -606,8 +598,9 @@ def _cmd_eval(args) -> int:
     cases = [c for split in splits for c in load_split(data_cfg, split, editor.config.seed, cache_dir)[0]]
     cases = cases[: args.n]
     runs = []
+    pre = pre_edit_metrics(editor, cases, args.generation, args.gen_tokens)  # shared by every group size
     for size in sizes:
-        run = evaluate_facts(editor, cases, args.mode, size, args.generation, args.gen_tokens)
+        run = evaluate_facts(editor, cases, args.mode, size, args.generation, args.gen_tokens, pre=pre)
         runs.append(run)
         if args.out:
             os.makedirs(args.out, exist_ok=True)

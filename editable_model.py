@@ -48,12 +48,17 @@ def logits_of(output) -> torch.Tensor:
     return output[0]
 
 
-def call_with_weights(model: nn.Module, weights: Dict[str, torch.Tensor], kwargs: dict) -> torch.Tensor:
-    """The logits of ``model(**kwargs)`` with ``weights`` in place of the same-named parameters (none: as it is).
-    The model itself is not changed: the weights are bound for this call only (``torch.func.functional_call``)."""
+def output_with_weights(model: nn.Module, weights: Dict[str, torch.Tensor], kwargs: dict):
+    """``model(**kwargs)`` with ``weights`` in place of the same-named parameters (none: as it is). The model itself
+    is not changed: the weights are bound for this call only (``torch.func.functional_call``)."""
     if weights:
-        return logits_of(functional_call(model, weights, (), kwargs, strict=False))
-    return logits_of(model(**kwargs))
+        return functional_call(model, weights, (), kwargs, strict=False)
+    return model(**kwargs)
+
+
+def call_with_weights(model: nn.Module, weights: Dict[str, torch.Tensor], kwargs: dict) -> torch.Tensor:
+    """The logits of :func:`output_with_weights`."""
+    return logits_of(output_with_weights(model, weights, kwargs))
 
 
 def accepts_logits_to_keep(model: nn.Module) -> bool:

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from checkpoints import identity_diff, weight_identity
-from editable_model import call_with_weights, state_dict_with
+from editable_model import call_with_weights, logits_of, output_with_weights, state_dict_with
 from errors import OutputExistsError, PatchError
 
 LOG = logging.getLogger("edit")
@@ -224,6 +224,28 @@ class EditedModel:
     def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         return call_with_weights(self.base, self.weights, kwargs)
+
+    @torch.no_grad()
+    def greedy(self, prompt: Sequence[int], n: int, eos: Optional[int] = None) -> List[int]:
+        """Up to ``n`` greedy tokens after ``prompt`` (a causal LM's ids), stopping after ``eos``. The prompt is run
+        once and each new token on the key/value cache; a model that returns no cache is rerun on the whole
+        sequence at each step (the same tokens either way)."""
+        ids = torch.tensor([list(prompt)], device=self.device)
+        new: List[int] = []
+        past = None
+        for _ in range(n):
+            if past is None:
+                kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": True}
+            else:
+                kwargs = {"input_ids": ids[:, -1:], "past_key_values": past, "use_cache": True}
+            out = output_with_weights(self.base, self.weights, kwargs)
+            past = getattr(out, "past_key_values", None)
+            nxt = int(logits_of(out)[0, -1].argmax())
+            new.append(nxt)
+            ids = torch.cat([ids, ids.new_tensor([[nxt]])], 1)
+            if nxt == eos:
+                break
+        return new
 
     # -- materialising and saving ------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, torch.Tensor]:

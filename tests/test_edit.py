@@ -219,6 +219,21 @@ def test_report_has_the_per_request_figures(tokenizer):
     assert "rephrase" in table and "watch" in table and "edit success" in table
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cached_greedy_gives_the_tokens_of_rerunning_the_whole_sequence(tokenizer, arch):
+    editor = editor_with_statistics(arch, tokenizer)
+    edited = editor.apply(REQUESTS[:1], mode="batched").model
+    prompt = editor._encode("The old museum of the river city")
+    for model in (editor.base(), edited):
+        ids = list(prompt)
+        for _ in range(12):  # the reference: the whole sequence at every step, no cache
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                ids.append(int(model(x, torch.ones_like(x))[0, -1].argmax()))
+        assert model.greedy(prompt, 12) == ids[len(prompt) :]
+    assert edited.weights  # the edited model runs its own weights through the cached path
+
+
 # ------------------------------------------------------------------------------------------------------
 def test_a_model_the_editor_was_not_trained_for_is_refused(tokenizer, tmp_path):
     from errors import CheckpointError
