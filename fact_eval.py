@@ -199,6 +199,17 @@ def summarize(cases: Sequence[dict]) -> dict:
 
 
 # -- running the edits ----------------------------------------------------------------------------------------
+def _tfidf(cases: Sequence[dict], generation: bool) -> Optional[TfIdf]:
+    return TfIdf([t for c in cases for t in c.get("reference_texts", [])]) if generation else None
+
+
+def pre_edit_metrics(editor, cases: Sequence[dict], generation: bool = False, gen_tokens: int = 50) -> List[dict]:
+    """Every case's metrics on the unedited model (the ``pre`` records of :func:`evaluate`)."""
+    tfidf = _tfidf(cases, generation)
+    base = editor.base()
+    return [case_metrics(editor, base, c, tfidf, gen_tokens if generation else 0) for c in cases]
+
+
 def evaluate(
     editor,
     cases: Sequence[dict],
@@ -207,18 +218,24 @@ def evaluate(
     generation: bool = False,
     gen_tokens: int = 50,
     progress=None,
+    pre: Optional[List[dict]] = None,
 ) -> dict:
     """Edit with ``editor`` (an :class:`edit.Editor`) and measure every case before and after; see the module
-    docstring for the modes. Returns ``{"summary": ..., "cases": [...]}``; the base model is left unedited."""
+    docstring for the modes. Returns ``{"summary": ..., "cases": [...]}``; the base model is left unedited.
+    ``pre``: the cases' metrics on the unedited model, from :func:`pre_edit_metrics` with the same arguments
+    (several runs on the same cases share them); computed here when not given."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {', '.join(MODES)}.")
     size = 1 if mode == "single" else int(n_edits)
     if size < 1:
         raise ValueError(f"n_edits={n_edits}: must be at least 1.")
-    tfidf = TfIdf([t for c in cases for t in c.get("reference_texts", [])]) if generation else None
+    tfidf = _tfidf(cases, generation)
     gen = gen_tokens if generation else 0
     base = editor.base()
-    pre = [case_metrics(editor, base, c, tfidf, gen) for c in cases]
+    if pre is None:
+        pre = pre_edit_metrics(editor, cases, generation, gen_tokens)
+    elif len(pre) != len(cases):
+        raise ValueError(f"pre: {len(pre)} records for {len(cases)} cases.")
     results = []
     for start in range(0, len(cases), size):
         group = list(range(start, min(start + size, len(cases))))
