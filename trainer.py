@@ -606,6 +606,7 @@ class EditTrainer:
         cfg = self.config
         if not self.editor.needs_training:
             LOG.info("alg=%s has nothing to train: evaluating it directly.", cfg.alg)
+            self.save_checkpoint({})  # its settings, so that python -m edit --archive <run> takes this run too
         elif not cfg.eval_only:
             self.train()
             best = os.path.join(self.ckpt_dir, BEST_NAME)

@@ -30,6 +30,7 @@ from data_classes.counterfact import (
     read_counterfact,
     split_by_subject,
 )
+from edit import Editor
 from losses import IGNORE
 from trainer import EditTrainer
 
@@ -242,6 +243,18 @@ def test_evaluate_in_every_mode_leaves_the_base_model_and_measures_each_case(tok
     assert table.splitlines()[2].startswith("| before |") and "after, sequential x3" in table
 
 
+def test_shared_pre_edit_metrics_give_the_runs_computed_alone(tokenizer):
+    editor = test_edit.editor_with_statistics("gpt2", tokenizer)
+    cases = read_counterfact(FIXTURE)
+    pre = fact_eval.pre_edit_metrics(editor, cases)
+    for mode, n in (("single", 1), ("batched", 2)):
+        alone, shared = fact_eval.evaluate(editor, cases, mode, n), fact_eval.evaluate(editor, cases, mode, n, pre=pre)
+        assert alone["summary"] == shared["summary"]
+        assert [c["pre"] for c in alone["cases"]] == pre
+    with pytest.raises(ValueError, match="2 records for 3 cases"):
+        fact_eval.evaluate(editor, cases, "single", pre=pre[:2])
+
+
 def test_the_eval_command_writes_one_report_per_group_size_and_a_plot(trained_run, tmp_path):
     out, plot = tmp_path / "eval", tmp_path / "curve.png"
     proc = edit_cli(
@@ -339,3 +352,20 @@ def test_every_editor_trains_and_evaluates_on_the_counterfact_set(alg, tokenizer
     results = report["results"]
     assert results["eval_time/n_edits"] == 2 and 0 <= results["edit/acc_val"] <= 1
     assert math.isfinite(results["loss/loc_val"])
+
+
+def test_a_fine_tuning_run_is_an_archive_the_eval_command_takes(tokenizer, tmp_path):
+    model = test_edit.tiny_model("gpt2", len(tokenizer))
+    settings = {
+        "alg": "ft", "task": "counterfact", "data.max_countries": 40, "val_steps": 2, "eval.final_steps": 2,
+        "eval.compare_untrained": False, "eval_only": True, "ft.lr": 1e-2,
+    }  # fmt: skip
+    cfg = make_config("gpt2", **settings)
+    sets = [CounterFactDataset(tokenizer, cfg.data, s, 0, str(tmp_path), model=model) for s in ("train", "validation")]
+    run_dir = tmp_path / "run"
+    EditTrainer(lambda: editor_class("ft")(model, cfg), cfg, *sets, str(run_dir)).run()
+    editor = Editor.from_archive(str(run_dir), model=model, tokenizer=tokenizer)
+    assert editor.config.alg == "ft" and editor.config.ft.lr == 1e-2
+    run = fact_eval.evaluate(editor, read_counterfact(FIXTURE)[:1], "single")
+    summary = run["summary"]
+    assert summary["post_efficacy_magnitude"] > summary["pre_efficacy_magnitude"]  # the fine-tuning edit is applied
