@@ -90,6 +90,9 @@ class DataConfig:
     # counterfact: locality inputs from the edit's own neighborhood prompts (other subjects with the same true
     # answer); False: other cases' rewrite prompts with their true answers.
     neighborhood_locality: bool = True
+    # counterfact: the probability that a training batch's equivalence input (where the edit loss is taken) is the
+    # rewrite prompt itself rather than its paraphrase; 0: the paraphrase only, as MEND trains on zsRE.
+    rewrite_equivalence: float = 0.0
 
 
 @dataclass
@@ -428,6 +431,7 @@ RANGES: Dict[str, Range] = {
     "data.max_passage_tokens": TOKENS,
     "data.max_length": TOKENS,
     "data.val_fraction": Range(0, 1, low_open=True, high_open=True, why="both splits need documents"),
+    "data.rewrite_equivalence": Range(0, 1, why="it is a probability"),
     "data.sample_temperature": Range(0, why="0 decodes greedily"),
     **dict.fromkeys(("data.max_documents", "data.max_passages", "data.max_countries"), Range(1, null="all")),
     # editors

@@ -28,9 +28,11 @@ Sources, by ``data.path``:
   countries whose object is the new one; train and validation split by country.
 
 Training batches (:class:`CounterFactDataset`, causal LMs): the edit is the rewrite prompt with ``target_new``; the
-equivalence input a paraphrase with ``target_new``; the locality inputs are, with ``data.neighborhood_locality``
-(default), the edit's own neighborhood prompts with their true answer, so that the editor learns to keep exactly
-the facts its edits are most likely to disturb; otherwise other records' rewrite prompts with their true answers.
+equivalence input a paraphrase with ``target_new`` (or, with probability ``data.rewrite_equivalence``, the rewrite
+prompt itself, so that the edit loss also sees the template the neighbours share); the locality inputs are, with
+``data.neighborhood_locality`` (default), the edit's own neighborhood prompts with their true answer, so that the
+editor learns to keep exactly the facts its edits are most likely to disturb; otherwise other records' rewrite
+prompts with their true answers.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ N_NEIGHBORS = 5  # embedded set: neighborhood and attribute prompts per record
 GENERATION_TEMPLATES = ("{s} is", "The country of {s}", "People who visit {s} find that")
 
 _SALT_NEW, _SALT_PREFIX, _SALT_NEIGHBOR, _SALT_SPLIT, _SALT_PARA, _SALT_LOC, _SALT_TRAIN, _SALT_EVAL = range(8)
+_SALT_EQUIV = 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,6 +327,14 @@ class CounterFactDataset(QADataset):
     def __getitem__(self, i: int) -> dict:
         c = self.cases[i]
         return {**c, "prompt": c["prompt"].format(c["subject"])}
+
+    def _rephrase(self, i: int, draw: int = 0) -> str:
+        """The equivalence input of edit i in batch ``draw``: its paraphrase, or with probability
+        ``data.rewrite_equivalence`` (a seeded draw per batch) the rewrite prompt itself."""
+        p = float(self.cfg.rewrite_equivalence)
+        if p > 0 and _rng(self.seed, _SALT_EQUIV, i, draw).random() < p:
+            return self.records[i]["input"]
+        return self.records[i]["rephrase"]
 
     def _loc(self, i: int, k: int, draw: int = 0) -> Tuple[str, str]:
         """The k-th locality example of edit i: one of its neighborhood prompts with the true answer

@@ -417,6 +417,10 @@ class QADataset(EditDataset):
 
     # ---- locality
 
+    def _rephrase(self, i: int, draw: int = 0) -> str:
+        """The equivalence input of edit i in batch ``draw`` (with data.rephrase): its rephrasing."""
+        return self.records[i]["rephrase"]
+
     def _loc(self, i: int, k: int, draw: int = 0) -> Tuple[str, str]:
         """The k-th locality partner of edit i in batch ``draw``: another question with its true answer (another
         country's, for the embedded set), or a Natural Questions pair with data.zsre_nq; a deterministic draw from
@@ -482,8 +486,9 @@ class QADataset(EditDataset):
     def _batch(self, edits: List[int], n_loc: int, epoch: int = 0, draw: int = 0) -> dict:
         recs = [self.records[i] for i in edits]
         inner = self.tensors([(r["input"], r["alt"]) for r in recs])
+        rephrases = [self._rephrase(i, draw) for i in edits]
         if self.cfg.rephrase:
-            outer = self.tensors([(r["rephrase"], r["alt"]) for r in recs])
+            outer = self.tensors([(q, r["alt"]) for q, r in zip(rephrases, recs)])
         else:
             outer = {k: v.clone() for k, v in inner.items()}
         # Slot k holds partner k // n_edits of edit k % n_edits (as in gen).
@@ -498,7 +503,7 @@ class QADataset(EditDataset):
             "raw": {
                 "question": [r["input"] for r in recs],
                 "target": [r["alt"] for r in recs],
-                "rephrase": [r["rephrase"] for r in recs],
+                "rephrase": rephrases,
                 "cond": [r["cond"] for r in recs],
                 "loc": [q for q, _ in locs],
                 "loc_ans": [a for _, a in locs],

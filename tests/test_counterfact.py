@@ -149,6 +149,27 @@ def test_training_batches_edit_toward_the_new_target_and_keep_the_neighbors(toke
 
 
 # -- the metrics, on hand-made cases ---------------------------------------------------------------------------
+def test_rewrite_equivalence_mixes_the_rewrite_prompt_into_the_edit_loss(tokenizer, tmp_path):
+    model = test_edit.tiny_model("gpt2", len(tokenizer))
+
+    def equivalence_inputs(p):
+        cfg = data_cfg(path=str(FIXTURE), val_fraction=0.34, rewrite_equivalence=p)
+        ds = CounterFactDataset(tokenizer, cfg, "train", seed=0, cache_dir=str(tmp_path), model=model)
+        gen = ds.edit_generator(3)
+        out = []
+        for _ in range(40):
+            raw = next(gen)["raw"]
+            out.append(raw["rephrase"][0] == raw["question"][0])
+            case = next(c for c in ds.cases if c["prompt"].format(c["subject"]) == raw["question"][0])
+            assert raw["rephrase"][0] in case["paraphrase_prompts"] + [raw["question"][0]]
+        return out
+
+    assert not any(equivalence_inputs(0.0))  # MEND's recipe: the paraphrase only
+    assert all(equivalence_inputs(1.0))
+    mixed = equivalence_inputs(0.5)
+    assert 8 <= sum(mixed) <= 32  # drawn anew per batch
+
+
 def test_n_gram_entropy_is_romes_weighted_mean():
     # "a b a b": bigrams ab, ba, ab (H = 0.918 bits), trigrams aba, bab (H = 1 bit)
     h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
