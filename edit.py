@@ -500,7 +500,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--path", help="counterfact.json, a JSONL file or hf:<dataset id> (default: the embedded set)")
     e.add_argument("--split", choices=("validation", "train", "all"), default="validation")
     e.add_argument("--n", type=int, default=200, help="evaluate the first N cases")
-    e.add_argument("--mode", choices=MODES, default="single")
+    e.add_argument("--mode", default="single", help="single, batched, sequential, or several (batched,sequential)")
     e.add_argument("--n-edits", default="1", help="batched / sequential: comma-separated group sizes (1,10,100)")
     e.add_argument("--generation", action="store_true", help="also fluency and consistency (greedy continuations)")
     e.add_argument("--gen-tokens", type=int, default=50, help="tokens generated per generation prompt")
@@ -588,8 +588,11 @@ def _cmd_eval(args) -> int:
         raise EditRequestError(f"--n-edits {args.n_edits!r}: expected comma-separated integers.") from None
     if not sizes or min(sizes) < 1 or args.n < 1:
         raise EditRequestError("--n and --n-edits must be positive.")
-    if args.mode == "single":
-        sizes = [1]
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise EditRequestError(f"--mode {args.mode!r}: choose from {', '.join(MODES)} (comma-separated for several).")
+    plan = [(m, size) for m in modes for size in ([1] if m == "single" else sizes)]
     editor = Editor.from_archive(args.archive, args.device, args.cache_dir, args.model_name)
     data_cfg = editor.config.data.copy()
     data_cfg.path = args.path
@@ -599,12 +602,12 @@ def _cmd_eval(args) -> int:
     cases = cases[: args.n]
     runs = []
     pre = pre_edit_metrics(editor, cases, args.generation, args.gen_tokens)  # shared by every group size
-    for size in sizes:
-        run = evaluate_facts(editor, cases, args.mode, size, args.generation, args.gen_tokens, pre=pre)
+    for mode, size in plan:
+        run = evaluate_facts(editor, cases, mode, size, args.generation, args.gen_tokens, pre=pre)
         runs.append(run)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-            name = f"{args.mode}" + (f"-{size}" if args.mode != "single" else "")
+            name = f"{mode}" + (f"-{size}" if mode != "single" else "")
             with open(os.path.join(args.out, f"{name}.json"), "w", encoding="utf-8") as f:
                 json.dump(run, f, indent=1, ensure_ascii=False)
     table = fact_summary_table(runs)

@@ -307,21 +307,30 @@ def summary_table(runs: Sequence[dict]) -> str:
 
 
 def plot_fact_curve(runs: Sequence[dict], path: str) -> None:
-    """Efficacy, paraphrase and neighborhood scores (after editing) against the group size, one line each."""
+    """Efficacy, paraphrase and neighborhood scores (after editing) against the group size: one colour per score,
+    one line style per mode (batched solid, sequential dashed; a single-mode run is the point at 1 of each)."""
     import matplotlib  # only the plot needs it (0.8 s of import)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after choosing the file backend
 
-    sizes = [r["n_edits"] for r in runs]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, label in (("efficacy", "efficacy"), ("paraphrase", "paraphrase"), ("neighborhood", "neighborhood")):
-        ax.plot(sizes, [100 * (r["summary"].get(f"post_{key}_score") or 0) for r in runs], marker="o", label=label)
+    modes = [m for m in ("batched", "sequential") if any(r["mode"] == m for r in runs)] or ["single"]
+    single = [r for r in runs if r["mode"] == "single"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for key, colour in (("efficacy", "C0"), ("paraphrase", "C1"), ("neighborhood", "C2")):
+        for mode, style in zip(modes, ("-", "--")):
+            part = sorted((r for r in runs if r["mode"] == mode), key=lambda r: r["n_edits"]) or single
+            if mode != "single" and single and all(r["n_edits"] != 1 for r in part):
+                part = single + part  # one edit alone is one edit in either mode
+            xs = [r["n_edits"] for r in part]
+            ys = [100 * (r["summary"].get(f"post_{key}_score") or 0) for r in part]
+            label = key if len(modes) == 1 else f"{key}, {mode}"
+            ax.plot(xs, ys, style, color=colour, marker="o", label=label)
     ax.set_xscale("log")
-    ax.set_xlabel(f"edits ({runs[0]['mode']})")
+    ax.set_xlabel("edits (" + " / ".join(modes) + ")")
     ax.set_ylabel("score (%)")
     ax.set_ylim(0, 100)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -279,14 +279,17 @@ def test_shared_pre_edit_metrics_give_the_runs_computed_alone(tokenizer):
 def test_the_eval_command_writes_one_report_per_group_size_and_a_plot(trained_run, tmp_path):
     out, plot = tmp_path / "eval", tmp_path / "curve.png"
     proc = edit_cli(
-        "eval", "--archive", trained_run, "--path", FIXTURE, "--split", "all", "--n", 3, "--mode", "sequential",
-        "--n-edits", "1,3", "--out", out, "--plot", plot,
+        "eval", "--archive", trained_run, "--path", FIXTURE, "--split", "all", "--n", 3,
+        "--mode", "batched,sequential", "--n-edits", "1,3", "--out", out, "--plot", plot,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "3 cases" in proc.stdout and "after, sequential x3" in proc.stdout
+    assert "3 cases" in proc.stdout and "after, sequential x3" in proc.stdout and "after, batched x3" in proc.stdout
     report = json.loads((out / "sequential-3.json").read_text())
     assert report["n_edits"] == 3 and len(report["cases"]) == 3 and "post" in report["cases"][0]
+    assert report["mode"] == "sequential" and json.loads((out / "batched-3.json").read_text())["mode"] == "batched"
     assert (out / "sequential-1.json").is_file() and (out / "summary.md").is_file() and plot.stat().st_size > 1000
+    proc = edit_cli("eval", "--archive", trained_run, "--mode", "batched,serial")
+    assert proc.returncode == 2 and "--mode 'batched,serial': choose from single, batched, sequential" in proc.stderr
     proc = edit_cli("eval", "--archive", trained_run, "--path", tmp_path / "absent.json")
     assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
 
