@@ -72,6 +72,12 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
 _LOGITS_TO_KEEP: Dict[type, bool] = {}
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The name of the key/value cache in the model's forward and output: ``cache`` where the forward takes it (newer
+    transformers 5 releases, which warn on the old name), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def state_dict_with(model: nn.Module, weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """``model``'s state dict with ``weights`` substituted (detached)."""
     state = dict(model.state_dict())

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from checkpoints import identity_diff, weight_identity
-from editable_model import call_with_weights, logits_of, output_with_weights, state_dict_with
+from editable_model import cache_argument, call_with_weights, logits_of, output_with_weights, state_dict_with
 from errors import OutputExistsError, PatchError
 
 LOG = logging.getLogger("edit")
@@ -233,13 +233,14 @@ class EditedModel:
         ids = torch.tensor([list(prompt)], device=self.device)
         new: List[int] = []
         past = None
+        name = cache_argument(self.base)
         for _ in range(n):
             if past is None:
                 kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": True}
             else:
-                kwargs = {"input_ids": ids[:, -1:], "past_key_values": past, "use_cache": True}
+                kwargs = {"input_ids": ids[:, -1:], name: past, "use_cache": True}
             out = output_with_weights(self.base, self.weights, kwargs)
-            past = getattr(out, "past_key_values", None)
+            past = getattr(out, name, None)
             nxt = int(logits_of(out)[0, -1].argmax())
             new.append(nxt)
             ids = torch.cat([ids, ids.new_tensor([[nxt]])], 1)

@@ -219,6 +219,7 @@ def test_report_has_the_per_request_figures(tokenizer):
     assert "rephrase" in table and "watch" in table and "edit success" in table
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # the cache passed under the name the model takes
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_cached_greedy_gives_the_tokens_of_rerunning_the_whole_sequence(tokenizer, arch):
     editor = editor_with_statistics(arch, tokenizer)
