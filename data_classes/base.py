@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -50,6 +50,31 @@ def read_jsonl(path, error=DataError, hint: str = "") -> List[Tuple[int, str, ob
         except json.JSONDecodeError as e:
             raise error(f"{where}: not valid JSON ({e.msg} at column {e.colno}){tail}.") from None
     return out
+
+
+def hub_rows(dataset_id: str, splits: Sequence[str], offline_hint: str) -> List[dict]:
+    """The rows, as dicts, of the first of ``splits`` that a dataset on the HuggingFace hub has
+    (``datasets.load_dataset``). Without the ``datasets`` package, without the hub or without such a split: one
+    DataError that says what to do (``offline_hint``: the offline way)."""
+    try:
+        import datasets  # optional: only a hub source needs it
+    except ImportError:
+        raise DataError(
+            f"data.path=hf:{dataset_id} needs the `datasets` package: pip install datasets (or {offline_hint})."
+        ) from None
+    try:
+        found = datasets.load_dataset(dataset_id)
+    except Exception as e:  # the hub, the network or the dataset: one message either way
+        raise DataError(
+            f"data.path=hf:{dataset_id}: the dataset could not be loaded ({type(e).__name__}: {str(e)[:200]}). "
+            f"Offline, {offline_hint}."
+        ) from None
+    for name in splits:
+        if name in found:
+            return [dict(r) for r in found[name]]
+    raise DataError(
+        f"data.path=hf:{dataset_id} has the splits {sorted(found)}, none of {list(splits)}; {offline_hint}."
+    )
 
 
 def rng(*entropy: int) -> np.random.Generator:

@@ -46,7 +46,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from utils import atomic_write_text
 
 from . import DataError
-from .base import data_cache_dir, normalise_split, read_jsonl
+from .base import data_cache_dir, hub_rows, normalise_split, read_jsonl
 from .base import rng as _rng
 from .facts import FACT_PACKAGES, RELATIONS, Fact, load_facts, split_countries
 from .qa import QADataset
@@ -142,21 +142,8 @@ def read_counterfact(path) -> List[dict]:
 
 def read_hub(dataset_id: str) -> List[dict]:
     """The records of a CounterFact-format dataset on the HuggingFace hub (its ``train`` split)."""
-    try:
-        import datasets  # optional: only this source needs it
-    except ImportError:
-        raise DataError(
-            f"data.path=hf:{dataset_id} needs the `datasets` package: pip install datasets (or download the "
-            f"records as a JSON file and set data.path=<file>)."
-        ) from None
-    try:
-        rows = datasets.load_dataset(dataset_id, split="train")
-    except Exception as e:  # the hub, the network or the dataset: one message either way
-        raise DataError(
-            f"data.path=hf:{dataset_id}: the dataset could not be loaded ({type(e).__name__}: {str(e)[:200]}). "
-            f"Offline, download ROME's counterfact.json elsewhere and set data.path=<file>, or leave data.path unset "
-            f"for the embedded set."
-        ) from None
+    hint = "download ROME's counterfact.json elsewhere and set data.path=<file>, or leave data.path unset (embedded)"
+    rows = hub_rows(dataset_id, ("train",), hint)
     return [check_record(dict(r), f"hf:{dataset_id}, row {i}") for i, r in enumerate(rows)]
 
 

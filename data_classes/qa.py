@@ -16,6 +16,8 @@ Sources:
   MEND's later users ship zsRE (EasyEdit, MEMIT): a list of ``{"subject", "src": question, "pred", "rephrase",
   "alt": new answer, "answers": [true answers], "loc": "nq question: ...", "loc_ans", "cond"}``; each record's
   ``loc`` / ``loc_ans`` is its locality question (from Natural Questions) with its answer.
+* ``data.path=hf:<dataset id>``: a dataset on the HuggingFace hub in that format, through the ``datasets`` package
+  (train: its ``train`` split; validation: ``validation``, ``eval``, ``test`` or ``dev``).
 * ``data.zsre_nq=True``: locality questions come from Natural Questions, in the original's format
   ``{"questions": [...], "answers": [...]}`` (an answer may be a string or a list whose first entry is used),
   one file per split: ``train.json`` and ``validation.json`` (or ``dev.json``) in the directory ``data.nq_path``,
@@ -47,7 +49,7 @@ from losses import IGNORE
 from utils import atomic_write_text
 
 from . import DataError
-from .base import EditDataset, data_cache_dir, normalise_split, read_jsonl
+from .base import EditDataset, data_cache_dir, hub_rows, normalise_split, read_jsonl
 from .base import rng as _rng
 from .batches import pad_rows, prompt_target_batch
 from .facts import FACT_PACKAGES, RELATIONS, load_facts, objects_by_relation, other_object, split_countries
@@ -110,9 +112,22 @@ def read_zsre_mend(path: Path) -> Tuple[List[dict], int]:
         raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); expected {MEND_FORMAT_HINT}.") from None
     if not isinstance(items, list):
         raise DataError(f"{path}: expected {MEND_FORMAT_HINT}.")
+    return zsre_mend_records(items, str(path))
+
+
+def read_zsre_hub(dataset_id: str, split: str) -> Tuple[List[dict], int]:
+    """The records of one split of a zsRE dataset in the ``zsre_mend_*.json`` format on the HuggingFace hub (train:
+    its ``train`` split; validation: ``validation``, ``eval``, ``test`` or ``dev``, the first it has)."""
+    names = ("train",) if split == "train" else ("validation", "eval", "test", "dev")
+    hint = "download zsre_mend_train.json and zsre_mend_eval.json elsewhere and set data.path=<their directory>"
+    return zsre_mend_records(hub_rows(dataset_id, names, hint), f"hf:{dataset_id}")
+
+
+def zsre_mend_records(items: Sequence, source: str) -> Tuple[List[dict], int]:
+    """(usable records, skipped count) of ``zsre_mend_*.json`` items (see :func:`read_zsre_mend`)."""
     records, skipped = [], 0
     for i, d in enumerate(items):
-        where = f"{path}, record {i}"
+        where = f"{source}, record {i}"
         if not isinstance(d, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}.")
         for key in ("src", "alt", "rephrase", "loc", "loc_ans"):
@@ -354,11 +369,15 @@ class QADataset(EditDataset):
     ):
         self._setup(tokenizer, data_cfg, split, seed, model)
         path = data_cfg.path
-        if path:
-            self.source = zsre_file(Path(os.path.expanduser(str(path))), self.split)
+        if path and str(path).startswith("hf:"):
+            self.source = str(path)
+            records, skipped = read_zsre_hub(self.source[3:], self.split)
         else:
-            self.source = ensure_embedded(cache_dir, data_cfg, self.seed) / f"{self.split}.jsonl"
-        records, skipped = read_zsre(self.source)
+            if path:
+                self.source = zsre_file(Path(os.path.expanduser(str(path))), self.split)
+            else:
+                self.source = ensure_embedded(cache_dir, data_cfg, self.seed) / f"{self.split}.jsonl"
+            records, skipped = read_zsre(self.source)
         if skipped:
             LOG.info(
                 "%s: %d examples without alternatives or rephrases skipped (as the original does).",

@@ -393,3 +393,18 @@ def test_a_fine_tuning_run_is_an_archive_the_eval_command_takes(tokenizer, tmp_p
     run = fact_eval.evaluate(editor, read_counterfact(FIXTURE)[:1], "single")
     summary = run["summary"]
     assert summary["post_efficacy_magnitude"] > summary["pre_efficacy_magnitude"]  # the fine-tuning edit is applied
+
+
+def test_counterfact_records_load_from_a_hub_dataset_id_or_say_what_to_do_offline(monkeypatch):
+    from test_qa import fake_datasets
+
+    rows = json.loads(FIXTURE.read_text())
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets({"train": rows}))
+    cfg = data_cfg(path="hf:someone/counterfact", val_fraction=0.34)
+    train, source = load_split(cfg, "train", seed=0, cache_dir="unused")
+    val, _ = load_split(cfg, "validation", seed=0, cache_dir="unused")
+    assert source == "hf:someone/counterfact" and len(train) + len(val) == 3
+    assert {r["subject"] for r in train}.isdisjoint(r["subject"] for r in val)
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets(ConnectionError("hub unreachable")))
+    with pytest.raises(DataError, match=r"could not be loaded \(ConnectionError.*Offline, download ROME's counterfact"):
+        load_split(cfg, "train", seed=0, cache_dir="unused")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -583,3 +584,47 @@ def test_a_bad_zsre_mend_record_names_the_file_record_and_field(tmp_path):
     (tmp_path / "zsre_mend_train.json").write_text(json.dumps(records))
     with pytest.raises(DataError, match=r"zsre_mend_train.json, record 1: 'alt' must be a string"):
         read_zsre(tmp_path / "zsre_mend_train.json")
+
+
+def fake_datasets(splits):
+    """A stand-in for the `datasets` package whose load_dataset returns ``splits`` (or raises it)."""
+    fake = types.ModuleType("datasets")
+
+    def load_dataset(dataset_id, *args, **kwargs):
+        if isinstance(splits, Exception):
+            raise splits
+        return splits
+
+    fake.load_dataset = load_dataset
+    return fake
+
+
+def test_zsre_mend_records_load_from_a_hub_dataset_id(tmp_path, monkeypatch):
+    train = json.loads(open(os.path.join(ZSRE_MEND, "zsre_mend_train.json")).read())
+    evals = json.loads(open(os.path.join(ZSRE_MEND, "zsre_mend_eval.json")).read())
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets({"train": train, "test": evals}))
+    tok = word_tokenizer()
+    cfg = data_cfg(path="hf:someone/zsre")
+    ds = QADataset(tok, cfg, "train", seed=0, cache_dir=str(tmp_path), model=tiny_causal(len(tok)))
+    assert len(ds) == 3 and ds.source == "hf:someone/zsre"
+    assert ds.records[0]["input"] == "What university did Watts Humphrey attend?"
+    val = QADataset(tok, cfg, "validation", seed=0, cache_dir=str(tmp_path), model=tiny_causal(len(tok)))
+    assert len(val) == 2  # the dataset's "test" split
+    train[1]["alt"] = 3
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets({"train": train}))
+    with pytest.raises(DataError, match=r"hf:someone/zsre, record 1: 'alt' must be a string"):
+        QADataset(tok, cfg, "train", seed=0, cache_dir=str(tmp_path), model=tiny_causal(len(tok)))
+    with pytest.raises(DataError, match=r"has the splits \['train'\], none of \['validation'"):
+        QADataset(tok, cfg, "validation", seed=0, cache_dir=str(tmp_path), model=tiny_causal(len(tok)))
+
+
+def test_a_hub_dataset_offline_or_without_datasets_says_what_to_do(tmp_path, monkeypatch):
+    tok = word_tokenizer()
+    cfg = data_cfg(path="hf:someone/zsre")
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets(ConnectionError("hub unreachable")))
+    with pytest.raises(DataError, match=r"hf:someone/zsre: the dataset could not be loaded \(ConnectionError.*"
+                       r"Offline, download zsre_mend_train.json and zsre_mend_eval.json"):  # fmt: skip
+        QADataset(tok, cfg, "train", seed=0, cache_dir=str(tmp_path), model=tiny_causal(len(tok)))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(DataError, match=r"needs the `datasets` package: pip install datasets"):
+        QADataset(tok, cfg, "train", seed=0, cache_dir=str(tmp_path), model=tiny_causal(len(tok)))
