@@ -45,6 +45,7 @@ output directory not empty), printed as one line.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -233,6 +234,7 @@ class Editor:
             if config.model.kind == "causal_lm":  # load whatever is there; the check below says if it fits
                 config.model.class_name = "AutoModelForCausalLM"
         cache_dir = os.path.expanduser(cache_dir or config.cache_dir)
+        given = model is not None
         if model is None:
             model = get_model(config.model, cache_dir)
         model.eval()
@@ -244,6 +246,17 @@ class Editor:
         model.to(resolve_device(device))
         alg = editor_class(config.alg)(model, config)
         load_editor_state(alg, ckpt["editor"], path)
+        trained = alg.trained_base()
+        if trained:  # ENN's train_base: edits apply to the base model as the editor trained it
+            if given:  # the caller's model stays as it is
+                model = copy.deepcopy(model)
+                alg = editor_class(config.alg)(model, config)
+                load_editor_state(alg, ckpt["editor"], path)
+                trained = alg.trained_base()
+            with torch.no_grad():
+                for name, w in trained.items():
+                    model.get_parameter(name).copy_(w)
+            LOG.info("%s: the base model's parameters are the ones this editor trained (train_base).", path)
         alg.to(model.device if hasattr(model, "device") else next(model.parameters()).device)
         alg.eval()
         alg.requires_grad_(False)

@@ -208,6 +208,11 @@ class EditableModel(nn.Module, ABC):
     def attach_training_data(self, dataset) -> None:
         """Give the editor the training set, for editors that draw batches at edit time. Default: unused."""
 
+    def trained_base(self) -> Dict[str, torch.Tensor]:
+        """The base model's parameters as this editor trained them (ENN's ``train_base``), by parameter name: the
+        model that edits apply to. Default: none (the base model is used as it is)."""
+        return {}
+
     def running_statistics(self) -> Dict[str, nn.Module]:
         """Submodules holding data statistics (not learned parameters) as ``count``, ``mean`` and ``m2`` buffers,
         updated in training mode (MEND's input normalisation). They are carried over to the untrained editor of

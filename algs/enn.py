@@ -62,6 +62,11 @@ class ENN(EditableModel):
         edited.train(self.training)
         return edited
 
+    def trained_base(self) -> Dict[str, torch.Tensor]:
+        if self.base_weights is None:
+            return {}
+        return {n.replace("#", "."): p.detach() for n, p in self.base_weights.items()}
+
     def outer_parameters(self) -> List[nn.Parameter]:
         base = list(self.base_weights.parameters()) if self.base_weights is not None else []
         return base + [self.edit_lrs]

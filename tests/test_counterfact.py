@@ -31,6 +31,7 @@ from data_classes.counterfact import (
     split_by_subject,
 )
 from edit import Editor
+from editable_model import logits_of
 from losses import IGNORE
 from trainer import EditTrainer
 
@@ -408,3 +409,33 @@ def test_counterfact_records_load_from_a_hub_dataset_id_or_say_what_to_do_offlin
     monkeypatch.setitem(sys.modules, "datasets", fake_datasets(ConnectionError("hub unreachable")))
     with pytest.raises(DataError, match=r"could not be loaded \(ConnectionError.*Offline, download ROME's counterfact"):
         load_split(cfg, "train", seed=0, cache_dir="unused")
+
+
+def test_an_enn_archive_edits_the_base_model_as_enn_trained_it(tokenizer, tmp_path):
+    """ENN's train_base changes the base model; python -m edit applies edits to that model, not the original,
+    and leaves the caller's model as it was."""
+    model = test_edit.tiny_model("gpt2", len(tokenizer))
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = {
+        "alg": "enn", "task": "counterfact", "data.max_countries": 40, "max_iters": 2, "val_interval": 2,
+        "val_steps": 2, "log_interval": 1, "accumulate_bs": 1, "eval.final_steps": 2, "eval.compare_untrained": False,
+        "train_base": True, "enn.lr": 1e-2,
+    }  # fmt: skip
+    cfg = make_config("gpt2", **settings)
+    sets = [CounterFactDataset(tokenizer, cfg.data, s, 0, str(tmp_path), model=model) for s in ("train", "validation")]
+    run_dir = tmp_path / "run"
+    trained = editor_class("enn")(model, cfg)
+    EditTrainer(lambda: trained, cfg, *sets, str(run_dir)).run()
+    editor = Editor.from_archive(str(run_dir), model=model, tokenizer=tokenizer)
+    for n, p in model.named_parameters():  # the caller's model is untouched
+        assert torch.equal(p, original[n]), n
+    base = editor.base()
+    assert base.base is not model
+    changed = [n for n, p in base.base.named_parameters() if not torch.equal(p, original[n])]
+    assert changed  # the base the edits apply to is ENN's trained one
+    x = torch.tensor([editor._encode("Afghanistan is a country in")])
+    ones = torch.ones_like(x)
+    with torch.no_grad():
+        want = editor.alg(input_ids=x, attention_mask=ones)  # ENN's unedited model: its trained base parameters
+    torch.testing.assert_close(base(x, ones), logits_of(want), rtol=0, atol=1e-5)
+    assert not torch.allclose(base(x, ones), model(input_ids=x, attention_mask=ones).logits, atol=1e-4)
