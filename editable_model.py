@@ -22,7 +22,9 @@ It declares what generic code must know about it, so that no generic module name
   - ``running_statistics()``, data statistics (count / mean / m2 buffers) that are carried over to an untrained
     editor (``copy_statistics_from``) and merged over the processes of a distributed run;
   - ``activation_bytes(n_tokens)``, its share of the memory estimate;
-  - ``low_rank_update(name)``, the update of an edit as low-rank factors, for compact patches (``python -m edit``).
+  - ``low_rank_update(name)``, the update of an edit as low-rank factors, for compact patches (``python -m edit``);
+  - ``trained_base()``, the base model's parameters as the editor trained them (ENN's ``train_base``), which
+    ``python -m edit`` edits instead of the original ones.
 """
 
 from __future__ import annotations

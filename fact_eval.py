@@ -316,7 +316,7 @@ def plot_fact_curve(runs: Sequence[dict], path: str) -> None:
 
     modes = [m for m in ("batched", "sequential") if any(r["mode"] == m for r in runs)] or ["single"]
     single = [r for r in runs if r["mode"] == "single"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
     for key, colour in (("efficacy", "C0"), ("paraphrase", "C1"), ("neighborhood", "C2")):
         for mode, style in zip(modes, ("-", "--")):
             part = sorted((r for r in runs if r["mode"] == mode), key=lambda r: r["n_edits"]) or single
@@ -330,7 +330,7 @@ def plot_fact_curve(runs: Sequence[dict], path: str) -> None:
     ax.set_xlabel("edits (" + " / ".join(modes) + ")")
     ax.set_ylabel("score (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
