@@ -56,6 +56,7 @@ CASES = [(key, text) for key, kind, _ in KEYS for text in SWEEP + ((HUGE_INT,) i
 # The (key, value) pairs the sweep accepts, each with why it works; the tests below run every one of them.
 ACCEPTED = {
     ("seed", "0"): "the default seed",
+    ("data.rewrite_equivalence", "0"): "the default: the edit loss on the paraphrase only (test_counterfact.py)",
     ("cedit", "0"): "no edit loss: training runs on the locality loss (test_accepted_edge_values_train)",
     ("cloc", "0"): "no locality loss (test_accepted_edge_values_train)",
     ("cbase", "0"): "ENN's base loss left out of the logged total (test_accepted_edge_values_train)",
