@@ -63,21 +63,26 @@ def call_with_weights(model: nn.Module, weights: Dict[str, torch.Tensor], kwargs
     return logits_of(output_with_weights(model, weights, kwargs))
 
 
+def forward_takes(model: nn.Module, argument: str) -> bool:
+    """The model's forward has a parameter named ``argument`` (looked up once per class)."""
+    key = (type(model), argument)
+    if key not in _FORWARD_TAKES:
+        _FORWARD_TAKES[key] = argument in inspect.signature(type(model).forward).parameters
+    return _FORWARD_TAKES[key]
+
+
+_FORWARD_TAKES: Dict[tuple, bool] = {}
+
+
 def accepts_logits_to_keep(model: nn.Module) -> bool:
     """The model's forward can compute its logits at chosen positions only (transformers' ``logits_to_keep``)."""
-    cls = type(model)
-    if cls not in _LOGITS_TO_KEEP:
-        _LOGITS_TO_KEEP[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
-    return _LOGITS_TO_KEEP[cls]
-
-
-_LOGITS_TO_KEEP: Dict[type, bool] = {}
+    return forward_takes(model, "logits_to_keep")
 
 
 def cache_argument(model: nn.Module) -> str:
     """The name of the key/value cache in the model's forward and output: ``cache`` where the forward takes it (newer
     transformers 5 releases, which warn on the old name), else ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return "cache" if forward_takes(model, "cache") else "past_key_values"
 
 
 def state_dict_with(model: nn.Module, weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
