@@ -308,6 +308,13 @@ class Editor:
         """Up to ``n`` greedy tokens after ``prompt`` on ``model`` (with a key/value cache)."""
         return model.greedy(prompt, n, self.tokenizer.eos_token_id)
 
+    def greedy_many(self, model: EditedModel, prompts: Sequence[List[int]], n: int, chunk: int = 32) -> List[List[int]]:
+        """:meth:`greedy` for each of ``prompts``, ``chunk`` prompts at a time in one left-padded batch."""
+        out: List[List[int]] = []
+        for s in range(0, len(prompts), chunk):
+            out += model.greedy_batch(prompts[s : s + chunk], n, self.tokenizer.eos_token_id, self.pad_id)
+        return out
+
     def _decode(self, ids: List[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 

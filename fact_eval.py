@@ -134,15 +134,30 @@ def case_metrics(editor, model, case: dict, tfidf: Optional[TfIdf] = None, gen_t
     out["rewrite_acc"] = acc_new["rewrite_prompts"]
     out["rephrase_acc"] = acc_new["paraphrase_prompts"]
     out["neighborhood_argmax"] = argmax_true["neighborhood_prompts"]
-    if gen_tokens and case["generation_prompts"]:
-        texts = []
-        for p in case["generation_prompts"]:
-            ids = editor._encode(p)
-            texts.append(p + editor._decode(editor.greedy(model, ids, gen_tokens)))
-        out["text"] = texts
-        out["ngram_entropy"] = sum(n_gram_entropy(t) for t in texts) / len(texts)
-        if tfidf is not None and case.get("reference_texts"):
-            out["reference_score"] = tfidf.similarity(" ".join(texts), " ".join(case["reference_texts"]))
+    if gen_tokens:
+        out.update(generation_metrics(editor, model, [case], tfidf, gen_tokens)[0])
+    return out
+
+
+def generation_metrics(
+    editor, model, cases: Sequence[dict], tfidf: Optional[TfIdf], gen_tokens: int, chunk: int = 32
+) -> List[dict]:
+    """Per case: the greedy continuations (``gen_tokens`` tokens) of its generation prompts on ``model``, their
+    generation entropy and, with ``tfidf`` and reference texts, their consistency. The prompts of all ``cases``
+    are generated together, ``chunk`` at a time."""
+    prompts = [p for c in cases for p in c["generation_prompts"]]
+    conts = editor.greedy_many(model, [editor._encode(p) for p in prompts], gen_tokens, chunk)
+    texts = iter(p + editor._decode(ids) for p, ids in zip(prompts, conts))
+    out = []
+    for case in cases:
+        record: dict = {}
+        if case["generation_prompts"]:
+            record["text"] = [next(texts) for _ in case["generation_prompts"]]
+            record["ngram_entropy"] = _mean(n_gram_entropy(t) for t in record["text"])
+            if tfidf is not None and case.get("reference_texts"):
+                joined = " ".join(case["reference_texts"])
+                record["reference_score"] = tfidf.similarity(" ".join(record["text"]), joined)
+        out.append(record)
     return out
 
 
@@ -207,7 +222,11 @@ def pre_edit_metrics(editor, cases: Sequence[dict], generation: bool = False, ge
     """Every case's metrics on the unedited model (the ``pre`` records of :func:`evaluate`)."""
     tfidf = _tfidf(cases, generation)
     base = editor.base()
-    return [case_metrics(editor, base, c, tfidf, gen_tokens if generation else 0) for c in cases]
+    out = [case_metrics(editor, base, c) for c in cases]
+    if generation:
+        for record, gen in zip(out, generation_metrics(editor, base, cases, tfidf, gen_tokens)):
+            record.update(gen)
+    return out
 
 
 def evaluate(
@@ -230,7 +249,6 @@ def evaluate(
     if size < 1:
         raise ValueError(f"n_edits={n_edits}: must be at least 1.")
     tfidf = _tfidf(cases, generation)
-    gen = gen_tokens if generation else 0
     base = editor.base()
     if pre is None:
         pre = pre_edit_metrics(editor, cases, generation, gen_tokens)
@@ -249,8 +267,12 @@ def evaluate(
         else:
             current.push(editor.edit_patch(current, toks, requests))
         seconds = (time.perf_counter() - t0) / len(group)
-        for i in group:
-            post = case_metrics(editor, current, cases[i], tfidf, gen)
+        posts = [case_metrics(editor, current, cases[i]) for i in group]
+        if generation:  # the group's generation prompts together, on the model the group edited
+            gens = generation_metrics(editor, current, [cases[i] for i in group], tfidf, gen_tokens)
+            for post, gen in zip(posts, gens):
+                post.update(gen)
+        for i, post in zip(group, posts):
             results.append(
                 {
                     "case_id": cases[i]["case_id"],

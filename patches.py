@@ -25,7 +25,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from checkpoints import identity_diff, weight_identity
-from editable_model import cache_argument, call_with_weights, logits_of, output_with_weights, state_dict_with
+from data_classes.batches import left_pad
+from editable_model import (
+    cache_argument,
+    call_with_weights,
+    forward_takes,
+    logits_of,
+    output_with_weights,
+    state_dict_with,
+)
 from errors import OutputExistsError, PatchError
 
 LOG = logging.getLogger("edit")
@@ -225,27 +233,50 @@ class EditedModel:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         return call_with_weights(self.base, self.weights, kwargs)
 
-    @torch.no_grad()
     def greedy(self, prompt: Sequence[int], n: int, eos: Optional[int] = None) -> List[int]:
-        """Up to ``n`` greedy tokens after ``prompt`` (a causal LM's ids), stopping after ``eos``. The prompt is run
-        once and each new token on the key/value cache; a model that returns no cache is rerun on the whole
-        sequence at each step (the same tokens either way)."""
-        ids = torch.tensor([list(prompt)], device=self.device)
-        new: List[int] = []
-        past = None
+        """Up to ``n`` greedy tokens after ``prompt`` (a causal LM's ids), stopping after ``eos``."""
+        return self.greedy_batch([prompt], n, eos)[0]
+
+    @torch.no_grad()
+    def greedy_batch(
+        self, prompts: Sequence[Sequence[int]], n: int, eos: Optional[int] = None, pad_id: int = 0
+    ) -> List[List[int]]:
+        """Per prompt, up to ``n`` greedy tokens after it, stopping after ``eos``: the tokens :meth:`greedy` gives
+        for that prompt alone. The prompts run together, left-padded (``pad_id``) with their attention mask and
+        position ids counted from each prompt's first token, and each new token runs on the key/value cache; a
+        model that returns no cache is rerun on the whole sequences at each step, and one whose forward takes no
+        position ids runs the prompts one at a time."""
+        if len(prompts) > 1 and not forward_takes(self.base, "position_ids"):
+            return [self.greedy_batch([p], n, eos, pad_id)[0] for p in prompts]
+        ids, mask = (t.to(self.device) for t in left_pad(prompts, pad_id))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         name = cache_argument(self.base)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
+        new: List[List[int]] = [[] for _ in prompts]
+        running = [True] * len(prompts)
         for _ in range(n):
-            if past is None:
-                kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": True}
-            else:
-                kwargs = {"input_ids": ids[:, -1:], name: past, "use_cache": True}
             out = output_with_weights(self.base, self.weights, kwargs)
-            past = getattr(out, name, None)
-            nxt = int(logits_of(out)[0, -1].argmax())
-            new.append(nxt)
-            ids = torch.cat([ids, ids.new_tensor([[nxt]])], 1)
-            if nxt == eos:
+            nxt = logits_of(out)[:, -1].argmax(-1)
+            for r, token in enumerate(nxt.tolist()):
+                if running[r]:
+                    new[r].append(token)
+                    running[r] = token != eos
+            if not any(running):
                 break
+            past = getattr(out, name, None)
+            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], 1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], 1)
+            if past is None:  # no cache: the whole sequences again
+                ids = torch.cat([ids, nxt[:, None]], 1)
+                kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
+            else:
+                kwargs = {
+                    "input_ids": nxt[:, None],
+                    "attention_mask": mask,
+                    "position_ids": positions[:, -1:],
+                    name: past,
+                    "use_cache": True,
+                }
         return new
 
     # -- materialising and saving ------------------------------------------------------------------------

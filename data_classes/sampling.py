@@ -5,26 +5,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from transformers import GenerationConfig
 
 from . import DataError
+from .batches import left_pad
 
 LOG = logging.getLogger("data_classes.gen")  # the log lines of the gen set's build, as before
 SAMPLE_BATCH_SIZE = 32  # prompts per generate() call
-
-
-def _left_pad(seqs: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        if s:
-            ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[r, width - len(s) :] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -78,7 +68,7 @@ def sample_continuations(
                     LOG.info("Sampled %d/%d targets (%.0f s)", b, len(order), time.time() - start)
                     next_report += 0.1
                 idx = order[b : b + batch_size]
-                ids, mask = _left_pad([prompts[i] for i in idx], pad_id)
+                ids, mask = left_pad([prompts[i] for i in idx], pad_id)
                 gen = model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
                 )

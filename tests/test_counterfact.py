@@ -265,6 +265,18 @@ def test_evaluate_in_every_mode_leaves_the_base_model_and_measures_each_case(tok
     assert table.splitlines()[2].startswith("| before |") and "after, sequential x3" in table
 
 
+def test_generation_of_many_cases_at_once_gives_each_case_its_own_texts(tokenizer):
+    editor = test_edit.editor_with_statistics("gpt2", tokenizer)
+    cases = read_counterfact(FIXTURE)
+    cases[1] = dict(cases[1], generation_prompts=cases[1]["generation_prompts"] + ["A much longer prompt about it"])
+    tfidf = fact_eval.TfIdf([t for c in cases for t in c["reference_texts"]])
+    together = fact_eval.generation_metrics(editor, editor.base(), cases, tfidf, 6, chunk=3)
+    alone = [fact_eval.generation_metrics(editor, editor.base(), [c], tfidf, 6)[0] for c in cases]
+    assert together == alone
+    assert [len(r["text"]) for r in together] == [len(c["generation_prompts"]) for c in cases]
+    assert all(r["text"][0].startswith(c["generation_prompts"][0]) for r, c in zip(together, cases))
+
+
 def test_shared_pre_edit_metrics_give_the_runs_computed_alone(tokenizer):
     editor = test_edit.editor_with_statistics("gpt2", tokenizer)
     cases = read_counterfact(FIXTURE)

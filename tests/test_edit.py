@@ -235,6 +235,24 @@ def test_cached_greedy_gives_the_tokens_of_rerunning_the_whole_sequence(tokenize
     assert edited.weights  # the edited model runs its own weights through the cached path
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_batched_greedy_gives_each_prompt_the_tokens_it_gets_alone(tokenizer, arch):
+    editor = editor_with_statistics(arch, tokenizer)
+    edited = editor.apply(REQUESTS[:1], mode="batched").model
+    prompts = [editor._encode(t) for t in ("The old museum", "A river runs through the old city of", "Paris")]
+    assert len({len(p) for p in prompts}) == 3  # left padding of different widths
+    for model in (editor.base(), edited):
+        alone = [model.greedy(p, 10) for p in prompts]
+        assert model.greedy_batch(prompts, 10, pad_id=editor.pad_id) == alone
+        # a row stops after its end token while the others go on
+        eos = alone[1][3]
+        stopped = model.greedy_batch(prompts, 10, eos=eos, pad_id=editor.pad_id)
+        for got, full in zip(stopped, alone):
+            cut = full.index(eos) + 1 if eos in full else len(full)
+            assert got == full[:cut]
+        assert len(stopped[1]) <= 4
+
+
 # ------------------------------------------------------------------------------------------------------
 def test_a_model_the_editor_was_not_trained_for_is_refused(tokenizer, tmp_path):
     from errors import CheckpointError
