@@ -617,13 +617,17 @@ def _cmd_eval(args) -> int:
     data_cfg = editor.config.data.copy()
     data_cfg.path = args.path
     cache_dir = os.path.expanduser(args.cache_dir or editor.config.cache_dir)
+    loaded = {split: load_split(data_cfg, split, editor.config.seed, cache_dir)[0] for split in ("train", "validation")}
     splits = ("train", "validation") if args.split == "all" else (args.split,)
-    cases = [c for split in splits for c in load_split(data_cfg, split, editor.config.seed, cache_dir)[0]]
-    cases = cases[: args.n]
+    cases = [c for split in splits for c in loaded[split]][: args.n]
+    # consistency's idf: the reference texts of the whole data set, so that it does not depend on --n or --split
+    corpus = [t for records in loaded.values() for c in records for t in c.get("reference_texts", [])]
     runs = []
-    pre = pre_edit_metrics(editor, cases, args.generation, args.gen_tokens)  # shared by every group size
+    pre = pre_edit_metrics(editor, cases, args.generation, args.gen_tokens, corpus)  # shared by every group size
     for mode, size in plan:
-        run = evaluate_facts(editor, cases, mode, size, args.generation, args.gen_tokens, pre=pre)
+        run = evaluate_facts(
+            editor, cases, mode, size, args.generation, args.gen_tokens, pre=pre, reference_corpus=corpus
+        )
         runs.append(run)
         if args.out:
             os.makedirs(args.out, exist_ok=True)

@@ -14,9 +14,12 @@ Per case, before and after the edit (EasyEdit's ``pre`` / ``post`` layout):
 - Generation (``generation=True``): greedy continuations of the generation prompts; fluency is ROME's generation
   entropy, the mean over texts of ``(2/3 * H_2 + 4/3 * H_3) / 2`` with ``H_n`` the entropy in bits of the text's word
   n-gram frequencies; consistency is the TF-IDF cosine similarity between the continuations (joined) and the case's
-  reference texts about ``target_new`` (joined), with the inverse document frequencies of all reference texts of the
-  run (ROME fits its vectorizer on Wikipedia texts; words are ``\\w\\w+`` runs, lower-cased, and tokens for the
-  n-grams are words and punctuation marks, an approximation of NLTK's ``word_tokenize``).
+  reference texts about ``target_new`` (joined), with the inverse document frequencies of a fixed corpus
+  (``python -m edit eval``: the reference texts of every case of the data set, whichever cases are evaluated; ROME
+  fits its vectorizer on Wikipedia texts). Words are ``\\w\\w+`` runs, lower-cased; the n-grams' tokens are words
+  and punctuation marks, an approximation of NLTK's ``word_tokenize``.
+- Greedy continuations are generated in left-padded batches (:meth:`patches.EditedModel.greedy_batch`): all of a
+  model's generation prompts together, every case on the unedited model and a group's cases after its edit.
 - EasyEdit's teacher-forced token accuracies (Yao et al., 2023, "Editing Large Language Models: Problems, Methods,
   and Opportunities"; EasyEdit's ``compute_rewrite_or_rephrase_quality`` and ``compute_locality_quality``):
   ``rewrite_acc`` and ``rephrase_acc``, the fraction of ``target_new``'s tokens that are the argmax prediction after
@@ -214,13 +217,21 @@ def summarize(cases: Sequence[dict]) -> dict:
 
 
 # -- running the edits ----------------------------------------------------------------------------------------
-def _tfidf(cases: Sequence[dict], generation: bool) -> Optional[TfIdf]:
-    return TfIdf([t for c in cases for t in c.get("reference_texts", [])]) if generation else None
+def _tfidf(cases: Sequence[dict], generation: bool, corpus: Optional[Sequence[str]]) -> Optional[TfIdf]:
+    if not generation:
+        return None
+    return TfIdf(corpus if corpus is not None else [t for c in cases for t in c.get("reference_texts", [])])
 
 
-def pre_edit_metrics(editor, cases: Sequence[dict], generation: bool = False, gen_tokens: int = 50) -> List[dict]:
+def pre_edit_metrics(
+    editor,
+    cases: Sequence[dict],
+    generation: bool = False,
+    gen_tokens: int = 50,
+    reference_corpus: Optional[Sequence[str]] = None,
+) -> List[dict]:
     """Every case's metrics on the unedited model (the ``pre`` records of :func:`evaluate`)."""
-    tfidf = _tfidf(cases, generation)
+    tfidf = _tfidf(cases, generation, reference_corpus)
     base = editor.base()
     out = [case_metrics(editor, base, c) for c in cases]
     if generation:
@@ -238,20 +249,23 @@ def evaluate(
     gen_tokens: int = 50,
     progress=None,
     pre: Optional[List[dict]] = None,
+    reference_corpus: Optional[Sequence[str]] = None,
 ) -> dict:
     """Edit with ``editor`` (an :class:`edit.Editor`) and measure every case before and after; see the module
     docstring for the modes. Returns ``{"summary": ..., "cases": [...]}``; the base model is left unedited.
     ``pre``: the cases' metrics on the unedited model, from :func:`pre_edit_metrics` with the same arguments
-    (several runs on the same cases share them); computed here when not given."""
+    (several runs on the same cases share them); computed here when not given. ``reference_corpus``: the texts
+    consistency's inverse document frequencies are fitted on (default: the reference texts of ``cases``); pass the
+    whole data set's so that the figure does not depend on how many cases are evaluated."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {', '.join(MODES)}.")
     size = 1 if mode == "single" else int(n_edits)
     if size < 1:
         raise ValueError(f"n_edits={n_edits}: must be at least 1.")
-    tfidf = _tfidf(cases, generation)
+    tfidf = _tfidf(cases, generation, reference_corpus)
     base = editor.base()
     if pre is None:
-        pre = pre_edit_metrics(editor, cases, generation, gen_tokens)
+        pre = pre_edit_metrics(editor, cases, generation, gen_tokens, reference_corpus)
     elif len(pre) != len(cases):
         raise ValueError(f"pre: {len(pre)} records for {len(cases)} cases.")
     results = []

@@ -277,6 +277,20 @@ def test_generation_of_many_cases_at_once_gives_each_case_its_own_texts(tokenize
     assert all(r["text"][0].startswith(c["generation_prompts"][0]) for r, c in zip(together, cases))
 
 
+def test_consistency_does_not_depend_on_which_cases_are_evaluated_given_the_corpus(tokenizer):
+    editor = test_edit.editor_with_statistics("gpt2", tokenizer)
+    cases = read_counterfact(FIXTURE)
+    cases[0] = dict(cases[0], reference_texts=["Helsinki is a city.", "A country in Northern Europe, with lakes."])
+    corpus = [t for c in cases for t in c["reference_texts"]]
+
+    def consistency(subset, corpus):
+        run = fact_eval.evaluate(editor, subset, "single", generation=True, gen_tokens=4, reference_corpus=corpus)
+        return run["cases"][-1]["post"]["reference_score"]  # the last case: cases[2]
+
+    assert consistency(cases[2:], corpus) == consistency(cases, corpus)
+    assert consistency(cases[2:], None) != consistency(cases, None)  # idf fitted on the evaluated cases alone
+
+
 def test_shared_pre_edit_metrics_give_the_runs_computed_alone(tokenizer):
     editor = test_edit.editor_with_statistics("gpt2", tokenizer)
     cases = read_counterfact(FIXTURE)
