@@ -25,7 +25,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from checkpoints import identity_diff, weight_identity
-from data_classes.batches import left_pad
 from editable_model import (
     cache_argument,
     call_with_weights,
@@ -35,6 +34,7 @@ from editable_model import (
     state_dict_with,
 )
 from errors import OutputExistsError, PatchError
+from utils import left_pad
 
 LOG = logging.getLogger("edit")
 

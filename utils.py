@@ -1,4 +1,4 @@
-"""Small shared helpers: seeding, devices, metric averaging, early stopping, atomic checkpoints."""
+"""Small shared helpers: seeding, devices, metric averaging, early stopping, atomic checkpoints, left padding."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import statistics
 import sys
 import tempfile
 from collections import defaultdict
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -217,3 +217,16 @@ def flatten_dict(d, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def left_pad(rows: Sequence[Sequence[int]], value: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids (``value`` before each row's start) and their attention mask: the layout for generating
+    several prompts' continuations at once."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for n, r in enumerate(rows):
+        if len(r):
+            ids[n, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            mask[n, width - len(r) :] = 1
+    return ids, mask

@@ -1,5 +1,4 @@
-"""Tensors of one batch role from token ids: right padding, and labels on the target tokens only (and left padding
-for generation).
+"""Tensors of one batch role from token ids: right padding, and labels on the target tokens only.
 
 Every data set and the editing front end (``edit.py``) build their prompt + target rows here, so that a batch the
 editor is trained on and a request it is applied to are laid out the same way.
@@ -22,19 +21,6 @@ def pad_rows(rows: Sequence[Sequence[int]], value: int) -> Tuple[torch.Tensor, t
     for n, r in enumerate(rows):
         ids[n, : len(r)] = torch.tensor(list(r), dtype=torch.long)
         mask[n, : len(r)] = 1
-    return ids, mask
-
-
-def left_pad(rows: Sequence[Sequence[int]], value: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids (``value`` before each row's start) and their attention mask: the layout for generating
-    several prompts' continuations at once."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for n, r in enumerate(rows):
-        if len(r):
-            ids[n, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
-            mask[n, width - len(r) :] = 1
     return ids, mask
 
 

@@ -10,8 +10,9 @@ from typing import List, Optional
 import torch
 from transformers import GenerationConfig
 
+from utils import left_pad
+
 from . import DataError
-from .batches import left_pad
 
 LOG = logging.getLogger("data_classes.gen")  # the log lines of the gen set's build, as before
 SAMPLE_BATCH_SIZE = 32  # prompts per generate() call

@@ -31,7 +31,7 @@ ALLOWED = {
     "data_classes": {"data_classes", "errors", "losses", "utils"},
     "memory": {"algs", "blocks"},
     "checkpoints": {"config_schema", "distributed", "errors", "models", "utils"},
-    "patches": {"checkpoints", "editable_model", "errors"},
+    "patches": {"checkpoints", "editable_model", "errors", "utils"},
     "sequential": {"data_classes"},
     "fact_eval": {"data_classes"},
     "trainer": {
