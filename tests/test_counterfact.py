@@ -321,6 +321,18 @@ def test_the_eval_command_writes_one_report_per_group_size_and_a_plot(trained_ru
     assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_the_generation_benchmark_times_three_ways_that_give_the_same_tokens(trained_run, tmp_path):
+    from benchmarks import generation_speed
+
+    out = tmp_path / "gen_speed.json"
+    args = ["--archive", str(trained_run), "--path", str(FIXTURE), "--split", "all", "--cases", "3", "--tokens", "4"]
+    assert generation_speed.main(args + ["--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["prompts"] == sum(len(c["generation_prompts"]) for c in read_counterfact(FIXTURE))
+    assert result["same_tokens"] == {"one_at_a_time": True, "per_case": True, "all_cases": True}
+    assert set(result["seconds"]) == set(result["same_tokens"]) and min(result["seconds"].values()) > 0
+
+
 def test_the_embedded_validation_cases_load_for_an_editor(tmp_path):
     cases, source = load_split(data_cfg(max_countries=40), "validation", seed=0, cache_dir=str(tmp_path))
     assert cases and source.endswith("validation.json") and Path(source).is_file()
