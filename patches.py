@@ -246,12 +246,20 @@ class EditedModel:
         position ids counted from each prompt's first token, and each new token runs on the key/value cache; a
         model that returns no cache is rerun on the whole sequences at each step, and one whose forward takes no
         position ids runs the prompts one at a time."""
-        if len(prompts) > 1 and not forward_takes(self.base, "position_ids"):
+        takes_positions = forward_takes(self.base, "position_ids")
+        if len(prompts) > 1 and not takes_positions:
             return [self.greedy_batch([p], n, eos, pad_id)[0] for p in prompts]
         ids, mask = (t.to(self.device) for t in left_pad(prompts, pad_id))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         name = cache_argument(self.base)
-        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
+
+        def inputs(input_ids, attention_mask, position_ids, **extra):
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True, **extra}
+            if takes_positions:  # else a single unpadded prompt: the model's own positions are the same
+                kwargs["position_ids"] = position_ids
+            return kwargs
+
+        kwargs = inputs(ids, mask, positions)
         new: List[List[int]] = [[] for _ in prompts]
         running = [True] * len(prompts)
         for _ in range(n):
@@ -268,15 +276,9 @@ class EditedModel:
             positions = torch.cat([positions, positions[:, -1:] + 1], 1)
             if past is None:  # no cache: the whole sequences again
                 ids = torch.cat([ids, nxt[:, None]], 1)
-                kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
+                kwargs = inputs(ids, mask, positions)
             else:
-                kwargs = {
-                    "input_ids": nxt[:, None],
-                    "attention_mask": mask,
-                    "position_ids": positions[:, -1:],
-                    name: past,
-                    "use_cache": True,
-                }
+                kwargs = inputs(nxt[:, None], mask, positions[:, -1:], **{name: past})
         return new
 
     # -- materialising and saving ------------------------------------------------------------------------

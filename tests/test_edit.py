@@ -253,6 +253,21 @@ def test_batched_greedy_gives_each_prompt_the_tokens_it_gets_alone(tokenizer, ar
         assert len(stopped[1]) <= 4
 
 
+def test_batched_greedy_runs_prompts_one_at_a_time_for_a_model_without_position_ids(tokenizer, monkeypatch):
+    import patches
+
+    editor = editor_with_statistics("gpt2", tokenizer)
+    model = editor.base()
+    prompts = [editor._encode(t) for t in ("The old museum", "A river runs through the old city of")]
+    alone = [model.greedy(p, 6) for p in prompts]
+    seen = []
+    real = patches.output_with_weights
+    monkeypatch.setattr(patches, "forward_takes", lambda m, arg: arg != "position_ids")
+    monkeypatch.setattr(patches, "output_with_weights", lambda m, w, kw: seen.append(kw) or real(m, w, kw))
+    assert model.greedy_batch(prompts, 6, pad_id=editor.pad_id) == alone
+    assert seen and all("position_ids" not in kw and kw["input_ids"].shape[0] == 1 for kw in seen)
+
+
 # ------------------------------------------------------------------------------------------------------
 def test_a_model_the_editor_was_not_trained_for_is_refused(tokenizer, tmp_path):
     from errors import CheckpointError
