@@ -34,7 +34,7 @@ from editable_model import (
     state_dict_with,
 )
 from errors import OutputExistsError, PatchError
-from utils import left_pad
+from utils import pad_rows
 
 LOG = logging.getLogger("edit")
 
@@ -249,7 +249,7 @@ class EditedModel:
         takes_positions = forward_takes(self.base, "position_ids")
         if len(prompts) > 1 and not takes_positions:
             return [self.greedy_batch([p], n, eos, pad_id)[0] for p in prompts]
-        ids, mask = (t.to(self.device) for t in left_pad(prompts, pad_id))
+        ids, mask = (t.to(self.device) for t in pad_rows(prompts, pad_id, left=True))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         name = cache_argument(self.base)
 

@@ -219,14 +219,15 @@ def flatten_dict(d, prefix: str = "") -> dict:
     return out
 
 
-def left_pad(rows: Sequence[Sequence[int]], value: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids (``value`` before each row's start) and their attention mask: the layout for generating
-    several prompts' continuations at once."""
+def pad_rows(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Padded ids (``value`` after each row's end, or before its start with ``left``: the layout for generating
+    several prompts' continuations at once) and their attention mask."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for n, r in enumerate(rows):
         if len(r):
-            ids[n, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
-            mask[n, width - len(r) :] = 1
+            cols = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[n, cols] = torch.tensor(list(r), dtype=torch.long)
+            mask[n, cols] = 1
     return ids, mask

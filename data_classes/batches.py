@@ -11,17 +11,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from losses import IGNORE
-
-
-def pad_rows(rows: Sequence[Sequence[int]], value: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (``value`` after each row's end) and their attention mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for n, r in enumerate(rows):
-        ids[n, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[n, : len(r)] = 1
-    return ids, mask
+from utils import pad_rows
 
 
 def prompt_target_batch(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int) -> Dict[str, torch.Tensor]:

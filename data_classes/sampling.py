@@ -10,7 +10,7 @@ from typing import List, Optional
 import torch
 from transformers import GenerationConfig
 
-from utils import left_pad
+from utils import pad_rows
 
 from . import DataError
 
@@ -69,7 +69,7 @@ def sample_continuations(
                     LOG.info("Sampled %d/%d targets (%.0f s)", b, len(order), time.time() - start)
                     next_report += 0.1
                 idx = order[b : b + batch_size]
-                ids, mask = left_pad([prompts[i] for i in idx], pad_id)
+                ids, mask = pad_rows([prompts[i] for i in idx], pad_id, left=True)
                 gen = model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
                 )
