@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib
 
 ALGS = {
-    "mend": "algs.mend.MEND",
-    "efk": "algs.efk.EFK",
-    "enn": "algs.enn.ENN",
-    "ft": "algs.ft.FT",
+    "mend": "algs.mend.editor.MEND",
+    "efk": "algs.efk.editor.EFK",
+    "enn": "algs.enn.editor.ENN",
+    "ft": "algs.ft.editor.FT",
 }
 
 

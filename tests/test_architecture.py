@@ -229,6 +229,10 @@ def test_the_package_installs_every_module_of_the_project():
     """``pip install -e .`` makes the top-level modules importable from anywhere only if pyproject lists them all."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     modules = sorted(p.stem for p in ROOT.glob("*.py"))
-    packages = sorted(p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name != "tests")
+    packages = sorted(
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for p in ROOT.glob("**/__init__.py")
+        if not SKIP_DIRS & set(p.relative_to(ROOT).parts)
+    )
     assert sorted(project["py-modules"]) == modules
     assert sorted(project["packages"]) == packages

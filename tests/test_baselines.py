@@ -10,10 +10,10 @@ from conftest import TINY, SyntheticEdits, make_config
 from test_run import run_cli, workspace  # noqa: F401  (the module-scoped CLI workspace fixture)
 
 from algs import ALGS, editor_class
-from algs.efk import EFK
-from algs.enn import ENN
-from algs.ft import FT
-from algs.mend import MEND
+from algs.efk.editor import EFK
+from algs.enn.editor import ENN
+from algs.ft.editor import FT
+from algs.mend.editor import MEND
 from config_schema import ConfigError, validate_config
 
 SMALL_EFK = {"efk.lstm_hidden": 16, "efk.condition_dim": 16, "efk.hidden_dim": 16}

@@ -155,7 +155,7 @@ def test_the_refusals_say_what_is_expected(base_cfg):
     ],
 )
 def test_accepted_edge_values_train(tmp_path, overrides):
-    from algs.mend import MEND
+    from algs.mend.editor import MEND
     from trainer import EditTrainer
 
     cfg = make_config(
@@ -180,7 +180,7 @@ def test_accepted_edge_values_train(tmp_path, overrides):
 
 
 def test_accepted_ft_values_edit():
-    from algs.ft import FT
+    from algs.ft.editor import FT
 
     cfg = make_config(
         "llama",

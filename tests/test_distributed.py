@@ -24,7 +24,7 @@ import checkpoints
 import distributed
 import trainer as trainer_module
 import utils
-from algs.mend import MEND
+from algs.mend.editor import MEND
 from trainer import EditTrainer
 
 TRAIN = dict(

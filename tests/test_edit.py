@@ -59,7 +59,7 @@ def tiny_model(arch: str, vocab: int, seed: int = 0):
 def editor_with_statistics(arch: str, tokenizer, seed: int = 0) -> Editor:
     """An untrained MEND editor (identity MLPs) whose normalisation statistics have seen data, as after training,
     with a visible step size: what an archive holds, without the cost of training one."""
-    from algs.mend import MEND
+    from algs.mend.editor import MEND
     from checkpoints import base_model_identity
 
     model = tiny_model(arch, len(tokenizer), seed)
@@ -294,7 +294,7 @@ def test_a_model_the_editor_was_not_trained_for_is_refused(tokenizer, tmp_path):
 
 
 def test_an_untrained_editor_is_refused(tokenizer, tmp_path):
-    from algs.mend import MEND
+    from algs.mend.editor import MEND
     from errors import CheckpointError
 
     editor = editor_with_statistics("gpt2", tokenizer)

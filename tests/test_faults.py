@@ -27,7 +27,7 @@ from test_run import cli_command as cli
 
 import trainer as trainer_module
 import utils
-from algs.mend import MEND
+from algs.mend.editor import MEND
 from checkpoints import load_checkpoint, read_checkpoint
 from config_schema import ConfigError, validate_config
 from data_classes import DataError

@@ -21,10 +21,10 @@ from conftest import config_for, freeze
 from omegaconf import OmegaConf
 
 from algs import ALGS
-from algs.efk import EFK
-from algs.enn import ENN
-from algs.ft import FT
-from algs.mend import MEND
+from algs.efk.editor import EFK
+from algs.enn.editor import ENN
+from algs.ft.editor import FT
+from algs.mend.editor import MEND
 from config_schema import Config, ConfigError, DataConfig, ModelConfig, validate_config
 from data_classes import DATASETS, DataError
 from data_classes.facts import Fact, split_countries

@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 import blocks
 import memory
-from algs.mend import MEND
+from algs.mend.editor import MEND
 from config_schema import ModelConfig
 from models import check_inner_params
 from trainer import EditTrainer

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY, SyntheticEdits, make_config
 
-from algs.mend import MEND, RunningNorm
+from algs.mend.editor import MEND, RunningNorm
 from config_schema import ConfigError, validate_config
 from losses import masked_log_probs
 

@@ -4,7 +4,7 @@
 GPT-Neo (nn.Linear layers): the base weights, one batch, the original editor's state after a seeded perturbation
 and 4 training-mode edits, the edited weights of one eval-mode edit, the normalisation statistics after one
 training-mode edit, the three losses of that step, and the gradient of the total loss with respect to every editor
-parameter. This test loads that editor state into ``algs.mend.MEND`` and checks every one of those values.
+parameter. This test loads that editor state into ``algs.mend.editor.MEND`` and checks every one of those values.
 
 The original applies W + edit_lrs * g~; the paper (and our default, ``mend.update_rule=paper``) W - alpha * g~. Both
 rules are checked: the original's ``edit_lrs`` negated under the paper's rule, and as they are under
@@ -23,7 +23,7 @@ import transformers
 from conftest import config_for, freeze
 from safetensors.torch import load_file
 
-from algs.mend import MEND
+from algs.mend.editor import MEND
 from config_schema import ModelConfig
 from losses import kl_loc_loss
 

@@ -339,7 +339,8 @@ def _seq2seq_config(arch: str, alg: str, **overrides):
 
 
 def _editor(arch, alg, model, train_set=None, **overrides):
-    cls = {"mend": "algs.mend.MEND", "efk": "algs.efk.EFK", "enn": "algs.enn.ENN", "ft": "algs.ft.FT"}[alg]
+    cls = {"mend": "MEND", "efk": "EFK", "enn": "ENN", "ft": "FT"}[alg]
+    cls = f"algs.{alg}.editor.{cls}"
     module, name = cls.rsplit(".", 1)
     import importlib
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import SyntheticEdits, make_config, tiny_gpt2, tiny_llama
 
-from algs.enn import ENN
-from algs.mend import MEND
+from algs.enn.editor import ENN
+from algs.mend.editor import MEND
 from blocks import LowerBlocks
 from trainer import EditTrainer
 from utils import all_finite, model_inputs

@@ -1,0 +1,1 @@
+"""The ft editor: its settings (torch-free, read before anything loads) beside its code (``editor.py``)."""
