@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -80,15 +81,36 @@ EDITOR_NAMES = ("mend", "efk", "enn", "ft")
 MAX_LINES = 650
 
 
+BUILD_OUTPUTS = {"build", "dist"}  # and *.egg-info: what `pip install .` or a packaging run leaves in the tree
+
+
+def _source_files():
+    """The project's .py files outside SKIP_DIRS: in a git checkout the files git tracks or would track (new files
+    not yet added count, ignored ones such as build/ after `pip install .` do not); elsewhere (a source tarball)
+    every file except the build outputs."""
+    try:
+        proc = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", "--", "*.py"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        listed = proc.stdout.split("\0") if proc.returncode == 0 else None
+    except OSError:  # no git on this machine
+        listed = None
+    if listed is None:
+        skip = SKIP_DIRS | BUILD_OUTPUTS
+        listed = []
+        for dirpath, dirnames, filenames in os.walk(ROOT):
+            dirnames[:] = [d for d in dirnames if d not in skip and not d.endswith(".egg-info")]
+            listed += [str((Path(dirpath) / f).relative_to(ROOT)) for f in filenames if f.endswith(".py")]
+    paths = (ROOT / rel for rel in listed if rel)
+    return sorted(p for p in paths if p.is_file() and not SKIP_DIRS & set(p.relative_to(ROOT).parts[:-1]))
+
+
 def _modules():
     found = {}
-    for dirpath, dirnames, filenames in os.walk(ROOT):
-        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
-        for f in filenames:
-            if f.endswith(".py"):
-                path = Path(dirpath) / f
-                name = str(path.relative_to(ROOT))[:-3].replace(os.sep, ".")
-                found[name.removesuffix(".__init__")] = path
+    for path in _source_files():
+        name = str(path.relative_to(ROOT))[:-3].replace(os.sep, ".")
+        found[name.removesuffix(".__init__")] = path
     return found
 
 
@@ -228,11 +250,8 @@ def test_the_demo_schedule_comes_with_the_embedded_model_and_yields_to_the_comma
 def test_the_package_installs_every_module_of_the_project():
     """``pip install -e .`` makes the top-level modules importable from anywhere only if pyproject lists them all."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    modules = sorted(p.stem for p in ROOT.glob("*.py"))
-    packages = sorted(
-        ".".join(p.parent.relative_to(ROOT).parts)
-        for p in ROOT.glob("**/__init__.py")
-        if not SKIP_DIRS & set(p.relative_to(ROOT).parts)
-    )
+    files = [p.relative_to(ROOT) for p in _source_files()]
+    modules = sorted(p.stem for p in files if len(p.parts) == 1)
+    packages = sorted(".".join(p.parent.parts) for p in files if p.name == "__init__.py")
     assert sorted(project["py-modules"]) == modules
     assert sorted(project["packages"]) == packages
