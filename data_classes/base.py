@@ -11,11 +11,9 @@ sampler does, while the same stream always gives the same batches (and a resumed
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -88,12 +86,6 @@ def normalise_split(split: str) -> str:
     if split in ("validation", "val", "valid", "dev"):
         return "validation"
     raise DataError(f"split={split!r}: expected 'train' or 'validation'.")
-
-
-def data_cache_dir(cache_dir: str, task: str, params: dict) -> Path:
-    """Where an embedded set built with ``params`` is cached: ``<cache_dir>/data/<task>/<hash of params>``."""
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(os.path.expanduser(str(cache_dir))) / "data" / task / key
 
 
 class EditDataset(torch.utils.data.Dataset):

@@ -43,11 +43,10 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from utils import atomic_write_text
-
 from . import DataError
-from .base import data_cache_dir, hub_rows, normalise_split, read_jsonl
+from .base import hub_rows, normalise_split, read_jsonl
 from .base import rng as _rng
+from .embedded import EmbeddedSet, json_list_text
 from .facts import FACT_PACKAGES, RELATIONS, Fact, load_facts, split_countries
 from .qa import QADataset
 
@@ -241,23 +240,11 @@ def build_embedded(params: dict) -> Dict[str, List[dict]]:
     return out
 
 
-def ensure_embedded(cache_dir: str, data_cfg, seed: int) -> Path:
-    """The embedded set's files (``train.json``, ``validation.json``), built once into the data cache."""
+def ensure_embedded(cache_dir: str, data_cfg, seed: int) -> EmbeddedSet:
+    """The embedded set in the data cache (``train.json``, ``validation.json``), built once."""
     params = embedded_params(data_cfg, seed)
-    out_dir = data_cache_dir(cache_dir, "counterfact", params)
-    if all((out_dir / f"{s}.json").is_file() for s in ("train", "validation")):
-        return out_dir
-    splits = build_embedded(params)
-    for split, records in splits.items():
-        atomic_write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", str(out_dir / f"{split}.json"))
-    atomic_write_text(json.dumps(params, indent=2) + "\n", str(out_dir / "params.json"))
-    LOG.info(
-        "Built the embedded CounterFact set (%d train, %d validation cases) in %s",
-        len(splits["train"]),
-        len(splits["validation"]),
-        out_dir,
-    )
-    return out_dir
+    embedded = EmbeddedSet("counterfact", params, cache_dir, suffix=".json", dump=json_list_text, noun="cases")
+    return embedded.ensure(lambda _: build_embedded(params))
 
 
 def load_split(data_cfg, split: str, seed: int, cache_dir: str) -> Tuple[List[dict], str]:
@@ -265,8 +252,8 @@ def load_split(data_cfg, split: str, seed: int, cache_dir: str) -> Tuple[List[di
     split = normalise_split(split)
     path = data_cfg.path
     if not path:
-        source = ensure_embedded(cache_dir, data_cfg, seed) / f"{split}.json"
-        return read_counterfact(source), str(source)
+        embedded = ensure_embedded(cache_dir, data_cfg, seed)
+        return embedded.read(split, read_counterfact), str(embedded.file(split))
     path = str(path)
     records = read_hub(path[3:]) if path.startswith("hf:") else read_counterfact(path)
     return split_by_subject(records, float(data_cfg.val_fraction), seed)[split], path

@@ -36,11 +36,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from errors import ModelLoadError
-from utils import atomic_write_text
 
 from . import DataError
-from .base import EditDataset, data_cache_dir, normalise_split, read_jsonl
+from .base import EditDataset, normalise_split, read_jsonl
 from .base import rng as _rng
+from .embedded import EmbeddedSet
 from .facts import FACT_PACKAGES, RELATIONS, load_facts, objects_by_relation, other_object, split_countries
 
 LOG = logging.getLogger(__name__)
@@ -167,8 +167,16 @@ def embedded_params(data_cfg, seed: int) -> dict:
     }
 
 
-def embedded_cache_dir(cache_dir: str, params: dict) -> Path:
-    return data_cache_dir(cache_dir, "fc", params)
+def ensure_embedded(cache_dir: str, data_cfg, seed: int) -> EmbeddedSet:
+    """The embedded claim set in the data cache (``train.jsonl``, ``validation.jsonl``), built once."""
+    params = embedded_params(data_cfg, seed)
+    embedded = EmbeddedSet("fc", params, cache_dir, params_file=_params_json, noun="claims")
+    return embedded.ensure(lambda _: build_embedded(params))
+
+
+def _params_json(params: dict) -> str:
+    """fc's ``params.json``: indented by one, its keys sorted, as the existing caches hold it."""
+    return json.dumps(params, indent=1, sort_keys=True) + "\n"
 
 
 def build_claims(facts, val_fraction: float, seed: int) -> Dict[str, List[dict]]:
@@ -201,25 +209,14 @@ def build_claims(facts, val_fraction: float, seed: int) -> Dict[str, List[dict]]
     return out
 
 
-def build_embedded(out_dir: Path, params: dict) -> None:
+def build_embedded(params: dict) -> Dict[str, List[dict]]:
+    """Both splits of the embedded claim set: the claims of the facts of the first ``max_countries`` countries."""
     facts = load_facts()
     limit = params.get("max_countries")
     if limit:
         keep = sorted({f.country for f in facts})[: int(limit)]
         facts = [f for f in facts if f.country in keep]
-    claims = build_claims(facts, params["val_fraction"], params["seed"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for split, records in claims.items():
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        atomic_write_text(text, str(out_dir / f"{split}.jsonl"))
-    atomic_write_text(json.dumps(params, indent=1, sort_keys=True) + "\n", str(out_dir / "params.json"))
-    LOG.info(
-        "Built the embedded fc claim set in %s: %d train and %d validation claims from %d facts.",
-        out_dir,
-        len(claims["train"]),
-        len(claims["validation"]),
-        len(facts),
-    )
+    return build_claims(facts, params["val_fraction"], params["seed"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,15 +268,11 @@ class FCDataset(EditDataset):
         path = data_cfg.path
         if path:
             self.source = split_file(Path(os.path.expanduser(str(path))), self.split)
+            self.records, self.n_skipped = read_fever(self.source)
         else:
-            params = embedded_params(data_cfg, self.seed)
-            out_dir = embedded_cache_dir(cache_dir, params)
-            if not all((out_dir / f"{s}.jsonl").is_file() for s in ("train", "validation")):
-                build_embedded(out_dir, params)
-            else:
-                LOG.info("Loading the embedded fc claim set from %s", out_dir)
-            self.source = out_dir / f"{self.split}.jsonl"
-        self.records, self.n_skipped = read_fever(self.source)
+            embedded = ensure_embedded(cache_dir, data_cfg, self.seed)
+            self.source = embedded.file(self.split)
+            self.records, self.n_skipped = embedded.read(self.split, read_fever)
         if self.n_skipped:
             LOG.info("%s: %d lines without alternatives or rephrases skipped.", self.source, self.n_skipped)
         if len({r["group"] for r in self.records}) < 2:

@@ -33,13 +33,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from utils import atomic_write_text
-
 from . import DataError
-from .base import EditDataset, data_cache_dir, normalise_split
+from .base import EditDataset, normalise_split
 from .base import rng as _rng
 from .batches import prompt_target_batch
 from .corpus import CORPUS_NAME, corpus_version, factbook_documents, split_passages
+from .embedded import EmbeddedSet, Progress
 from .sampling import sample_continuations
 
 LOG = logging.getLogger(__name__)
@@ -72,10 +71,6 @@ def _decode(tokenizer, ids: Sequence[int]) -> str:
 
 def _encode(tokenizer, text: str) -> List[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    atomic_write_text(json.dumps(obj, ensure_ascii=False), str(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,8 +184,18 @@ def _positive_or_none(value, name: str) -> Optional[int]:
     return int(value)
 
 
-def embedded_cache_dir(cache_dir: str, params: dict) -> Path:
-    return data_cache_dir(cache_dir, "gen", params)
+def embedded_set(cache_dir: str, params: dict) -> EmbeddedSet:
+    """The embedded set built with ``params`` in the data cache: one file a split in the original format (plus the
+    keys of :func:`build_embedded`), the parameters in each file's ``meta`` (no params.json)."""
+    return EmbeddedSet(
+        "gen",
+        params,
+        cache_dir,
+        suffix=".json",
+        dump=lambda obj: json.dumps(obj, ensure_ascii=False),
+        params_file=None,
+        count=lambda obj: len(obj["original"]),
+    )
 
 
 def split_documents(doc_ids: Sequence[str], val_fraction: float, seed: int) -> Tuple[List[str], List[str]]:
@@ -208,8 +213,10 @@ def split_documents(doc_ids: Sequence[str], val_fraction: float, seed: int) -> T
     return order[: len(ids) - n_val], order[len(ids) - n_val :]
 
 
-def build_embedded(tokenizer, seed: int, model, out_dir: Path, params: dict) -> None:
-    """Build both splits of the embedded set and write them (original format + extra keys) to out_dir."""
+def build_embedded(tokenizer, seed: int, model, params: dict, progress: Optional[Progress] = None) -> Dict[str, dict]:
+    """Both splits of the embedded set, each as the object of its file: the original format plus the targets'
+    text and ids, the documents, the split and ``meta`` (``params`` and figures of the build). ``progress(done,
+    total)`` follows the sampling."""
     start = time.time()
     n_tokens = params["n_tokens"]
     max_tokens = params["max_passage_tokens"]
@@ -246,7 +253,8 @@ def build_embedded(tokenizer, seed: int, model, out_dir: Path, params: dict) -> 
     )
     prompts = [_encode(tokenizer, p) for _, _, p in items]
     t0 = time.time()
-    sampled = sample_continuations(model, tokenizer, prompts, n_tokens, params["sample_temperature"], seed)
+    temperature = params["sample_temperature"]
+    sampled = sample_continuations(model, tokenizer, prompts, n_tokens, temperature, seed, progress=progress)
     sample_seconds = time.time() - t0
     LOG.info("Sampled %d targets in %.1f s.", len(items), sample_seconds)
 
@@ -294,10 +302,16 @@ def build_embedded(tokenizer, seed: int, model, out_dir: Path, params: dict) -> 
         sample_seconds=round(sample_seconds, 2),
         build_seconds=round(time.time() - start, 2),
     )
-    for split in ("validation", "train"):  # a cache counts as complete when both files exist
-        obj = {"n_tokens": n_tokens, **splits[split], "split": split, "meta": meta}
-        _write_json_atomic(out_dir / f"{split}.json", obj)
-    LOG.info("Wrote the embedded gen set to %s (%.1f s in all).", out_dir, time.time() - start)
+    return {split: {"n_tokens": n_tokens, **splits[split], "split": split, "meta": meta} for split in splits}
+
+
+def read_cached(path: Path) -> Tuple[List[str], List[str], List[str], List[List[int]]]:
+    """(passages, targets, documents, target ids) of a file of the embedded set."""
+    passages, targets, _, obj = read_original(path)
+    for key in ("documents", "target_ids"):
+        if not isinstance(obj.get(key), list) or len(obj[key]) != len(passages):
+            raise DataError(f"{path}: key {key!r} is missing or does not have {len(passages)} entries.")
+    return passages, targets, [str(d) for d in obj["documents"]], obj["target_ids"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,28 +400,19 @@ class GenDataset(EditDataset):
 
     def _load_embedded(self, cache_dir: str, model, model_id: str):
         params = embedded_params(self.cfg, self.seed, model_id)
-        out_dir = embedded_cache_dir(cache_dir, params)
-        complete = all((out_dir / f"{s}.json").is_file() for s in ("train", "validation"))
-        if complete:
-            LOG.info("Loading the embedded gen set from %s", out_dir)
-        else:
+        embedded = embedded_set(cache_dir, params)
+
+        def build(progress: Progress) -> Dict[str, dict]:
             if model is None:
                 raise DataError(
-                    f"No cached embedded gen data at {out_dir} and no model was given to sample targets from. "
+                    f"No cached embedded gen data at {embedded.dir} and no model was given to sample targets from. "
                     f"Pass the model (run.py does so on the first run), or set data.path to a directory "
                     f"with train.json and validation.json."
                 )
-            build_embedded(self.tok, self.seed, model, out_dir, params)
-        self.source = out_dir / f"{self.split}.json"
-        passages, targets, _, obj = read_original(self.source)
-        n = len(passages)
-        for key in ("documents", "target_ids"):
-            if not isinstance(obj.get(key), list) or len(obj[key]) != n:
-                raise DataError(
-                    f"{self.source}: key {key!r} is missing or does not have {n} entries; the cache is "
-                    f"damaged: delete {out_dir} to rebuild it."
-                )
-        return passages, targets, [str(d) for d in obj["documents"]], obj["target_ids"]
+            return build_embedded(self.tok, self.seed, model, params, progress)
+
+        self.source = embedded.ensure(build).file(self.split)
+        return embedded.read(self.split, read_cached)
 
     # ---- tokenisation, equivalence and locality
 
@@ -523,6 +528,10 @@ class GenDataset(EditDataset):
                 f"(locality passages come from a different document than the edit)."
             )
         self.loc_texts = [self._loc(i, 0)[0] for i in range(len(self))]  # the partners of draw 0
+
+    def locality_ids(self, i: int, r: int = 0, draw: int = 0) -> List[int]:
+        """The token ids of the ``r``-th locality passage of edit example ``i`` in batch ``draw``."""
+        return self._loc(i, r, draw)[1]
 
     def _loc(self, i: int, r: int, draw: int = 0) -> Tuple[str, List[int]]:
         """The r-th locality partner of edit example i in batch ``draw``: a passage of the same split from another

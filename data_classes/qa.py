@@ -46,12 +46,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from losses import IGNORE
-from utils import atomic_write_text
 
 from . import DataError
-from .base import EditDataset, data_cache_dir, hub_rows, normalise_split, read_jsonl
+from .base import EditDataset, hub_rows, normalise_split, read_jsonl
 from .base import rng as _rng
 from .batches import pad_rows, prompt_target_batch
+from .embedded import EmbeddedSet
 from .facts import FACT_PACKAGES, RELATIONS, load_facts, objects_by_relation, other_object, split_countries
 
 LOG = logging.getLogger(__name__)
@@ -268,10 +268,6 @@ def embedded_params(data_cfg, seed: int) -> dict:
     }
 
 
-def embedded_cache_dir(cache_dir: str, params: dict) -> Path:
-    return data_cache_dir(cache_dir, "qa", params)
-
-
 def build_embedded(params: dict) -> Dict[str, List[dict]]:
     """Both splits of the embedded question set as zsRE records (plus each fact's country and relation)."""
     val_fraction = params["val_fraction"]
@@ -311,23 +307,10 @@ def _questions(fact) -> Tuple[str, ...]:
     return RELATIONS[fact.relation][1]
 
 
-def ensure_embedded(cache_dir: str, data_cfg, seed: int) -> Path:
+def ensure_embedded(cache_dir: str, data_cfg, seed: int) -> EmbeddedSet:
+    """The embedded question set in the data cache (``train.jsonl``, ``validation.jsonl``), built once."""
     params = embedded_params(data_cfg, seed)
-    out_dir = embedded_cache_dir(cache_dir, params)
-    if all((out_dir / f"{s}.jsonl").is_file() for s in ("train", "validation")):
-        return out_dir
-    splits = build_embedded(params)
-    for split, records in splits.items():
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        atomic_write_text(text, str(out_dir / f"{split}.jsonl"))
-    atomic_write_text(json.dumps(params, indent=2) + "\n", str(out_dir / "params.json"))
-    LOG.info(
-        "Built the embedded qa set (%d train, %d validation questions) in %s",
-        len(splits["train"]),
-        len(splits["validation"]),
-        out_dir,
-    )
-    return out_dir
+    return EmbeddedSet("qa", params, cache_dir, noun="questions").ensure(lambda _: build_embedded(params))
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,12 +355,13 @@ class QADataset(EditDataset):
         if path and str(path).startswith("hf:"):
             self.source = str(path)
             records, skipped = read_zsre_hub(self.source[3:], self.split)
-        else:
-            if path:
-                self.source = zsre_file(Path(os.path.expanduser(str(path))), self.split)
-            else:
-                self.source = ensure_embedded(cache_dir, data_cfg, self.seed) / f"{self.split}.jsonl"
+        elif path:
+            self.source = zsre_file(Path(os.path.expanduser(str(path))), self.split)
             records, skipped = read_zsre(self.source)
+        else:
+            embedded = ensure_embedded(cache_dir, data_cfg, self.seed)
+            self.source = embedded.file(self.split)
+            records, skipped = embedded.read(self.split, read_zsre)
         if skipped:
             LOG.info(
                 "%s: %d examples without alternatives or rephrases skipped (as the original does).",

@@ -3,9 +3,7 @@ are the model's own sampled continuations of a passage, as in the paper's Wikite
 
 from __future__ import annotations
 
-import logging
-import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from transformers import GenerationConfig
@@ -14,7 +12,6 @@ from utils import pad_rows
 
 from . import DataError
 
-LOG = logging.getLogger("data_classes.gen")  # the log lines of the gen set's build, as before
 SAMPLE_BATCH_SIZE = 32  # prompts per generate() call
 
 
@@ -27,12 +24,14 @@ def sample_continuations(
     temperature: float,
     seed: int,
     batch_size: int = SAMPLE_BATCH_SIZE,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> List[List[int]]:
     """Sample exactly ``n_tokens`` new token ids after each prompt (pure sampling: no top-k, no top-p).
 
     Prompts are batched by length with left padding and an attention mask. The global torch RNG
     is seeded with ``seed`` inside a forked RNG state, so the caller's random state is untouched
-    and the result is reproducible on the same device. ``temperature <= 0`` decodes greedily.
+    and the result is reproducible on the same device. ``temperature <= 0`` decodes greedily. ``progress(done,
+    total)``, if given, is called after each batch with the number of prompts done.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
@@ -60,14 +59,10 @@ def sample_continuations(
     was_training = model.training
     model.eval()
     fork_devices = [device] if device.type == "cuda" else []
-    start, next_report = time.time(), 0.1
     try:
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
             for b in range(0, len(order), batch_size):
-                if b / len(order) >= next_report:
-                    LOG.info("Sampled %d/%d targets (%.0f s)", b, len(order), time.time() - start)
-                    next_report += 0.1
                 idx = order[b : b + batch_size]
                 ids, mask = pad_rows([prompts[i] for i in idx], pad_id, left=True)
                 gen = model.generate(
@@ -78,6 +73,8 @@ def sample_continuations(
                     raise RuntimeError(f"generate returned {new.shape[1]} new tokens instead of {n_tokens}.")
                 for r, i in enumerate(idx):
                     out[i] = new[r].tolist()
+                if progress is not None:
+                    progress(b + len(idx), len(order))
     finally:
         model.train(was_training)
         if saved_gen_cfg is not None:

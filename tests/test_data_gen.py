@@ -22,7 +22,7 @@ import torch
 from config_schema import DataConfig
 from data_classes import DataError
 from data_classes.corpus import factbook_documents, split_passages, split_sentences
-from data_classes.gen import GenDataset, embedded_cache_dir, embedded_params
+from data_classes.gen import GenDataset, embedded_params, embedded_set
 from data_classes.sampling import sample_continuations
 
 N_TOKENS = 10
@@ -198,7 +198,7 @@ def test_cut_and_locality_partner_are_redrawn_per_batch_and_deterministic(train_
 def test_cache_written_once_and_reused(tokenizer, model, train_ds, cache_dir):
     calls = model.calls
     assert calls >= 1
-    out_dir = embedded_cache_dir(cache_dir, embedded_params(data_cfg(), 0, "tiny-gpt2"))
+    out_dir = embedded_set(cache_dir, embedded_params(data_cfg(), 0, "tiny-gpt2")).dir
     for split in ("train", "validation"):
         obj = json.loads((out_dir / f"{split}.json").read_text())
         assert obj["n_tokens"] == N_TOKENS

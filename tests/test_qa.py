@@ -226,9 +226,10 @@ def test_embedded_set_paraphrases_alternatives_split_and_determinism(tmp_path):
             assert r["alternatives"] and fact.obj not in r["alternatives"]
             assert set(r["alternatives"]) <= set(pools[fact.relation])  # same type of answer
     # written once, atomically, to the cache; later loads read the files
-    out = ensure_embedded(str(tmp_path), data_cfg(), 0)
+    out = ensure_embedded(str(tmp_path), data_cfg(), 0).dir
     stamp = (out / "train.jsonl").stat().st_mtime_ns
-    assert ensure_embedded(str(tmp_path), data_cfg(), 0) == out and (out / "train.jsonl").stat().st_mtime_ns == stamp
+    again = ensure_embedded(str(tmp_path), data_cfg(), 0).dir
+    assert again == out and (out / "train.jsonl").stat().st_mtime_ns == stamp
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
     ds = QADataset(word_tokenizer(), data_cfg(), "validation", 0, str(tmp_path))
     assert len(ds) == len(splits["validation"])
