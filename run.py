@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from algs import ALGS, editor_class
 from config_schema import check_command_line, register_configs, validate_config
-from data_classes import DATASETS, dataset_class
+from data_classes import DATASETS, check_model_kind, dataset_class
 from errors import TrainingInterrupted, UserError
 
 LOG = logging.getLogger("run")
@@ -110,6 +110,7 @@ def main_job(cfg: DictConfig, run_dir: str) -> dict:
         load_checkpoint(cfg.archive, cfg)
 
     editor_class(cfg.alg).check_config(cfg)
+    check_model_kind(cfg)  # the experiment's data set serves this kind of model
     dataset_class(cfg.task).preflight(cfg, _overrides())
     model, _, datasets, make_editor = build(cfg)
     if dist_env.is_main:

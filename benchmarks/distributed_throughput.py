@@ -37,7 +37,9 @@ def _worker(rank, world, port, steps, out):
     torch.set_num_threads(1)
     inner = [f"model.layers.{i}.mlp.{w}.weight" for i in (1, 2, 3) for w in ("gate_proj", "up_proj", "down_proj")]
     model_cfg = ModelConfig(name="tiny-llama", class_name="LlamaForCausalLM", inner_params=inner, kind="causal_lm")
-    cfg = config_for(model_cfg, "gen", **{"data.n_edits": 5, "batch_size": 10, "accumulate_bs": 2, "mend.rank": 1920})
+    cfg = config_for(
+        model_cfg, "gen", "mend", **{"data.n_edits": 5, "batch_size": 10, "accumulate_bs": 2, "mend.rank": 1920}
+    )
     distributed.init(cfg, torch.device("cpu"))
     torch.manual_seed(0)
     mc = transformers.LlamaConfig(

@@ -56,7 +56,8 @@ def load(name: str):
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=6, n_embd=768, n_head=12))
         model.eval().requires_grad_(False)
         inner = [f"transformer.h.{i}.mlp.{p}.weight" for i in (3, 4, 5) for p in ("c_fc", "c_proj")]
-        cfg = config_for(ModelConfig(name="gpt2-shape", class_name="GPT2LMHeadModel", inner_params=inner), "gen")
+        model_cfg = ModelConfig(name="gpt2-shape", class_name="GPT2LMHeadModel", inner_params=inner)
+        cfg = config_for(model_cfg, "gen", "mend", mend__rank=16)
         return model, cfg
     if name == "smollm2":
         cfg = compose_config(["+alg=mend", "+experiment=gen", "+model=smollm2", "wandb.enabled=false", "silent=true"])

@@ -266,6 +266,8 @@ def load_split(data_cfg, split: str, seed: int, cache_dir: str) -> Tuple[List[di
 class CounterFactDataset(QADataset):
     """CounterFact cases of one split as training batches (see the module docstring); causal LMs only."""
 
+    model_kinds = ("causal_lm",)  # the model.kind values it serves (data_classes.check_model_kind)
+
     TRAIN_ORDER_SALT = _SALT_TRAIN
     EVAL_ORDER_SALT = _SALT_EVAL
     LOC_NAME = "locality prompt"

@@ -226,6 +226,8 @@ def build_embedded(params: dict) -> Dict[str, List[dict]]:
 class FCDataset(EditDataset):
     """Claims of one split and the edit batches the trainer consumes (see :meth:`edit_generator`)."""
 
+    model_kinds = ("classifier",)  # the model.kind values it serves (data_classes.check_model_kind)
+
     TRAIN_ORDER_SALT = _SALT_TRAIN_ORDER
     EVAL_ORDER_SALT = _SALT_EVAL_ORDER
     LOC_NAME = "locality claim"

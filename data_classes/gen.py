@@ -350,6 +350,8 @@ def webtext_passages(split: str) -> List[str]:
 class GenDataset(EditDataset):
     """Edit examples of one split and the batches the trainer consumes (see :meth:`edit_generator`)."""
 
+    model_kinds = ("causal_lm",)  # the model.kind values it serves (data_classes.check_model_kind)
+
     TRAIN_ORDER_SALT = _SALT_TRAIN_ORDER
     EVAL_ORDER_SALT = _SALT_EVAL_ORDER
     LOC_NAME = "locality passage"

@@ -335,6 +335,8 @@ class QADataset(EditDataset):
     inputs, labels, ``decoder_input_ids`` and ``decoder_attention_mask``; any other model is treated as a causal LM.
     """
 
+    model_kinds = ("causal_lm", "seq2seq")  # the model.kind values it serves (data_classes.check_model_kind)
+
     TRAIN_ORDER_SALT = _SALT_TRAIN_ORDER
     EVAL_ORDER_SALT = _SALT_EVAL_ORDER
     LOC_NAME = "locality question"

@@ -54,11 +54,12 @@ LLAMA_INNER = [
 TINY = {"gpt2": (tiny_gpt2, GPT2_INNER, "GPT2LMHeadModel"), "llama": (tiny_llama, LLAMA_INNER, "LlamaForCausalLM")}
 
 
-def make_config(arch: str = "llama", **overrides):
-    """A full, typed run config for a tiny model, with overrides as dotted keys."""
+def make_config(arch: str = "llama", alg: str = "mend", **overrides):
+    """A full, typed run config of editor ``alg`` for a tiny model, with overrides as dotted keys. MEND's rank is 16
+    (the tiny models' layers are 32 and 64 wide)."""
     _, inner, cls = TINY[arch]
     model = ModelConfig(name=f"tiny-{arch}", class_name=cls, inner_params=inner, kind="causal_lm")
-    return config_for(model, overrides.pop("task", "gen"), **overrides)
+    return config_for(model, overrides.pop("task", "gen"), alg, **{"mend.rank": 16, **overrides})
 
 
 @pytest.fixture

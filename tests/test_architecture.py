@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from algs import EDITORS, settings_groups
+
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_DIRS = {".venv", ".git", "tests", "outputs", "__pycache__", "docs", "config"}
 
@@ -24,11 +26,12 @@ ALLOWED = {
     "reporting": set(),
     "blocks": set(),
     "signals": set(),
-    "config_schema": {"errors"},
+    "ranges": set(),
+    "config_schema": {"algs", "errors", "ranges"},
     "distributed": {"errors"},
     "models": {"errors", "models"},
     "editable_model": {"errors", "losses"},
-    "algs": {"algs", "editable_model", "errors", "losses", "models", "utils"},
+    "algs": {"algs", "editable_model", "errors", "losses", "models", "ranges", "utils"},
     "data_classes": {"data_classes", "errors", "losses", "utils"},
     "memory": {"algs", "blocks"},
     "checkpoints": {"config_schema", "distributed", "errors", "models", "utils"},
@@ -75,9 +78,12 @@ ALLOWED = {
 # The tools on top may import any part of the project, but not each other's internals the other way round.
 TOOLS = {"scripts", "benchmarks"}
 # Generic modules: they know editors only through the contract (editable_model.EditableModel) and the registry.
-GENERIC = {"blocks", "trainer", "checkpoints", "patches", "memory", "distributed", "run", "edit", "reporting",
+GENERIC = {"blocks", "trainer", "checkpoints", "patches", "memory", "distributed", "run", "edit", "reporting", "ranges",
            "config_schema", "sequential", "signals", "utils", "losses", "editable_model", "fact_eval"}  # fmt: skip
-EDITOR_NAMES = ("mend", "efk", "enn", "ft")
+# The registered editors (algs/<name>/), their classes and their settings classes, as the registry finds them.
+EDITOR_NAMES = tuple(EDITORS)
+EDITOR_CLASSES = tuple(m.EDITOR for m in EDITORS.values())
+SETTINGS_CLASSES = tuple(group.__name__ for group in settings_groups().values())
 MAX_LINES = 650
 
 
@@ -224,10 +230,40 @@ def test_generic_modules_do_not_name_an_editor(module):
     specific = [t for t in GRAPH[module] if t.startswith("algs.")]
     assert not specific, f"{module} imports {specific}: generic code reaches editors through algs.editor_class"
     names = "|".join(EDITOR_NAMES)
-    code = "\n".join(line.split("#")[0] for line in source.splitlines())
+    code = code_of(source)
     compared = re.findall(rf"""(?:==|!=|\bin)\s*\(?\s*["']({names})["']|\.alg\s*(?:==|!=)\s*["'](\w+)["']""", code)
     assert not compared, f"{module} branches on an editor's name: {compared}"
-    assert not re.search(r"\b(MEND|EFK|ENN|FT)\(", code), f"{module} constructs a named editor"
+    assert not re.search(rf"\b({'|'.join(EDITOR_CLASSES)})\(", code), f"{module} constructs a named editor"
+    settings = editor_settings_named(code)
+    assert not settings, f"{module} names an editor's settings {settings}: they live in algs/<name>/__init__.py"
+
+
+def code_of(source: str) -> str:
+    """``source`` without its comments and docstrings (prose may cite an editor's keys; code may not)."""
+    lines = [line.split("#")[0] for line in source.splitlines()]
+    for node in ast.walk(ast.parse(source)):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                for i in range(body[0].lineno - 1, body[0].end_lineno):
+                    lines[i] = ""
+    return "\n".join(lines)
+
+
+def editor_settings_named(code: str) -> list:
+    """Where ``code`` names a registered editor's settings: its group (``cfg.mend``, ``config["mend"]``), one of its
+    keys (``"mend.rank"``, ``mend__rank``) or its settings class (``MendConfig``)."""
+    names, classes = "|".join(EDITOR_NAMES), "|".join(SETTINGS_CLASSES)
+    pattern = rf"""\.({names})\b|\[\s*["']({names})["']\s*\]|\b({names})(\.|__)\w|\b({classes})\b"""
+    return [m.group(0) for m in re.finditer(pattern, code)]
+
+
+def test_the_settings_check_finds_an_editors_settings():
+    for code in ("r = cfg.mend.rank", 'OmegaConf.select(cfg, "efk.lr")', "x = config['enn']", "ENNConfig()",
+                 "make(ft__lr=1)"):  # fmt: skip
+        assert editor_settings_named(code), code
+    for code in ("from algs import editor_class", 'project = "mend"', "mend-repro", "MEND_CACHE_DIR", "fmt"):
+        assert not editor_settings_named(code), code
 
 
 def test_no_file_is_too_long_to_read():

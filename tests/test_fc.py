@@ -26,7 +26,7 @@ from algs.enn.editor import ENN
 from algs.ft.editor import FT
 from algs.mend.editor import MEND
 from config_schema import Config, ConfigError, DataConfig, ModelConfig, validate_config
-from data_classes import DATASETS, DataError
+from data_classes import DATASETS, DataError, check_model_kind
 from data_classes.facts import Fact, split_countries
 from data_classes.fc import FCDataset, build_claims, read_fever
 from models import BertClassifier, ModelLoadError, get_model, get_tokenizer
@@ -117,9 +117,9 @@ def _data_cfg(**kw):
     return OmegaConf.merge(OmegaConf.structured(DataConfig), {**base, **kw})
 
 
-def make_config(ws, **overrides):
+def make_config(ws, alg="mend", **overrides):
     model = ModelConfig(name=ws["model"], class_name="BertModel", inner_params=INNER, kind="classifier", pt=None)
-    return config_for(model, "fc", data__path=ws["data"], **overrides)
+    return config_for(model, "fc", alg, **{"mend.rank": 16, "data.path": ws["data"], **overrides})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,15 +290,19 @@ def test_impossible_model_task_combinations_are_refused():
     cfg = OmegaConf.structured(Config)
     cfg.alg, cfg.task = "mend", "gen"
     cfg.model = ModelConfig(name="bert-base-uncased", class_name="BertModel", inner_params=INNER, kind="classifier")
+    validate_config(cfg, algs=ALGS, tasks=DATASETS)  # the data set, not the schema, says which models it serves
     with pytest.raises(ConfigError, match="cannot run experiment 'gen'; it runs: fc"):
-        validate_config(cfg, algs=ALGS, tasks=DATASETS)
+        check_model_kind(cfg)
     cfg.task = "fc"
-    validate_config(cfg, algs=ALGS, tasks=DATASETS)
+    check_model_kind(cfg)
     cfg.model = ModelConfig(name="gpt2", class_name="GPT2LMHeadModel", inner_params=INNER, kind="causal_lm")
     with pytest.raises(ConfigError, match="cannot run experiment 'fc'"):
-        validate_config(cfg, algs=ALGS, tasks=DATASETS)
+        check_model_kind(cfg)
     cfg.model.kind = "seq2seq"
     with pytest.raises(ConfigError, match="cannot run experiment 'fc'"):
+        check_model_kind(cfg)
+    cfg.model.kind = "regressor"
+    with pytest.raises(ConfigError, match="model.kind='regressor': expected one of causal_lm, seq2seq, classifier"):
         validate_config(cfg, algs=ALGS, tasks=DATASETS)
 
 

@@ -141,15 +141,8 @@ def test_shared_transform_per_shape_with_per_weight_modes():
     assert len(unshared.mend) == 3
 
 
-@pytest.mark.parametrize("variant", ["one_sided", "x_only", "delta_only"])
-def test_uncombined_variants_edit_with_the_right_shapes(variant):
-    build, inner, _ = TINY["gpt2"]
-    model = build()
-    editor = MEND(model, make_config("gpt2", **{"mend.combine": False, f"mend.{variant}": True}))
-    editor.train()
-    edited, _ = editor.edit(_edit_batch())
-    for name in inner:
-        assert edited.weights[name].shape == model.get_parameter(name).shape
+# The variants (combine=False on both sides, one_sided, x_only, delta_only; shared=False) are held against the
+# original code's numbers, side by side, in tests/test_original_equivalence.py.
 
 
 def test_combine_with_a_one_sided_variant_is_refused():

@@ -1,1 +1,31 @@
-"""The enn editor: its settings (torch-free, read before anything loads) beside its code (``editor.py``)."""
+"""ENN's settings, the ``enn`` group: their types and defaults and their ranges. Torch-free: read while the
+configuration is composed and validated, before anything loads. The editor itself is in ``editor.py``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ranges import STEP, Range
+
+EDITOR = "ENN"  # the editor's class in algs/enn/editor.py
+
+
+@dataclass
+class ENNConfig:
+    # Editable Neural Networks (Sinitsin et al., 2020), at the original's settings (its config.yaml, which enn.yaml
+    # does not override). train_base (top level) also trains every parameter of the base model (the original's
+    # outer_parameters() is all of them) with KL(original || current) on the locality inputs.
+    lr: float = 1e-5  # Adam learning rate of the trained base model (train_base=True)
+    edit_lr: float = 1e-2  # initial per-weight step size of the inner SGD steps
+    lr_lr: float = 1e-3  # Adam learning rate of those step sizes
+    n_edit_steps: int = 1  # SGD steps on the edit loss per edit
+    first_order: bool = False  # drop the second-order term (treat the inner gradients as constants)
+
+
+SETTINGS = ENNConfig
+
+# The range of every numeric key of the group, by its name in the group.
+RANGES = {
+    **dict.fromkeys(("lr", "edit_lr", "lr_lr"), STEP),
+    "n_edit_steps": Range(1, 1024, why="every inner step is kept in memory for the backward pass"),
+}
