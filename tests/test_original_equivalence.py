@@ -6,6 +6,13 @@ and 4 training-mode edits, the edited weights of one eval-mode edit, the normali
 training-mode edit, the three losses of that step, and the gradient of the total loss with respect to every editor
 parameter. This test loads that editor state into ``algs.mend.editor.MEND`` and checks every one of those values.
 
+The same values exist for the variants on GPT-2 (``mend-original-gpt2-<variant>.*``, written from the original code
+by ``tests/golden/make_variants.py``; base model and batches from the default's file): ``mend.combine=false`` with
+both sides transformed, ``one_sided`` (the smaller side), ``x_only``, ``delta_only``, and ``mend.shared=false``. Their
+edited weights include two square (32 x 32) attention projections, whose sides have the same size. An editor that
+transforms another side than the original has other MLPs (the loading says which), and one that feeds a side the
+wrong weight's mode gives other numbers.
+
 The original applies W + edit_lrs * g~; the paper (and our default, ``mend.update_rule=paper``) W - alpha * g~. Both
 rules are checked: the original's ``edit_lrs`` negated under the paper's rule, and as they are under
 ``mend.update_rule=original``.
