@@ -33,18 +33,21 @@ In the last two every case is measured once its whole group is applied, so the d
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import time
 from collections import Counter
 from statistics import harmonic_mean
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
-
+from data_classes.counterfact import load_split
 from data_classes.requests import EditRequest
 
 MODES = ("single", "batched", "sequential")
+# EasyEdit's BaseEditor.edit options that have no effect here (accepted so that its scripts run unchanged).
+EASYEDIT_OPTIONS = ("keep_original_weight", "verbose", "test_generation", "summary_metrics", "eval_metric")
 _WORD = re.compile(r"(?u)\b\w\w+\b")
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
@@ -84,26 +87,6 @@ class TfIdf:
 
 
 # -- metrics on the model -------------------------------------------------------------------------------------
-@torch.no_grad()
-def score_rows(editor, model, rows: List[Tuple[List[int], List[int]]], chunk: int = 16) -> List[dict]:
-    """Per (prompt ids, target ids) row: the mean NLL per target token, the fraction of target tokens that are the
-    argmax prediction, and those argmax tokens (teacher-forced)."""
-    out = []
-    for s in range(0, len(rows), chunk):
-        part = rows[s : s + chunk]
-        batch = editor._batch(part)
-        logits = model(batch["input_ids"], batch["attention_mask"]).float()
-        logp = torch.log_softmax(logits[:, :-1], -1)
-        labels = batch["labels"][:, 1:]
-        for r, (prompt, target) in enumerate(part):
-            pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(target), device=logits.device)
-            tgt = labels[r, pos]
-            lp = logp[r, pos].gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-            pred = logp[r, pos].argmax(-1)
-            out.append({"nll": -lp.mean().item(), "acc": (pred == tgt).float().mean().item(), "argmax": pred.tolist()})
-    return out
-
-
 def _ids(editor, prompt: str, target: str) -> Tuple[List[int], List[int]]:
     toks = editor.tokenize(EditRequest(prompt, target))
     return toks.prompt, toks.target
@@ -123,17 +106,17 @@ def case_metrics(editor, model, case: dict, tfidf: Optional[TfIdf] = None, gen_t
             for which in ("target_new", "target_true"):
                 rows.append(_ids(editor, p, case[which]))
                 index.append((key, which))
-    scores = score_rows(editor, model, rows)
+    scores = editor.score(model, rows)
     out: dict = {f"{k}_probs": [] for k in groups}
     argmax_true: Dict[str, list] = {k: [] for k in groups}
     acc_new: Dict[str, list] = {k: [] for k in groups}
     for (key, which), s in zip(index, scores):
         if which == "target_new":
-            out[f"{key}_probs"].append({"target_new": s["nll"]})
-            acc_new[key].append(s["acc"])
+            out[f"{key}_probs"].append({"target_new": s.nll})
+            acc_new[key].append(s.accuracy)
         else:
-            out[f"{key}_probs"][-1]["target_true"] = s["nll"]
-            argmax_true[key].append(s["argmax"])
+            out[f"{key}_probs"][-1]["target_true"] = s.nll
+            argmax_true[key].append(s.argmax)
     out["rewrite_acc"] = acc_new["rewrite_prompts"]
     out["rephrase_acc"] = acc_new["paraphrase_prompts"]
     out["neighborhood_argmax"] = argmax_true["neighborhood_prompts"]
@@ -149,8 +132,8 @@ def generation_metrics(
     generation entropy and, with ``tfidf`` and reference texts, their consistency. The prompts of all ``cases``
     are generated together, ``chunk`` at a time."""
     prompts = [p for c in cases for p in c["generation_prompts"]]
-    conts = editor.greedy_many(model, [editor._encode(p) for p in prompts], gen_tokens, chunk)
-    texts = iter(p + editor._decode(ids) for p, ids in zip(prompts, conts))
+    conts = editor.greedy_many(model, [editor.encode(p) for p in prompts], gen_tokens, chunk)
+    texts = iter(p + editor.decode(ids) for p, ids in zip(prompts, conts))
     out = []
     for case in cases:
         record: dict = {}
@@ -307,6 +290,55 @@ def evaluate(
     return {"mode": mode, "n_edits": size, "summary": summarize(results), "cases": results}
 
 
+def evaluate_dataset(
+    editor,
+    plan: Sequence[Tuple[str, int]],
+    path: Optional[str] = None,
+    split: str = "validation",
+    n: int = 200,
+    generation: bool = False,
+    gen_tokens: int = 50,
+    out_dir: Optional[str] = None,
+    plot: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+) -> dict:
+    """``python -m edit eval``: the first ``n`` cases of ``split`` (``train``, ``validation`` or ``all``) of the
+    CounterFact-format set at ``path`` (a file or ``hf:<dataset id>``; default: the embedded set of the editor's
+    configuration), evaluated with :func:`evaluate` once per ``(mode, n_edits)`` of ``plan``, all runs sharing one
+    pass over the unedited model. Consistency's inverse document frequencies come from the reference texts of the
+    whole data set, so that the figure does not depend on ``n`` or ``split``. ``out_dir``: one JSON per run
+    (``<mode>.json`` or ``<mode>-<n_edits>.json``, written as each run ends) and ``summary.md``; ``plot``: a PNG of
+    :func:`plot_fact_curve` (with more than one run). Returns ``{"n_cases", "runs", "table", "plot"}``, ``plot``
+    the file written or None."""
+    data_cfg = editor.config.data.copy()
+    data_cfg.path = path
+    cache_dir = os.path.expanduser(cache_dir or editor.config.cache_dir)
+    seed = editor.config.seed
+    loaded = {part: load_split(data_cfg, part, seed, cache_dir)[0] for part in ("train", "validation")}
+    parts = ("train", "validation") if split == "all" else (split,)
+    cases = [c for part in parts for c in loaded[part]][:n]
+    corpus = [t for records in loaded.values() for c in records for t in c.get("reference_texts", [])]
+    pre = pre_edit_metrics(editor, cases, generation, gen_tokens, corpus)
+    runs = []
+    for mode, size in plan:
+        run = evaluate(editor, cases, mode, size, generation, gen_tokens, pre=pre, reference_corpus=corpus)
+        runs.append(run)
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            name = mode + (f"-{size}" if mode != "single" else "")
+            with open(os.path.join(out_dir, f"{name}.json"), "w", encoding="utf-8") as f:
+                json.dump(run, f, indent=1, ensure_ascii=False)
+    table = summary_table(runs)
+    if out_dir:
+        with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+    drawn = None
+    if plot and len(runs) > 1:
+        plot_fact_curve(runs, plot)
+        drawn = plot
+    return {"n_cases": len(cases), "runs": runs, "table": table, "plot": drawn}
+
+
 SUMMARY_COLUMNS = (
     ("efficacy", "efficacy_score"),
     ("paraphrase", "paraphrase_score"),
@@ -405,6 +437,7 @@ def easyedit_edit(
     locality_inputs: Optional[dict] = None,
     portability_inputs: Optional[dict] = None,
     sequential_edit: bool = False,
+    **options,
 ):
     """EasyEdit's ``BaseEditor.edit`` on this project's editor: ``(metrics, edited_model, weights_copy)``.
 
@@ -416,8 +449,13 @@ def easyedit_edit(
     on the unedited model (the returned model holds the last one); ``True`` applies them one after another and
     measures them all at the end. ``ground_truth`` and ``subject`` are recorded (the editor does not need them).
     ``weights_copy`` maps the edited weights' names to copies of their unedited values (the base model itself is
-    never changed).
+    never changed). EasyEdit's ``options`` that have no effect here (:data:`EASYEDIT_OPTIONS`: the base model is
+    never changed, metrics are always computed) are accepted, so that its scripts run unchanged; any other keyword
+    is a ``TypeError``.
     """
+    unknown = sorted(set(options) - set(EASYEDIT_OPTIONS))
+    if unknown:
+        raise TypeError(f"Editor.edit() got unexpected keyword argument(s) {', '.join(unknown)}.")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     n = len(prompts)
     targets = _per_request(target_new, n, "target_new")
@@ -427,15 +465,15 @@ def easyedit_edit(
     locality = _named_inputs(locality_inputs, n, "locality_inputs")
     portability = _named_inputs(portability_inputs, n, "portability_inputs")
 
-    def accuracy(model, prompt, target):
-        return score_rows(editor, model, [_ids(editor, prompt, target)])[0]
+    def score(model, prompt, target):
+        return editor.score(model, [_ids(editor, prompt, target)])[0]
 
     def measure(model, i, pre_locality=None):
-        out = {"rewrite_acc": [accuracy(model, prompts[i], targets[i])["acc"]]}
+        out = {"rewrite_acc": [score(model, prompts[i], targets[i]).accuracy]}
         if rephrases[i] is not None:
-            out["rephrase_acc"] = [accuracy(model, rephrases[i], targets[i])["acc"]]
-        out["portability"] = {f"{k}_acc": [accuracy(model, *v[i])["acc"]] for k, v in portability.items()}
-        tokens = {k: accuracy(model, *v[i])["argmax"] for k, v in locality.items()}
+            out["rephrase_acc"] = [score(model, rephrases[i], targets[i]).accuracy]
+        out["portability"] = {f"{k}_acc": [score(model, *v[i]).accuracy] for k, v in portability.items()}
+        tokens = {k: score(model, *v[i]).argmax for k, v in locality.items()}
         if pre_locality is None:
             out["locality"] = {k: {"output": t} for k, t in tokens.items()}
         else:

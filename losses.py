@@ -1,4 +1,5 @@
-"""Pure loss and metric functions. Each takes logits and labels and returns tensors or a dict of metrics.
+"""Pure loss and metric functions. Each takes logits and labels and returns tensors, a dict of metrics or, for
+``sequence_log_probs``, one :class:`SequenceScore` per row.
 
 Conventions:
 - ``labels`` use -100 for positions that carry no target (prompt, padding).
@@ -7,6 +8,9 @@ Conventions:
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -29,21 +33,40 @@ def _align(logits: torch.Tensor, labels: torch.Tensor, shift: bool):
 
 
 def _token_log_probs(logits: torch.Tensor, labels: torch.Tensor, shift: bool):
-    """Per token: the log-probability of its label (0 where masked), the mask, and whether it is the argmax."""
+    """Per token: the log-probability of its label (0 where masked), the mask, whether it is the argmax, and the
+    argmax itself."""
     logits, labels = _align(logits, labels, shift)
     mask = labels != IGNORE  # (B, T)
     safe_labels = labels.masked_fill(~mask, 0)
     log_probs = torch.log_softmax(_fp32_or_more(logits), dim=-1)
     token_lp = log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) * mask  # (B, T)
-    correct = (logits.argmax(-1) == labels) & mask
-    return token_lp, mask, correct
+    argmax = logits.argmax(-1)
+    correct = (argmax == labels) & mask
+    return token_lp, mask, correct, argmax
 
 
-def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True):
-    """Per sequence: the summed log-probability of its target tokens (B,), and whether every one of them is the
-    argmax prediction (B,; True for a row without targets)."""
-    token_lp, mask, correct = _token_log_probs(logits, labels, shift)
-    return token_lp.sum(-1), (correct | ~mask).all(-1)
+@dataclass(frozen=True)
+class SequenceScore:
+    """How a model predicts one row's target tokens, teacher-forced."""
+
+    log_prob: float  # log p(target | prompt): the target tokens' log-probabilities summed
+    nll: float  # the mean negative log-probability per target token (nan for a row without targets)
+    correct: bool  # every target token is the argmax prediction (True for a row without targets)
+    accuracy: float  # the fraction of the target tokens that are the argmax prediction (nan without targets)
+    argmax: List[int]  # the argmax prediction at each target position
+
+
+def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> List[SequenceScore]:
+    """Per row of a batch: the log-probability of its target tokens (the labels that are not IGNORE) and how they
+    are predicted. The one scorer of log p(target | prompt): the editing front end, the sequential experiment and the
+    field's metrics all read their figures from it."""
+    token_lp, mask, correct, argmax = _token_log_probs(logits, labels, shift)
+    totals, all_correct = token_lp.sum(-1).tolist(), (correct | ~mask).all(-1).tolist()
+    out = []
+    for r, (total, every) in enumerate(zip(totals, all_correct)):
+        lp, hit, pred = token_lp[r][mask[r]], correct[r][mask[r]], argmax[r][mask[r]]
+        out.append(SequenceScore(total, -lp.mean().item(), every, hit.float().mean().item(), pred.tolist()))
+    return out
 
 
 def masked_log_probs(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> dict:
@@ -58,7 +81,7 @@ def masked_log_probs(logits: torch.Tensor, labels: torch.Tensor, shift: bool = T
       nll_sum   summed nll (for token-weighted aggregation, e.g. perplexity)
       n_tokens  number of target tokens
     """
-    token_lp, mask, correct = _token_log_probs(logits, labels, shift)
+    token_lp, mask, correct, _ = _token_log_probs(logits, labels, shift)
     n_tokens = mask.sum()
     denom = n_tokens.clamp(min=1)
     lp_sum = token_lp.sum()

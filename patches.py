@@ -1,8 +1,8 @@
 """Patches and the edited-model stack: what an edit leaves behind, kept apart from the base model.
 
 A :class:`Patch` is one applied update: per edited weight either low-rank factors u~ (N x d_in), v~ (N x d_out) and
-a step size alpha, with ``W~ = W - alpha * (v~^T u~)`` for nn.Linear (``u~^T v~`` for GPT-2's Conv1D), as MEND's
-updates are, or the dense difference ``W - W~`` for an editor whose update has no low-rank form
+a step size alpha, with ``W~ = W - alpha * (v~^T u~)`` for nn.Linear (``u~^T v~`` for GPT-2's Conv1D), for an editor
+whose update is low-rank, or the dense difference ``W - W~`` for one whose update has no low-rank form
 (``EditableModel.low_rank_update``). It is saved as one safetensors file with its metadata (the model, the requests,
 the identity of the base model it was made on) in the header.
 
@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from checkpoints import identity_diff, weight_identity
 from editable_model import (
+    EditableModel,
     cache_argument,
     call_with_weights,
     forward_takes,
@@ -38,7 +39,7 @@ from utils import pad_rows
 
 LOG = logging.getLogger("edit")
 
-PATCH_FORMAT = "mend-patch/1"
+PATCH_FORMAT = "mend-patch/1"  # the project's patch format (kept, so that saved patches stay readable)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -57,6 +58,23 @@ class Patch:
     fan_in_fan_out: Dict[str, bool]
     meta: dict = field(default_factory=dict)
     dense: Dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> W - W~, for updates of no low-rank form
+
+    @classmethod
+    def from_edit(cls, before: EditableModel, after: EditableModel, names: Sequence[str], meta: dict) -> Patch:
+        """The patch that takes ``before``'s weights to ``after``'s (what ``before.edit(batch)`` returned): per weight
+        in ``names`` the editor's low-rank update (``EditableModel.low_rank_update``), or, for an update of no
+        low-rank form, the dense difference W - W~. ``meta`` (the requests, the base model's identity, ...) is kept
+        with it, with the number of edited positions per low-rank weight added as ``n_positions``."""
+        factors, alphas, layout, dense, positions = {}, {}, {}, {}, {}
+        for name in names:
+            update = after.low_rank_update(name)
+            if update is None:
+                dense[name] = before.current_weight(name).detach().float() - after.current_weight(name).detach().float()
+                continue
+            u, v, alphas[name], layout[name] = update
+            factors[name] = (u, v)
+            positions[name] = int(u.shape[0])
+        return cls(factors, alphas, layout, dict(meta, n_positions=positions), dense)
 
     @property
     def names(self) -> List[str]:
@@ -121,7 +139,7 @@ class Patch:
             alphas = {n: tensors[f"{n}::alpha"].to(device) for n in layout}
             dense = {n: tensors[f"{n}::delta"].to(device) for n in meta.pop("dense", [])}
         except (KeyError, AssertionError, ValueError, TypeError):
-            raise PatchError(f"{path}: not a MEND patch written by this program (its metadata is missing).") from None
+            raise PatchError(f"{path}: not a patch written by this program (its metadata is missing).") from None
         return cls(factors, alphas, {n: bool(b) for n, b in layout.items()}, meta, dense)
 
 
@@ -172,7 +190,9 @@ class EditedModel:
         other._identity_cache = self._identity_cache
         return other
 
-    def _base_identity(self, names: Iterable[str]) -> dict:
+    def base_identity(self, names: Iterable[str]) -> dict:
+        """The identity (shape and hash) of the base model's weights ``names``, as a patch records it to be checked
+        against the model it is applied to (computed once per weight)."""
         missing = [n for n in names if n not in self._identity_cache]
         if missing:
             self._identity_cache.update(weight_identity(self.base, missing))
@@ -191,7 +211,7 @@ class EditedModel:
         absent = [n for n in patch.names if n not in params]
         if absent:
             raise PatchError(f"{where} edits {absent}, which this {cls} does not have.")
-        diff = identity_diff(self.base, made_for, self._base_identity(patch.names))
+        diff = identity_diff(self.base, made_for, self.base_identity(patch.names))
         if diff.shapes:
             name, made, here = diff.shapes[0]
             raise PatchError(f"{where} was made for a model whose {name} has shape {made}; here it has shape {here}.")

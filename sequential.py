@@ -48,7 +48,7 @@ def eval_sequential(
     toks = [EditTokens(ds.passage_ids[i], ds.target_ids[i], [ds.rephrase(i)[1]]) for i in picks]
     loc_ids = []
     for i in picks:
-        ids = ds._loc(i, 0)[1]
+        ids = ds.locality_ids(i)
         if ids not in loc_ids:
             loc_ids.append(ids)
         if len(loc_ids) >= n_loc:
@@ -58,8 +58,7 @@ def eval_sequential(
     def perplexity(model):
         total = count = 0.0
         for ids in loc_ids:
-            lp, _ = editor.score(model, [(ids[:1], ids[1:])])[0]
-            total, count = total - lp, count + len(ids) - 1
+            total, count = total - editor.score(model, [(ids[:1], ids[1:])])[0].log_prob, count + len(ids) - 1
         return math.exp(total / max(count, 1))
 
     current = editor.base()
@@ -67,10 +66,10 @@ def eval_sequential(
     immediate, rows = [], []
     for k, t in enumerate(toks, 1):
         current.push(editor.edit_patch(current, [t]))
-        immediate.append(editor.score(current, [(t.prompt, t.target)])[0][1])
+        immediate.append(editor.score(current, [(t.prompt, t.target)])[0].correct)
         if k in checkpoints:
-            held = [s for _, s in editor.score(current, [(x.prompt, x.target) for x in toks[:k]])]
-            held_r = [s for _, s in editor.score(current, [(x.rephrases[0], x.target) for x in toks[:k]])]
+            held = [s.correct for s in editor.score(current, [(x.prompt, x.target) for x in toks[:k]])]
+            held_r = [s.correct for s in editor.score(current, [(x.rephrases[0], x.target) for x in toks[:k]])]
             ppl = perplexity(current)
             rows.append(
                 {

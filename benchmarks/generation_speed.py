@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     splits = ("train", "validation") if args.split == "all" else (args.split,)
     cache_dir = os.path.expanduser(cfg.cache_dir)
     cases = [c for split in splits for c in load_split(data_cfg, split, cfg.seed, cache_dir)[0]][: args.cases]
-    groups = [[editor._encode(p) for p in c["generation_prompts"]] for c in cases]
+    groups = [[editor.encode(p) for p in c["generation_prompts"]] for c in cases]
     flat = [p for g in groups for p in g]
     model = editor.base()
 

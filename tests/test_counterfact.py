@@ -221,20 +221,24 @@ def test_case_summary_and_score_follow_the_papers_definitions():
     assert total["pre_score"] == 0.0 and total["n_cases"] == 2
 
 
-def test_score_rows_gives_the_mean_token_nll_and_accuracy(tokenizer):
+def test_the_editors_score_gives_the_log_prob_mean_token_nll_and_accuracy(tokenizer):
     editor = test_edit.editor_with_statistics("gpt2", tokenizer)
     base = editor.base()
     rows = [editor.tokenize(test_edit.REQUESTS[0]).__dict__[k] for k in ("prompt", "target")]
     prompt, target = rows
-    (got,) = fact_eval.score_rows(editor, base, [(prompt, target)])
+    longer = editor.encode("The old museum of the river city and its long winter festival")
+    assert len(longer) > len(prompt)
+    got, _ = editor.score(base, [(prompt, target), (longer, target)])  # the row measured is right-padded
     ids = torch.tensor([prompt + target])
     with torch.no_grad():
         logp = torch.log_softmax(base(ids, torch.ones_like(ids))[0].float(), -1)
     lp = [logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(target)]
-    assert got["nll"] == pytest.approx(-sum(lp) / len(lp), rel=1e-5)
+    assert got.log_prob == pytest.approx(sum(lp), rel=1e-5)
+    assert got.nll == pytest.approx(-sum(lp) / len(lp), rel=1e-5)
     argmax = [int(logp[len(prompt) - 1 + j].argmax()) for j in range(len(target))]
-    assert got["argmax"] == argmax
-    assert got["acc"] == pytest.approx(sum(a == t for a, t in zip(argmax, target)) / len(target))
+    assert got.argmax == argmax
+    assert got.accuracy == pytest.approx(sum(a == t for a, t in zip(argmax, target)) / len(target))
+    assert got.correct == (argmax == target)
 
 
 # -- evaluating an editor --------------------------------------------------------------------------------------
@@ -505,7 +509,7 @@ def test_an_enn_archive_edits_the_base_model_as_enn_trained_it(tokenizer, tmp_pa
     assert base.base is not model
     changed = [n for n, p in base.base.named_parameters() if not torch.equal(p, original[n])]
     assert changed  # the base the edits apply to is ENN's trained one
-    x = torch.tensor([editor._encode("Afghanistan is a country in")])
+    x = torch.tensor([editor.encode("Afghanistan is a country in")])
     ones = torch.ones_like(x)
     with torch.no_grad():
         want = editor.alg(input_ids=x, attention_mask=ones)  # ENN's unedited model: its trained base parameters

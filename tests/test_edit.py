@@ -69,7 +69,7 @@ def editor_with_statistics(arch: str, tokenizer, seed: int = 0) -> Editor:
     alg.train()
     with torch.no_grad():
         for r in REQUESTS:
-            alg.edit(editor._batch([(editor.tokenize(r).prompt, editor.tokenize(r).target)]))
+            alg.edit(editor.batch([(editor.tokenize(r).prompt, editor.tokenize(r).target)]))
     alg.eval()
     alg.requires_grad_(False)
     editor.meta = {
@@ -165,7 +165,7 @@ def test_batched_single_request_equals_the_single_edit(tokenizer):
     batched = editor.apply([r], mode="batched").model
     sequential = editor.apply([r], mode="sequential").model
     t = editor.tokenize(r)
-    direct, _ = editor.alg.edit(editor._batch([(t.prompt, t.target)]))
+    direct, _ = editor.alg.edit(editor.batch([(t.prompt, t.target)]))
     for n in GPT2_INNER:
         assert torch.equal(batched.weights[n], sequential.weights[n])
         torch.testing.assert_close(batched.weights[n], direct.weights[n].detach(), rtol=0, atol=1e-6)
@@ -183,7 +183,7 @@ def test_editors_without_low_rank_updates_give_dense_patches(alg, tokenizer, tmp
     (patch,) = result.patches
     assert patch.factors == {} and set(patch.dense) == set(GPT2_INNER)
     t = editor.tokenize(REQUESTS[0])
-    direct, _ = alg_obj.edit(editor._batch([(t.prompt, t.target)]))
+    direct, _ = alg_obj.edit(editor.batch([(t.prompt, t.target)]))
     x = ids_of(tokenizer)
     ones = torch.ones_like(x)
     base_logits = editor.base()(x, ones)
@@ -208,7 +208,7 @@ def test_report_has_the_per_request_figures(tokenizer):
     assert {"greedy_before", "greedy_after", "changed", "kl", "logp_before", "logp_after"} <= set(watch)
     # the edit is applied: the watched prompt's next-token distributions move, by the KL a hand computation gives
     # (KL(before || after), averaged over the positions of the prompt and its 8-token greedy continuation before)
-    prompt = editor._encode(REQUESTS[0].watch[0])
+    prompt = editor.encode(REQUESTS[0].watch[0])
     x = torch.tensor([prompt + editor.greedy(editor.base(), prompt, 8)])
     with torch.no_grad():
         pre = editor.base()(x, torch.ones_like(x)).float().log_softmax(-1)
@@ -224,7 +224,7 @@ def test_report_has_the_per_request_figures(tokenizer):
 def test_cached_greedy_gives_the_tokens_of_rerunning_the_whole_sequence(tokenizer, arch):
     editor = editor_with_statistics(arch, tokenizer)
     edited = editor.apply(REQUESTS[:1], mode="batched").model
-    prompt = editor._encode("The old museum of the river city")
+    prompt = editor.encode("The old museum of the river city")
     for model in (editor.base(), edited):
         ids = list(prompt)
         for _ in range(12):  # the reference: the whole sequence at every step, no cache
@@ -239,7 +239,7 @@ def test_cached_greedy_gives_the_tokens_of_rerunning_the_whole_sequence(tokenize
 def test_batched_greedy_gives_each_prompt_the_tokens_it_gets_alone(tokenizer, arch):
     editor = editor_with_statistics(arch, tokenizer)
     edited = editor.apply(REQUESTS[:1], mode="batched").model
-    prompts = [editor._encode(t) for t in ("The old museum", "A river runs through the old city of", "Paris")]
+    prompts = [editor.encode(t) for t in ("The old museum", "A river runs through the old city of", "Paris")]
     assert len({len(p) for p in prompts}) == 3  # left padding of different widths
     for model in (editor.base(), edited):
         alone = [model.greedy(p, 10) for p in prompts]
@@ -258,7 +258,7 @@ def test_batched_greedy_runs_prompts_one_at_a_time_for_a_model_without_position_
 
     editor = editor_with_statistics("gpt2", tokenizer)
     model = editor.base()
-    prompts = [editor._encode(t) for t in ("The old museum", "A river runs through the old city of")]
+    prompts = [editor.encode(t) for t in ("The old museum", "A river runs through the old city of")]
     alone = [model.greedy(p, 6) for p in prompts]
     seen = []
     real = patches.output_with_weights
