@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import setuptools
 
 from algs import EDITORS, settings_groups
 
@@ -292,4 +293,5 @@ def test_the_package_installs_every_module_of_the_project():
     modules = sorted(p.stem for p in files if len(p.parts) == 1)
     packages = sorted(".".join(p.parent.parts) for p in files if p.name == "__init__.py")
     assert sorted(project["py-modules"]) == modules
-    assert sorted(project["packages"]) == packages
+    found = setuptools.find_packages(str(ROOT), include=project["packages"]["find"]["include"])
+    assert sorted(found) == packages

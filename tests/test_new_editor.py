@@ -10,7 +10,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+
+import setuptools
 
 ROOT = Path(__file__).resolve().parent.parent
 # What the toy needs of the project: the code and the configs (not the tests, docs, tools or caches).
@@ -125,6 +128,8 @@ def test_a_new_editor_is_its_folder_and_its_yaml(tmp_path):
         (tree / name).write_text(text.lstrip("\n"))
     after = {p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file()}
     assert after - before == set(TOY_FILES)
+    include = tomllib.loads((tree / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert "algs.toy" in setuptools.find_packages(str(tree), include=include)  # packaged without a line of its own
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tree)}
     proc = subprocess.run(
