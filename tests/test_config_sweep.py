@@ -2,7 +2,8 @@
 huge value, is either accepted (and then known to work: ACCEPTED says how, and the tests below run it) or refused
 before anything loads with one line that names the key and its value.
 
-The sweep is generated from the schema (``config_schema.Config``, nested sections included) and runs in-process:
+The sweep is generated from the schema (``config_schema.Config``, nested sections included, with the settings group of
+every registered editor, ``algs/<name>/__init__.py``) and runs in-process:
 each value is parsed as Hydra parses the command line and set on a composed configuration; a value OmegaConf
 refuses for the key's type (``max_iters=nan``) is composed for real, as ``python -m run`` does. A few command
 lines check the end-to-end behaviour: exit status 2, one line, no traceback.
@@ -27,7 +28,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from test_run import ROOT, run_cli, workspace  # noqa: F401  (workspace is a fixture)
 
-from algs import ALGS
+from algs import ALGS, settings_groups
 from checkpoints import changed_settings
 from config_schema import RANGES, Config, ConfigError, compose_config, merge_saved_config, validate_config
 from data_classes import DATASETS
@@ -84,6 +85,15 @@ def test_every_numeric_key_has_a_range():
     for key, _, optional in KEYS:
         assert bool(RANGES[key].null) == optional, f"{key}: the range should say what null means iff it is Optional"
     assert len(KEYS) > 40 and {"mend.rank", "ft.locality.batch_size", "data.n_edits", "data.max_length"} <= set(RANGES)
+
+
+def test_the_sweep_covers_every_registered_editors_keys():
+    """The key list comes from the registry: each editor's numeric keys, nested ones included, are swept."""
+    assert set(settings_groups()) == set(ALGS) and "mend" in ALGS
+    for name, group in settings_groups().items():
+        keys = {key for key, _, _ in numeric_keys(group, f"{name}.")}
+        assert keys and keys <= {key for key, _, _ in KEYS}, name
+        assert {key for key, _ in CASES if key.startswith(f"{name}.")} == keys
 
 
 def test_every_shipped_config_passes():
