@@ -108,7 +108,7 @@ class EmbeddedSet:
     def built(self) -> bool:
         return all(self.file(s).is_file() for s in SPLITS)
 
-    def ensure(self, build: Callable[[Progress], Dict[str, Rows]], progress: Optional[Progress] = None):
+    def ensure(self, build: Callable[[Progress], Dict[str, Rows]], progress: Optional[Progress] = None) -> EmbeddedSet:
         """Build the set unless it is cached: ``build(progress)`` returns the rows of each split. Returns self."""
         if self.built():
             LOG.info("Loading the embedded %s set from %s", self.task, self.dir)
