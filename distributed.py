@@ -8,8 +8,8 @@ process group, no DDP and no collective call anywhere.
 How the pieces fit (the trainer does the calls):
 
 * The base model is frozen and replicated (each rank loads it); the editor is wrapped in
-  ``DistributedDataParallel`` through :class:`EditStep`, an ``nn.Module`` whose ``forward`` runs the whole
-  differentiable part of an edit step (edit, post-edit losses) and returns the loss. The gradient flows through
+  ``DistributedDataParallel`` through :class:`EditStep`, an ``nn.Module`` whose ``forward`` is the editor's
+  ``meta_loss`` (the edit and the losses of the edited model, ``meta_loss.StepLosses``). The gradient flows through
   ``editor.edit()``, not ``editor.forward``, so the editor itself cannot be the DDP module; :class:`EditStep`
   holds it as its only submodule, so DDP sees exactly the editor's parameters.
 * Batches: rank r takes batches r, r+W, r+2W, ... of the seeded training stream (:func:`rank_stream`), so a
@@ -35,7 +35,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -216,25 +216,25 @@ def rank_stream(batches: Iterator[dict], rank: int, world_size: int) -> Iterator
 
 
 class EditStep(nn.Module):
-    """The differentiable part of a training step as a module, so that DistributedDataParallel can wrap it.
+    """The editor's training step as a module, so that DistributedDataParallel can wrap it.
 
-    ``forward(*args)`` returns ``step_fn(*args)`` (a dict holding the loss); the editor is the only submodule,
-    so DDP's parameters are exactly the editor's (the base model sits outside the editor's module tree).
+    ``forward(*args)`` returns ``editor.meta_loss(*args)`` (``meta_loss.StepLosses``, holding the loss); the editor
+    is the only submodule, so DDP's parameters are exactly the editor's (the base model sits outside the editor's
+    module tree).
     """
 
-    def __init__(self, editor: nn.Module, step_fn: Callable[..., dict]):
+    def __init__(self, editor: nn.Module):
         super().__init__()
         self.editor = editor
-        object.__setattr__(self, "step_fn", step_fn)  # a bound method of the trainer, not a submodule
 
-    def forward(self, *args, **kwargs) -> dict:
-        return self.step_fn(*args, **kwargs)
+    def forward(self, *args, **kwargs):
+        return self.editor.meta_loss(*args, **kwargs)
 
 
-def wrap(editor: nn.Module, step_fn: Callable[..., dict], device: torch.device):
+def wrap(editor: nn.Module, device: torch.device):
     """DDP over the editor's parameters. Buffers are not broadcast at each forward: :func:`merge_running_stats`."""
     return DistributedDataParallel(
-        EditStep(editor, step_fn),
+        EditStep(editor),
         device_ids=[device.index] if device.type == "cuda" else None,
         forward_sync_buffers=False,  # the start is synced (rank 0's editor everywhere); the statistics are merged
     )

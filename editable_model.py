@@ -6,16 +6,25 @@ carries the edited weights as a dict of tensors, run through ``torch.func.functi
 The base model's parameters are never written to.
 
 A subclass implements exactly:
-  - ``edit(batch, condition=None) -> (EditableModel, info: dict[str, float])``
+  - ``edit(batch, condition=None, diagnostics=False) -> (EditableModel, info: dict[str, float])``; with
+    ``diagnostics`` it may also compute figures that are only logged (MEND's cosine to the true gradient);
   - ``with_weights(weights) -> EditableModel``: the same editor on other edited weights (what ``edit`` returns);
   - ``outer_parameters() -> list[nn.Parameter]``: everything the outer (editor-training) optimiser updates.
 It may also override:
   - ``outer_lr()``, the learning rate of the outer parameters, read from the editor's config group (e.g.
     ``mend.lr``); an editor with outer parameters must name it;
   - ``step_size_parameters()`` when some outer parameters (learned step sizes) take their own optimiser, with
-    ``step_size_lr()`` its learning rate (e.g. ``mend.lr_lr``);
+    ``step_size_lr()`` its learning rate (e.g. ``mend.lr_lr``; None: they train with the other outer parameters at
+    ``outer_lr()``, as the original code's ENN does);
   - ``base_loss(loc_inputs, mask)``, an extra training loss on the locality inputs (ENN's ``train_base``);
-  - ``attach_training_data(dataset)``, for editors that draw data at edit time (FT+KL).
+  - ``attach_training_data(dataset)``, for editors that draw data at edit time (FT+KL);
+  - the training step (``meta_loss.py``): ``meta_loss(batch, step) -> StepLosses``, the loss of one training or
+    validation step (default: the edit, then cedit * L_edit + cloc * L_loc on the edited model, plus
+    ``base_loss``); ``meta_backward(losses, backward)``, how that loss becomes gradients (default:
+    ``backward(losses.loss)``; an editor that back-propagates in stages runs the first ones itself and hands
+    ``backward`` the surrogate loss of the last, once per step); ``batches_per_step`` (class attribute, default
+    1): a step that spans several batches, handed to ``meta_loss`` as a list (an editor trained over a sequence
+    of edits applied one after another).
 It declares what generic code must know about it, so that no generic module names an editor:
   - ``needs_training`` (class attribute; False: nothing to train, the trainer evaluates it directly) and
     ``can_train_base`` (``train_base=True`` is allowed), checked by ``check_config(cfg)`` before anything loads;
@@ -31,7 +40,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -39,6 +48,7 @@ from torch.func import functional_call
 
 from errors import ConfigError
 from losses import IGNORE, binary_log_probs, masked_log_probs
+from meta_loss import StepContext, StepLosses, edit_meta_loss
 
 
 def logits_of(output) -> torch.Tensor:
@@ -98,6 +108,9 @@ class EditableModel(nn.Module, ABC):
     needs_training: bool = True
     #: True for an editor that can also train the base model (``train_base=True``) through :meth:`base_loss`.
     can_train_base: bool = False
+    #: The batches one training step draws: above 1, :meth:`meta_loss` gets a list of them (a meta-step over a
+    #: sequence of edits applied one after another).
+    batches_per_step: int = 1
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -120,9 +133,6 @@ class EditableModel(nn.Module, ABC):
         self.config = config
         self.weights: Dict[str, torch.Tensor] = dict(weights or {})
         self.is_classifier = config.model.kind == "classifier"
-        # Compute the figures that are only logged (MEND's true-gradient cosines) on the next edits; the trainer sets
-        # it for the steps that log. Off when applying edits.
-        self.diagnostics = False
         self.shift = config.model.kind == "causal_lm"
 
     # -- running the (edited) model -------------------------------------------------------
@@ -175,8 +185,23 @@ class EditableModel(nn.Module, ABC):
 
     # -- the contract ---------------------------------------------------------------------
     @abstractmethod
-    def edit(self, batch: dict, condition: Optional[dict] = None):
-        """Apply the edit described by ``batch``; return (edited EditableModel, info dict)."""
+    def edit(self, batch: dict, condition: Optional[dict] = None, diagnostics: bool = False):
+        """Apply the edit described by ``batch``; return (edited EditableModel, info dict). ``diagnostics``: also put
+        the figures that are only logged in ``info`` (the trainer asks on the steps that log; off when applying)."""
+
+    # -- the training step ----------------------------------------------------------------
+    def meta_loss(self, batch, step: StepContext) -> StepLosses:
+        """The losses of one training (or validation) step on ``batch`` (a list of ``batches_per_step`` batches
+        when that is above 1). Default: :func:`meta_loss.edit_meta_loss`."""
+        return edit_meta_loss(self, batch, step)
+
+    def meta_backward(self, losses: StepLosses, backward: Callable[[torch.Tensor], None]) -> None:
+        """Turn the step's losses into gradients of :meth:`outer_parameters` through ``backward(tensor)``, the
+        trainer's backward (gradient accumulation, DDP, skipping a non-finite step). Default: ``backward(losses.loss)``.
+        An editor that back-propagates in stages (MALMEN: first to the edited weights, then from there into the
+        editor's parameters) runs the first ones itself and calls ``backward`` once, on the last one's surrogate loss
+        (e.g. ``(update * grad_of_the_edited_weights.detach()).sum()``)."""
+        backward(losses.loss)
 
     @abstractmethod
     def with_weights(self, weights: Dict[str, torch.Tensor]) -> EditableModel:
@@ -201,8 +226,9 @@ class EditableModel(nn.Module, ABC):
         """Learning rate of the outer parameters that are not step sizes (a key of the editor's config group)."""
         raise NotImplementedError(f"{type(self).__name__} has outer parameters but names no learning rate for them")
 
-    def step_size_lr(self) -> float:
-        """Learning rate of the step-size optimiser (``step_size_parameters()``)."""
+    def step_size_lr(self) -> Optional[float]:
+        """Learning rate of the step-size optimiser (``step_size_parameters()``); None: no such optimiser, the step
+        sizes train in the main one at ``outer_lr()``."""
         raise NotImplementedError(f"{type(self).__name__} has step sizes but names no learning rate for them")
 
     def base_loss(self, loc_inputs: dict, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

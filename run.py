@@ -1,14 +1,13 @@
 """Train or evaluate an editor.
 
-python -m run +alg=mend +experiment=gen +model=smollm2
-python -m run +alg=mend +experiment=gen +model=distilgpt2 data.n_edits=5 batch_size=6 val_batch_size=6
-python -m run +alg=mend +experiment=gen +model=smollm2 eval_only=True archive=outputs/<run>
-python -m run +alg=mend +experiment=gen +model=smollm2 resume=outputs/<run>   # continue an interrupted run
-python -m run +alg=efk|enn +experiment=gen +model=smollm2     # the learned baselines, trained the same way
-python -m run +alg=ft +experiment=gen +model=smollm2          # fine-tuning: nothing to train, evaluated directly
-python -m run +alg=ft +experiment=gen +model=smollm2 ft.locality.enabled=True   # FT+KL
-python -m scripts.train_fc_classifier && python -m run +alg=mend +experiment=fc +model=minilm   # fact-checking
-torchrun --nproc_per_node=4 -m run +alg=mend +experiment=gen +model=smollm2       # 4 processes (GPUs), DDP
+python -m run +alg=<editor> +experiment=<experiment> +model=<model>   # an editor of algs/, trained and evaluated
+python -m run +alg=<editor> +experiment=gen +model=distilgpt2 data.n_edits=5 batch_size=6 val_batch_size=6
+python -m run +alg=<editor> +experiment=gen +model=smollm2 eval_only=True archive=outputs/<run>
+python -m run +alg=<editor> +experiment=gen +model=smollm2 resume=outputs/<run>   # continue an interrupted run
+torchrun --nproc_per_node=4 -m run +alg=<editor> +experiment=gen +model=smollm2    # 4 processes (GPUs), DDP
+
+(the editors and experiments: config/alg/ and config/experiment/; the README's commands run each of them.) An
+editor with nothing to train is evaluated directly.
 
 Exit status: 0 done; 2 a clear error (bad config, data, model or checkpoint; a loss that stays non-finite; a
 checkpoint that cannot be written), logged as one line; 128 + the signal number after SIGINT / SIGTERM, once
@@ -75,7 +74,7 @@ def build(cfg: DictConfig):
 
     def make_editor():
         editor = editor_cls(model, cfg)
-        editor.attach_training_data(datasets[0])  # FT+KL draws locality batches from it at edit time
+        editor.attach_training_data(datasets[0])  # for an editor that draws batches at edit time
         return editor.to(device)
 
     return model, tokenizer, datasets, make_editor
@@ -93,6 +92,7 @@ def main_job(cfg: DictConfig, run_dir: str) -> dict:
     # Imported here so that config errors are reported before torch and transformers load.
     import distributed
     from checkpoints import LAST_NAME, load_checkpoint, resume_run_dir
+    from evaluation import train_and_evaluate
     from memory import log_estimate
     from trainer import EditTrainer
     from utils import resolve_device
@@ -117,7 +117,7 @@ def main_job(cfg: DictConfig, run_dir: str) -> dict:
         log_estimate(cfg, model, dist_env.world_size)  # what the run will need per device, before it needs it
     trainer = EditTrainer(make_editor, cfg, datasets[0], datasets[1], run_dir)
     try:
-        return trainer.run()
+        return train_and_evaluate(trainer)  # train, reload the best editor, evaluate it, write results.json
     finally:
         distributed.shutdown()
 

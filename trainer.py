@@ -1,63 +1,50 @@
-"""Training and evaluation of an editor (DESIGN: L = c_edit * L_e + c_loc * L_loc, first order).
+"""Training an editor: the loop around the editor's training step (DESIGN: L = c_edit * L_e + c_loc * L_loc).
 
-One training step: draw a batch (edits + locality), edit the model, measure the edit loss on the
-equivalence input and the KL to the unedited model on the locality input, and backpropagate into
-the editor. Optimiser steps every ``accumulate_bs`` steps; validation every ``val_interval`` steps
-keeps the best checkpoint; a final evaluation reloads it and writes results.json.
+One training step: draw a batch (edits + locality; ``batches_per_step`` of them for an editor whose step spans a
+sequence), ask the editor for its losses on it (``editor.meta_loss``, see ``meta_loss.py``), back-propagate them
+into the editor (``editor.meta_backward`` through :meth:`EditTrainer._backward`), and every ``accumulate_bs`` steps
+step the optimisers. Every ``val_interval`` steps validation keeps the best editor (``checkpoints/best.pt``);
+``checkpoints/last.pt`` keeps the resume point (``train_state.py``). The final evaluation is ``evaluation.py``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
+import itertools
 import logging
 import os
 import signal
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
-from omegaconf import OmegaConf
 from torch.profiler import record_function
 from tqdm import tqdm
 
 import distributed
 from blocks import LowerBlocks, grad_blocks
-from checkpoints import (
-    BEST_NAME,
-    LAST_NAME,
-    base_model_identity,
-    changed_settings,
-    checkpoint_meta,
-    load_checkpoint,
-    load_editor_state,
-    read_checkpoint,
-    write_checkpoint,
-)
+from checkpoints import LAST_NAME
 from editable_model import EditableModel
 from errors import NonFiniteLossError, TrainingInterrupted
-from losses import kl_loc_loss
 from memory import activation_checkpointing
-from reporting import format_stats, init_wandb, summary_table
+from meta_loss import StepContext, StepLosses
+from reporting import format_stats, init_wandb
 from signals import graceful_stop
-from utils import (
-    EarlyStopper,
-    StatAverager,
-    all_finite,
-    model_inputs,
-    peak_memory_mb,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    to_device,
-    write_json,
-)
+from train_state import Optimisers, RunCheckpoints, TrainState
+from utils import EarlyStopper, StatAverager, all_finite, seed_everything, to_device
 
 LOG = logging.getLogger(__name__)
 
 
 class _StopRequested(Exception):
     """Raised inside validation when a stop signal arrives, to checkpoint without finishing it."""
+
+
+def grouped(batches: Iterator, k: int) -> Iterator:
+    """The batches one per step (``k`` = 1) or in lists of ``k``, one list per step (``batches_per_step``)."""
+    if k == 1:
+        return batches
+    return iter(lambda: list(itertools.islice(batches, k)), [])
 
 
 class EditTrainer:
@@ -69,244 +56,160 @@ class EditTrainer:
         self.editor = make_editor()
         self.train_set, self.val_set = train_set, val_set
         self.run_dir = run_dir
-        self.ckpt_dir = os.path.join(run_dir, "checkpoints")
         self.device = next(iter(self.editor.model.parameters())).device
-        self.step = 0
-        self.n_skipped = 0
-        self.consecutive_nonfinite = 0
-        self.train_seconds = 0.0
-        self.last_val_step = -1
-        self.val_history: list = []  # one entry per validation during training: {"step": ..., metric: value}
-        self.finished = False  # training is over (a resumed finished run only evaluates)
+        self.state = TrainState(EarlyStopper(config.early_stop_patience, config.early_stop_key))
+        self.checkpoints = RunCheckpoints(config, run_dir)
         self._stop_signal: Optional[int] = None
-        self.stopper = EarlyStopper(config.early_stop_patience, config.early_stop_key)
+        self._last_saved_step = 0
 
-        step_params = {id(p) for p in self.editor.step_size_parameters()}
-        main_params = [p for p in self.editor.outer_parameters() if id(p) not in step_params]
+        # The optimisers: the outer parameters at outer_lr(); learned step sizes at step_size_lr() in their own
+        # (unless the editor trains them with the others: step_size_lr() None).
+        editor = self.editor
+        step_params = editor.step_size_parameters()
+        if step_params and editor.step_size_lr() is None:
+            step_params = []
+        main_params = [p for p in editor.outer_parameters() if id(p) not in {id(q) for q in step_params}]
         opt_class = getattr(torch.optim, config.opt)
         fused = config.speed.fused_optimizer and "fused" in inspect.signature(opt_class).parameters
         options = {"fused": True} if fused else {}
-        self.opt = opt_class(main_params, lr=self.editor.outer_lr(), **options) if main_params else None
-        step_size_params = self.editor.step_size_parameters()
-        self.lr_opt = opt_class(step_size_params, lr=self.editor.step_size_lr()) if step_size_params else None
+        self.opt = opt_class(main_params, lr=editor.outer_lr(), **options) if main_params else None
+        self.lr_opt = opt_class(step_params, lr=editor.step_size_lr()) if step_params else None
 
         if config.resume is not None:
-            self._resume(config.resume)
+            self.checkpoints.resume(config.resume, editor, self._optimisers(), self.state)
         elif config.archive is not None:
-            ckpt = load_checkpoint(config.archive, config, model=self.editor.model)
-            self._load_editor(ckpt)
-            LOG.info("Loaded editor from %s (step %s)", ckpt["path"], ckpt.get("step"))
+            self.checkpoints.load_archive(config.archive, editor)
 
         # Under torchrun: DDP over the editor's parameters (it starts every rank from rank 0's editor).
-        wrap = self.dist.enabled and self.editor.needs_training  # FT trains nothing: no DDP wrapper
+        wrap = self.dist.enabled and editor.needs_training  # nothing to train: no DDP wrapper
         self._lower: Optional[LowerBlocks] = None  # built on first use (_lower_blocks)
-        self._ddp = distributed.wrap(self.editor, self._edit_losses, self.device) if wrap else None
+        self._ddp = distributed.wrap(editor, self.device) if wrap else None
         if self.dist.enabled and config.resume is None:
             seed_everything(config.seed + self.dist.rank)  # rank 0 keeps the single-process stream
         self.wandb = init_wandb(self.config, self.run_dir) if self.dist.is_main else None
 
-    def _load_editor(self, ckpt: dict) -> None:
-        load_editor_state(self.editor, ckpt["editor"], ckpt["path"])
-
-    def _resume(self, resume: str) -> None:
-        """Restore the whole training state of checkpoints/last.pt: continuing gives the same run as no stop."""
-        cfg = self.config
-        ckpt = load_checkpoint(resume, cfg, name=LAST_NAME, key="resume", model=self.editor.model)
-        changed = changed_settings(ckpt["meta"], cfg)
-        if changed:
-            LOG.warning("Resuming with settings that differ from the interrupted run: %s", "; ".join(changed))
-        self._load_editor(ckpt)
-        for opt, key, lr in (
-            (self.opt, "opt", self.editor.outer_lr()),
-            (self.lr_opt, "lr_opt", self.editor.step_size_lr()),
-        ):
-            if opt is not None and ckpt.get(key):
-                opt.load_state_dict(ckpt[key])
-                for group in opt.param_groups:  # a changed rate on the command line takes effect
-                    group["lr"] = lr
-        params = dict(self.editor.named_parameters())
-        if self.dist.is_main:  # gradients accumulated since the last optimiser step (see distributed.mean_gradients)
-            for name, grad in ckpt.get("grads", {}).items():
-                params[name].grad = grad.to(params[name].device) * self.dist.world_size
-        state = ckpt["trainer"]
-        self.step = int(ckpt["step"])
-        self.n_skipped = int(state["n_skipped"])
-        self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
-        self.last_val_step = int(state["last_val_step"])
-        self.val_history = list(state.get("val_history", []))  # absent in checkpoints written before it existed
-        self.train_seconds = float(state["train_seconds"])
-        self.finished = bool(state["finished"])
-        self.stopper.load_state_dict(ckpt["stopper"])
-        set_rng_state(distributed.per_rank(ckpt.get("rng_ranks"), self.dist.rank, ckpt["rng"]))
-        LOG.info(
-            "Resuming %s from step %d%s; checkpoints and results go to %s.",
-            ckpt["path"],
-            self.step,
-            " (training had finished: evaluating only)" if self.finished else "",
-            self.run_dir,
-        )
-
-    # -- logging --------------------------------------------------------------------------
-    def _log(self, stats: Dict[str, float], step: int) -> None:
-        if self.wandb is not None:
-            self.wandb.log(stats, step=step)
-
-    # -- one edit step ----------------------------------------------------------------------
-    def edit_step(self, batch: dict, training: bool, diagnostics: bool = False) -> Dict[str, float]:
-        """One edit and its losses; in training, their gradients accumulated into the editor. ``diagnostics``: also
-        the figures that are only logged (see ``speed.grad_stats_on_log_steps``)."""
-        editor = self.editor
-        editor.train(training)
-        editor.diagnostics = diagnostics or not self.config.speed.grad_stats_on_log_steps
-        batch = to_device(batch, self.device)
-        loc, outer = batch["loc"], batch["edit_outer"]
-        lower = self._lower_blocks()
-
-        # The parts of a step are labelled for the profiler (benchmarks/step_speed.py reports their shares).
-        with torch.no_grad(), record_function("step/pre_edit"):
-            with lower.record() if lower else contextlib.nullcontext():
-                pre_loc_logits = editor(**model_inputs(loc))
-            pre_edit = None if training else editor.loss_with(outer, {})
-
-        try:
-            if training and self._ddp is not None:  # through DDP, which then averages the gradients over ranks
-                with distributed.optional_no_sync(self._ddp, self._sync_due()):
-                    out = self._ddp(batch, pre_loc_logits, training, lower)
-            else:
-                out = self._edit_losses(batch, pre_loc_logits, training, lower)
-        finally:
-            editor.diagnostics = False
-            if lower:
-                lower.clear()
-        info, edit_time, post_edit = out["info"], out["edit_time"], out["post_edit"]
-        post_loc_logits, l_edit, l_loc, l_total = out["post_loc_logits"], out["l_edit"], out["l_loc"], out["l_total"]
-        l_total_edit, l_base = out["l_total_edit"], out["l_base"]
-
-        if training:
-            with record_function("step/backward"):
-                self._backward(out["loss"])
-
-        with torch.no_grad():
-            pre_loc = editor.loc_loss_fn(pre_loc_logits, loc["labels"])
-            post_loc = editor.loc_loss_fn(post_loc_logits.detach(), loc["labels"])
-        info.update(
-            {
-                "loss/edit": l_edit.item(),
-                "loss/loc": l_loc.item(),
-                "loss/total": l_total.item(),
-                "loss/total_edit": l_total_edit.item(),
-                "edit/acc": post_edit["acc"].item(),
-                "edit/acc_tok": post_edit["acc_tok"].item(),
-                "edit/log_prob": post_edit["log_prob"].item(),
-                "edit/prob": post_edit["prob"].item(),
-                # Locality accuracy as the original's: whole sequences (a whole answer on qa); per token beside it.
-                "acc/pre": pre_loc["acc"].item(),
-                "acc/post": post_loc["acc"].item(),
-                "acc_tok/pre": pre_loc["acc_tok"].item(),
-                "acc_tok/post": post_loc["acc_tok"].item(),
-                "nll/pre": pre_loc["nll"].item(),
-                "nll/post": post_loc["nll"].item(),
-                "time/edit": edit_time,
-            }
-        )
-        if not editor.is_classifier:  # token-weighted perplexity (StatAverager); meaningless for one logit
-            info.update(
-                {
-                    "nll_sum/pre": pre_loc["nll_sum"].item(),
-                    "nll_sum/post": post_loc["nll_sum"].item(),
-                    "n_tokens/pre": pre_loc["n_tokens"].item(),
-                    "n_tokens/post": post_loc["n_tokens"].item(),
-                }
-            )
-        if l_base is not None:
-            info["loss/base"] = l_base.item()
-        if pre_edit is not None:
-            info["edit/acc_pre"] = pre_edit["acc"].item()
-            info["edit/log_prob_pre"] = pre_edit["log_prob"].item()
-        for p in editor.step_size_parameters():
-            info.update({f"lr/lr{i}": lr.item() for i, lr in enumerate(p.detach().reshape(-1))})
-        return info
-
-    def _edit_losses(
-        self, batch: dict, pre_loc_logits: torch.Tensor, training: bool, lower: Optional[LowerBlocks] = None
-    ) -> dict:
-        """The differentiable part of an edit step: the edit, then the losses of the edited model.
-
-        Returns the total loss under "loss" with what the metrics need. Under torchrun this is the forward of the
-        module DDP wraps (distributed.EditStep). ``lower``: the lower blocks recorded in the pre-edit locality pass,
-        replayed in the post-edit one.
-        """
-        cfg = self.config
-        loc, outer = batch["loc"], batch["edit_outer"]
-        loc_mask = loc.get("decoder_attention_mask", loc["attention_mask"])
-
-        start = time.perf_counter()
-        with record_function("step/edit"):
-            edited, info = self.editor.edit(batch["edit_inner"], batch.get("cond"))
-        edit_time = time.perf_counter() - start
-
-        with torch.set_grad_enabled(training), activation_checkpointing(edited.model, self._checkpointed_blocks()):
-            with record_function("step/post_edit_equivalence"):
-                post_edit = edited.loss_with(outer, {})
-            with record_function("step/post_edit_locality"):
-                with lower.replay(edited.weights) if lower else contextlib.nullcontext():
-                    post_loc_logits = edited(**model_inputs(loc))
-            l_edit = post_edit["nll"]
-            l_loc = kl_loc_loss(pre_loc_logits, post_loc_logits, loc_mask)
-            l_total_edit = cfg.cedit * l_edit + cfg.cloc * l_loc
-            l_train, l_total = l_total_edit, l_total_edit
-            # An editor that also trains the base model (ENN's train_base) adds its own term on the locality inputs:
-            # unweighted in the gradient, cbase-weighted in the logged total, as in the original.
-            l_base = self.editor.base_loss(model_inputs(loc), loc_mask) if training else None
-            if l_base is not None:
-                l_train = l_total_edit + l_base
-                l_total = l_total_edit + cfg.cbase * l_base
+    def _optimisers(self) -> Optimisers:
+        """The optimisers by their key in last.pt, each with the rate the configuration gives it now."""
         return {
-            "loss": l_train,
-            "l_total": l_total,
-            "l_total_edit": l_total_edit,
-            "l_base": l_base,
-            "l_edit": l_edit,
-            "l_loc": l_loc,
-            "post_edit": post_edit,
-            "post_loc_logits": post_loc_logits,
-            "info": info,
-            "edit_time": edit_time,
+            "opt": (self.opt, self.editor.outer_lr() if self.opt is not None else None),
+            "lr_opt": (self.lr_opt, self.editor.step_size_lr() if self.lr_opt is not None else None),
         }
 
-    def _lower_blocks(self) -> Optional[LowerBlocks]:
-        """The blocks below the edits, reused between the locality passes (``speed.reuse_lower_blocks``)."""
-        if not self.config.speed.reuse_lower_blocks:
-            return None
-        if self._lower is None or self._lower.model is not self.editor.model:
-            self._lower = LowerBlocks(self.editor.model, self.config.model.inner_params)
-        return self._lower if self._lower.blocks else None
+    # -- the loop -------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg, state = self.config, self.state
+        if state.finished:
+            return
+        averager = StatAverager()
+        start = time.perf_counter() - state.train_seconds
+        interval = cfg.checkpoint_interval or cfg.val_interval
+        self._last_saved_step = state.step
+        quiet = cfg.silent or not self.dist.is_main
+        bar = tqdm(total=cfg.max_iters, initial=state.step, desc="train", disable=quiet, dynamic_ncols=True)
+        with self._stop_on_signals():
+            try:
+                stop = None
+                if self._validation_due() and self._validate_and_checkpoint():  # a resumed run's pending one
+                    stop = "early_stop"
+                gen = distributed.rank_stream(self._train_batches(), self.dist.rank, self.dist.world_size)
+                steps = grouped(gen, self.editor.batches_per_step)
+                while not stop and state.step < cfg.max_iters and not self._stop_requested():
+                    stop = self._train_step(next(steps), averager, start, interval)
+                    bar.update(self.dist.world_size)
+                    if self._crossed(cfg.log_interval):
+                        stats = averager.summary()
+                        averager = StatAverager()
+                        bar.set_postfix({"loss": f"{stats['loss/total_edit']:.3f}", "ES": f"{stats['edit/acc']:.2f}"})
+                        LOG.info("step %d: %s", state.step, format_stats(stats))
+                        self.log(stats, state.step)
+                # Over when early stopping said so or max_iters is reached; not after max_time (resume continues).
+                state.finished = stop == "early_stop" or state.step >= cfg.max_iters
+            except _StopRequested:
+                pass
+            except NonFiniteLossError:
+                state.train_seconds = time.perf_counter() - start
+                state.consecutive_nonfinite = 0  # a resumed run (say with a lower lr) starts a fresh count
+                self.save_last()  # the editor is still finite: keep the work, e.g. to resume with a lower lr
+                raise
+            finally:
+                bar.close()
+            state.train_seconds = time.perf_counter() - start
+            if self._stop_signal is not None:
+                self._interrupted()
+        self.save_last()
+        LOG.info("Training done: %d steps in %.0fs, %d skipped.", state.step, state.train_seconds, state.n_skipped)
 
-    def _checkpointed_blocks(self) -> list:
-        """The blocks whose activations are recomputed in the backward pass (activation_checkpointing=True)."""
-        if not self.config.activation_checkpointing:
-            return []
-        if not hasattr(self, "_blocks"):
-            self._blocks = grad_blocks(self.editor.model, self.config.model.inner_params)
-        return self._blocks
+    def _train_step(self, batch, averager: StatAverager, start: float, interval: int) -> Optional[str]:
+        """One training step and what follows it; "early_stop" or "out_of_time" when training should stop."""
+        cfg, state = self.config, self.state
+        # 1. the editor's losses on the batch, their gradients accumulated into the editor (on N processes: N
+        #    batches at once, and the normalisation statistics merged over them)
+        before = distributed.stats_snapshot(self.editor)
+        log_due = (state.step + self.dist.world_size) // cfg.log_interval != state.step // cfg.log_interval
+        averager.add(self.edit_step(batch, training=True, diagnostics=log_due))
+        distributed.merge_running_stats(self.editor, before)
+        state.step += self.dist.world_size
+        # 2. an optimiser step every accumulate_bs edits
+        if self._crossed(cfg.accumulate_bs):
+            averager.add(self._optimizer_step())
+        out_of_time = cfg.max_time is not None and time.perf_counter() - start >= cfg.max_time
+        if cfg.max_time is not None:
+            out_of_time = distributed.any_rank(out_of_time)
+        # 3. validation, best checkpoint, early stopping
+        state.train_seconds = time.perf_counter() - start
+        if self._validation_due(out_of_time) and self._validate_and_checkpoint():
+            return "early_stop"
+        # 4. the resume point
+        if self._crossed(interval) and self._last_saved_step != state.step:
+            state.train_seconds = time.perf_counter() - start
+            self.save_last()
+        if out_of_time:
+            LOG.info("max_time=%ss reached after %d steps.", cfg.max_time, state.step)
+            return "out_of_time"
+        return None
 
-    def _skip_nonfinite(self) -> None:
-        """Count a skipped step; too many in a row stop training."""
-        self.n_skipped += 1
-        self.consecutive_nonfinite += 1
-        LOG.warning("Step %d: non-finite loss or gradient, step skipped (%d so far).", self.step, self.n_skipped)
-        if self.consecutive_nonfinite >= self.config.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"{self.consecutive_nonfinite} consecutive training steps (up to step {self.step + 1}) had "
-                f"non-finite losses or gradients (max_nonfinite_steps={self.config.max_nonfinite_steps}); "
-                f"stopping. Lower the editor's rates ({self.config.alg}.lr and the like), check cedit / cloc, or raise "
-                f"max_nonfinite_steps."
-            )
+    # -- one step of the editor ---------------------------------------------------------------
+    def edit_step(self, batch, training: bool, diagnostics: bool = False) -> Dict[str, float]:
+        """One step of the editor (its ``meta_loss`` on ``batch``); in training, its gradients accumulated into the
+        editor. ``diagnostics``: also the figures that are only logged (see ``speed.grad_stats_on_log_steps``)."""
+        editor = self.editor
+        editor.train(training)
+        batch = [to_device(b, self.device) for b in batch] if isinstance(batch, list) else to_device(batch, self.device)
+        diagnostics = diagnostics or not self.config.speed.grad_stats_on_log_steps
+        step = StepContext(training, diagnostics, self._lower_blocks(), self._checkpointing)
+        # 1. the edit and the losses of the edited model (meta_loss.edit_meta_loss, unless the editor has its own)
+        if training and self._ddp is not None:  # through DDP, which then averages the gradients over ranks
+            with distributed.optional_no_sync(self._ddp, self._sync_due()):
+                losses = self._ddp(batch, step)
+        else:
+            losses = editor.meta_loss(batch, step)
+        # 2. their gradients, accumulated into the editor's outer parameters (self._backward)
+        if training:
+            with record_function("step/backward"):
+                editor.meta_backward(losses, self._backward)
+        # 3. what is logged
+        return self._step_metrics(losses, batch[-1] if isinstance(batch, list) else batch)
 
-    def _sync_due(self) -> bool:
-        """The coming step ends a gradient accumulation: DDP all-reduces in its backward pass."""
-        acc, w = self.config.accumulate_bs, self.dist.world_size
-        return (self.step + w) // acc != self.step // acc
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Accumulate d(loss)/d(outer params); a step with non-finite loss or gradients is skipped and counted."""
+        if self._ddp is not None:
+            self._backward_ddp(loss)
+            return
+        params = [p for p in self.editor.outer_parameters() if p.requires_grad]
+        grads = None
+        if torch.isfinite(loss):
+            grads = torch.autograd.grad(loss / self.config.accumulate_bs, params, allow_unused=True)
+        if grads is None or not all_finite(grads):
+            self._skip_nonfinite()
+            return
+        self.state.consecutive_nonfinite = 0
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
 
     def _backward_ddp(self, loss: torch.Tensor) -> None:
         """loss.backward() through DDP (all-reduce on the step that ends an accumulation, no_sync before).
@@ -327,28 +230,25 @@ class EditTrainer:
                 p.grad = None
             self._skip_nonfinite()
             return
-        self.consecutive_nonfinite = 0
+        self.state.consecutive_nonfinite = 0
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        """Accumulate d(loss)/d(outer params); a step with non-finite loss or gradients is skipped and counted."""
-        if self._ddp is not None:
-            self._backward_ddp(loss)
-            return
-        params = [p for p in self.editor.outer_parameters() if p.requires_grad]
-        grads = None
-        if torch.isfinite(loss):
-            grads = torch.autograd.grad(loss / self.config.accumulate_bs, params, allow_unused=True)
-        if grads is None or not all_finite(grads):
-            self._skip_nonfinite()
-            return
-        self.consecutive_nonfinite = 0
-        for p, g in zip(params, grads):
-            if g is None:
-                continue
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g)
+    def _skip_nonfinite(self) -> None:
+        """Count a skipped step; too many in a row stop training."""
+        cfg, state = self.config, self.state
+        state.n_skipped += 1
+        state.consecutive_nonfinite += 1
+        LOG.warning("Step %d: non-finite loss or gradient, step skipped (%d so far).", state.step, state.n_skipped)
+        if state.consecutive_nonfinite >= cfg.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{state.consecutive_nonfinite} consecutive training steps (up to step {state.step + 1}) had "
+                f"non-finite losses or gradients (max_nonfinite_steps={cfg.max_nonfinite_steps}); stopping. Lower "
+                f"the editor's rates ({cfg.alg}.lr and the like), check cedit / cloc, or raise max_nonfinite_steps."
+            )
+
+    def _sync_due(self) -> bool:
+        """The coming step ends a gradient accumulation: DDP all-reduces in its backward pass."""
+        acc, w, step = self.config.accumulate_bs, self.dist.world_size, self.state.step
+        return (step + w) // acc != step // acc
 
     def _optimizer_step(self) -> Dict[str, float]:
         params = [p for p in self.editor.outer_parameters() if p.grad is not None]
@@ -361,6 +261,69 @@ class EditTrainer:
                 opt.zero_grad(set_to_none=True)
         return {"grad": norm.item()}
 
+    def _step_metrics(self, losses: StepLosses, batch: dict) -> Dict[str, float]:
+        """The figures of one step: its losses, the edit's success, the drawdown on the locality inputs."""
+        editor, labels = self.editor, batch["loc"]["labels"]
+        post_edit, pre_edit = losses.post_edit, losses.pre_edit
+        with torch.no_grad():
+            pre_loc = editor.loc_loss_fn(losses.pre_loc_logits, labels)
+            post_loc = editor.loc_loss_fn(losses.post_loc_logits.detach(), labels)
+        info = losses.info
+        info.update(
+            {
+                "loss/edit": losses.edit.item(),
+                "loss/loc": losses.loc.item(),
+                "loss/total": losses.total.item(),
+                "loss/total_edit": losses.total_edit.item(),
+                "edit/acc": post_edit["acc"].item(),
+                "edit/acc_tok": post_edit["acc_tok"].item(),
+                "edit/log_prob": post_edit["log_prob"].item(),
+                "edit/prob": post_edit["prob"].item(),
+                # Locality accuracy as the original's: whole sequences (a whole answer on qa); per token beside it.
+                "acc/pre": pre_loc["acc"].item(),
+                "acc/post": post_loc["acc"].item(),
+                "acc_tok/pre": pre_loc["acc_tok"].item(),
+                "acc_tok/post": post_loc["acc_tok"].item(),
+                "nll/pre": pre_loc["nll"].item(),
+                "nll/post": post_loc["nll"].item(),
+                "time/edit": losses.edit_time,
+            }
+        )
+        if not editor.is_classifier:  # token-weighted perplexity (StatAverager); meaningless for one logit
+            info.update(
+                {
+                    "nll_sum/pre": pre_loc["nll_sum"].item(),
+                    "nll_sum/post": post_loc["nll_sum"].item(),
+                    "n_tokens/pre": pre_loc["n_tokens"].item(),
+                    "n_tokens/post": post_loc["n_tokens"].item(),
+                }
+            )
+        if losses.base is not None:
+            info["loss/base"] = losses.base.item()
+        if pre_edit is not None:
+            info["edit/acc_pre"] = pre_edit["acc"].item()
+            info["edit/log_prob_pre"] = pre_edit["log_prob"].item()
+        for p in editor.step_size_parameters():
+            info.update({f"lr/lr{i}": lr.item() for i, lr in enumerate(p.detach().reshape(-1))})
+        return info
+
+    def _lower_blocks(self) -> Optional[LowerBlocks]:
+        """The blocks below the edits, reused between the locality passes (``speed.reuse_lower_blocks``)."""
+        if not self.config.speed.reuse_lower_blocks:
+            return None
+        if self._lower is None or self._lower.model is not self.editor.model:
+            self._lower = LowerBlocks(self.editor.model, self.config.model.inner_params)
+        return self._lower if self._lower.blocks else None
+
+    def _checkpointing(self, model: torch.nn.Module):
+        """A context in which ``model``'s blocks recompute their activations in the backward pass
+        (``activation_checkpointing=True``)."""
+        if not self.config.activation_checkpointing:
+            return activation_checkpointing(model, [])
+        if not hasattr(self, "_blocks"):
+            self._blocks = grad_blocks(self.editor.model, self.config.model.inner_params)
+        return activation_checkpointing(model, self._blocks)
+
     # -- validation -----------------------------------------------------------------------
     def validate(
         self,
@@ -369,14 +332,15 @@ class EditTrainer:
         editor: Optional[EditableModel] = None,
         interruptible: bool = False,
     ):
-        n_batches = max(1, len(self.val_set) // self.config.data.n_edits)
+        per_step = self.editor.batches_per_step
+        n_batches = max(1, len(self.val_set) // self.config.data.n_edits // per_step)
         steps = min(steps or self.config.val_steps, n_batches)
         saved = self.editor
         if editor is not None:
             self.editor = editor
         try:
             averager = StatAverager("_val")
-            gen = self.val_set.edit_generator(self.config.val_batch_size, n=steps)
+            gen = grouped(self.val_set.edit_generator(self.config.val_batch_size, n=steps * per_step), per_step)
             start = time.perf_counter()
             rank, world = self.dist.rank, self.dist.world_size
             mine = []  # (batch index, metrics) of the batches this rank evaluates: rank, rank+W, ...
@@ -399,70 +363,29 @@ class EditTrainer:
             self.editor = saved
         return stats
 
-    # -- checkpoints ----------------------------------------------------------------------
-    def _meta(self) -> str:
-        if not hasattr(self, "_base_identity"):
-            self._base_identity = base_model_identity(self.editor.model, self.config.model.inner_params)
-        return checkpoint_meta(self.config, self._base_identity)
+    def _validate_and_checkpoint(self) -> bool:
+        """Validate; save a new best. True when early stopping says to stop."""
+        state = self.state
+        stats = self.validate(interruptible=True)
+        state.last_val_step = state.step
+        point = {"step": state.step, "seconds": state.train_seconds}
+        state.val_history.append({**point, **{k: float(v) for k, v in stats.items()}})
+        LOG.info("validation at step %d: %s", state.step, format_stats(stats))
+        self.log(stats, state.step)
+        if state.stopper.update(state.step, stats):
+            self.checkpoints.write_best(self.editor, state, stats)
+        if state.stopper.should_stop():
+            cfg = self.config
+            LOG.info("No improvement in %s for %d steps: stopping.", cfg.early_stop_key, cfg.early_stop_patience)
+            return True
+        return False
 
-    def _write(self, obj: Optional[dict], name: str) -> None:
-        write_checkpoint(obj, os.path.join(self.ckpt_dir, name), self.step, self.run_dir)
-
-    def save_checkpoint(self, stats: Dict[str, float]) -> None:
-        """The best editor so far (checkpoints/best.pt): what archive= and the final evaluation load."""
-        if not self.config.save:
-            return
-        if not self.dist.is_main:  # the editor is the same on every rank: rank 0 writes it
-            self._write(None, BEST_NAME)
-            return
-        self._write(
-            {
-                "editor": self.editor.state_dict(),
-                "step": self.step,
-                "val_stats": {k: float(v) for k, v in stats.items()},
-                "stopper": self.stopper.state_dict(),
-                "meta": self._meta(),
-            },
-            BEST_NAME,
-        )
-
+    # -- checkpoints, signals, schedule, logging -------------------------------------------
     def save_last(self) -> None:
-        """Everything needed to continue exactly where training is now (checkpoints/last.pt)."""
-        if not self.config.save:
-            return
-        # Collective parts first (every rank takes part): the accumulated gradients and each rank's RNG state.
-        grads = distributed.mean_gradients(self.editor.named_parameters())
-        rng_ranks = distributed.gather_objects(rng_state())
-        if not self.dist.is_main:
-            self._write(None, LAST_NAME)
-            self._last_saved_step = self.step
-            return
-        self._write(
-            {
-                "editor": self.editor.state_dict(),
-                "opt": self.opt.state_dict() if self.opt is not None else {},
-                "lr_opt": self.lr_opt.state_dict() if self.lr_opt is not None else {},
-                "grads": grads,
-                "step": self.step,
-                "stopper": self.stopper.state_dict(),
-                "trainer": {
-                    "n_skipped": self.n_skipped,
-                    "consecutive_nonfinite": self.consecutive_nonfinite,
-                    "last_val_step": self.last_val_step,
-                    "val_history": self.val_history,
-                    "train_seconds": self.train_seconds,
-                    "finished": self.finished,
-                    "batches_drawn": self.step,  # one training batch per step
-                },
-                "rng": rng_ranks[0],
-                "rng_ranks": rng_ranks if self.dist.enabled else [],
-                "meta": self._meta(),
-            },
-            LAST_NAME,
-        )
-        self._last_saved_step = self.step
+        """The resume point (checkpoints/last.pt, ``train_state.RunCheckpoints.write_last``)."""
+        self.checkpoints.write_last(self.editor, self._optimisers(), self.state)
+        self._last_saved_step = self.state.step
 
-    # -- signals --------------------------------------------------------------------------
     def _stop_on_signals(self):
         """SIGINT / SIGTERM ask training to stop after the current step; a second one stops at once."""
 
@@ -473,20 +396,35 @@ class EditTrainer:
 
         return graceful_stop(first, lambda: self._stop_signal is not None)
 
-    # -- the loop -------------------------------------------------------------------------
+    def _interrupted(self) -> None:
+        """After a stop signal: write the resume point and raise TrainingInterrupted."""
+        name, step = signal.Signals(self._stop_signal).name, self.state.step
+        if not self.config.save:
+            raise TrainingInterrupted(
+                f"{name}: training stopped at step {step}; save=False, so nothing was kept.", self._stop_signal
+            )
+        self.save_last()
+        raise TrainingInterrupted(
+            f"{name}: training stopped at step {step}; wrote {os.path.join(self.checkpoints.dir, LAST_NAME)}. "
+            f"Continue with resume={self.run_dir} (and the same settings).",
+            self._stop_signal,
+        )
+
     def _train_batches(self):
-        """The training batches from the one after the last drawn (``self.step`` batches drawn so far)."""
+        """The training batches from the one after the last drawn (``batches_per_step`` per step)."""
+        drawn = self.state.step * self.editor.batches_per_step
         make = self.train_set.edit_generator
         if "start" in inspect.signature(make).parameters:
-            return make(self.config.batch_size, start=self.step)
+            return make(self.config.batch_size, start=drawn)
         gen = make(self.config.batch_size)
-        for _ in range(self.step):
+        for _ in range(drawn):
             next(gen)
         return gen
 
     def _crossed(self, interval: int) -> bool:
         """The last step reached a multiple of ``interval`` (a step of N processes advances by N batches)."""
-        return self.step // interval != (self.step - self.dist.world_size) // interval
+        step = self.state.step
+        return step // interval != (step - self.dist.world_size) // interval
 
     def _stop_requested(self) -> bool:
         """A stop signal arrived (on any rank: all ranks then stop at the same step)."""
@@ -497,154 +435,14 @@ class EditTrainer:
         return self._stop_signal is not None
 
     def _validation_due(self, out_of_time: bool = False) -> bool:
-        cfg = self.config
-        due = self._crossed(cfg.val_interval) or self.step >= cfg.max_iters or out_of_time
-        return self.step > 0 and due and self.last_val_step != self.step
+        cfg, step = self.config, self.state.step
+        due = self._crossed(cfg.val_interval) or step >= cfg.max_iters or out_of_time
+        return step > 0 and due and self.state.last_val_step != step
 
-    def train(self) -> None:
-        cfg = self.config
-        if self.finished:
-            return
-        averager = StatAverager()
-        start = time.perf_counter() - self.train_seconds
-        interval = cfg.checkpoint_interval or cfg.val_interval
-        self._last_saved_step = self.step
-        quiet = cfg.silent or not self.dist.is_main
-        bar = tqdm(total=cfg.max_iters, initial=self.step, desc="train", disable=quiet, dynamic_ncols=True)
-        with self._stop_on_signals():
-            try:
-                stop = None
-                if self._validation_due() and self._validate_and_checkpoint():  # a resumed run's pending one
-                    stop = "early_stop"
-                gen = distributed.rank_stream(self._train_batches(), self.dist.rank, self.dist.world_size)
-                while not stop and self.step < cfg.max_iters and not self._stop_requested():
-                    stop = self._train_step(next(gen), averager, start, interval)
-                    bar.update(self.dist.world_size)
-                    if self._crossed(cfg.log_interval):
-                        stats = averager.summary()
-                        averager = StatAverager()
-                        bar.set_postfix({"loss": f"{stats['loss/total_edit']:.3f}", "ES": f"{stats['edit/acc']:.2f}"})
-                        LOG.info("step %d: %s", self.step, format_stats(stats))
-                        self._log(stats, self.step)
-                # Over when early stopping said so or max_iters is reached; not after max_time (resume continues).
-                self.finished = stop == "early_stop" or self.step >= cfg.max_iters
-            except _StopRequested:
-                pass
-            except NonFiniteLossError:
-                self.train_seconds = time.perf_counter() - start
-                self.consecutive_nonfinite = 0  # a resumed run (say with a lower lr) starts a fresh count
-                self.save_last()  # the editor is still finite: keep the work, e.g. to resume with a lower lr
-                raise
-            finally:
-                bar.close()
-            self.train_seconds = time.perf_counter() - start
-            if self._stop_signal is not None:
-                name = signal.Signals(self._stop_signal).name
-                if not cfg.save:
-                    raise TrainingInterrupted(
-                        f"{name}: training stopped at step {self.step}; save=False, so nothing was kept.",
-                        self._stop_signal,
-                    )
-                self.save_last()
-                raise TrainingInterrupted(
-                    f"{name}: training stopped at step {self.step}; wrote {os.path.join(self.ckpt_dir, LAST_NAME)}. "
-                    f"Continue with resume={self.run_dir} (and the same settings).",
-                    self._stop_signal,
-                )
-        self.save_last()
-        LOG.info("Training done: %d steps in %.0fs, %d skipped.", self.step, self.train_seconds, self.n_skipped)
+    def log(self, stats: Dict[str, float], step: int) -> None:
+        if self.wandb is not None:
+            self.wandb.log(stats, step=step)
 
-    def _train_step(self, batch: dict, averager: StatAverager, start: float, interval: int) -> Optional[str]:
-        """One training step and what follows it; "early_stop" or "out_of_time" when training should stop."""
-        cfg = self.config
-        # 1. one edit and its losses, gradients accumulated into the editor (on N processes: N batches at once,
-        #    and the normalisation statistics merged over them)
-        before = distributed.stats_snapshot(self.editor)
-        log_due = (self.step + self.dist.world_size) // cfg.log_interval != self.step // cfg.log_interval
-        averager.add(self.edit_step(batch, training=True, diagnostics=log_due))
-        distributed.merge_running_stats(self.editor, before)
-        self.step += self.dist.world_size
-        # 2. an optimiser step every accumulate_bs edits
-        if self._crossed(cfg.accumulate_bs):
-            averager.add(self._optimizer_step())
-        out_of_time = cfg.max_time is not None and time.perf_counter() - start >= cfg.max_time
-        if cfg.max_time is not None:
-            out_of_time = distributed.any_rank(out_of_time)
-        # 3. validation, best checkpoint, early stopping
-        self.train_seconds = time.perf_counter() - start
-        if self._validation_due(out_of_time) and self._validate_and_checkpoint():
-            return "early_stop"
-        # 4. the resume point
-        if self._crossed(interval) and self._last_saved_step != self.step:
-            self.train_seconds = time.perf_counter() - start
-            self.save_last()
-        if out_of_time:
-            LOG.info("max_time=%ss reached after %d steps.", cfg.max_time, self.step)
-            return "out_of_time"
-        return None
-
-    def _validate_and_checkpoint(self) -> bool:
-        """Validate; save a new best. True when early stopping says to stop."""
-        stats = self.validate(interruptible=True)
-        self.last_val_step = self.step
-        point = {"step": self.step, "seconds": self.train_seconds}
-        self.val_history.append({**point, **{k: float(v) for k, v in stats.items()}})
-        LOG.info("validation at step %d: %s", self.step, format_stats(stats))
-        self._log(stats, self.step)
-        if self.stopper.update(self.step, stats):
-            self.save_checkpoint(stats)
-        if self.stopper.should_stop():
-            LOG.info(
-                "No improvement in %s for %d steps: stopping.",
-                self.config.early_stop_key,
-                self.config.early_stop_patience,
-            )
-            return True
-        return False
-
-    def run(self) -> dict:
-        cfg = self.config
-        if not self.editor.needs_training:
-            LOG.info("alg=%s has nothing to train: evaluating it directly.", cfg.alg)
-            self.save_checkpoint({})  # its settings, so that python -m edit --archive <run> takes this run too
-        elif not cfg.eval_only:
-            self.train()
-            best = os.path.join(self.ckpt_dir, BEST_NAME)
-            if cfg.save and distributed.broadcast_object(os.path.exists(best)):  # rank 0 reads it, then shares it
-                if self.dist.is_main:
-                    ckpt = read_checkpoint(best)
-                    self.editor.load_state_dict(ckpt["editor"])
-                    LOG.info("Reloaded the best checkpoint (step %d).", ckpt["step"])
-                distributed.broadcast_module(self.editor)
-        if not cfg.eval.final_eval:
-            return {}
-
-        steps = cfg.eval.final_steps or cfg.val_steps
-        results = self.validate(steps, desc="final evaluation")
-        report = {"results": results}
-        if cfg.eval.compare_untrained and self.editor.needs_training:
-            untrained = self.make_editor()
-            distributed.broadcast_module(untrained)  # the same untrained editor on every rank
-            untrained.copy_statistics_from(self.editor)  # data statistics, e.g. an input normalisation
-            report["untrained"] = self.validate(steps, desc="untrained editor", editor=untrained)
-        report["train"] = {
-            "steps": self.step,
-            "skipped_steps": self.n_skipped,
-            "seconds": self.train_seconds,
-            "best_step": self.stopper.best_step,
-            "validations": self.val_history,  # the learning curve: every validation during training
-        }
-        report["memory"] = peak_memory_mb()
-        report["config"] = OmegaConf.to_container(cfg, resolve=True)
-
-        out_dir = cfg.results_dir or self.run_dir
-        path = os.path.join(os.path.expanduser(out_dir), "results.json")
-        if not self.dist.is_main:  # every rank holds the same report; rank 0 writes it
-            return report
-        write_json(report, path)
-        self._log(results, self.step + 1)
-        LOG.info("\n%s", summary_table(report, cfg.task))
-        LOG.info("Wrote %s", path)
+    def finish_logging(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
-        return report

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 import transformers
 
 import distributed
-from algs.mend import MEND
+from algs.mend.editor import MEND
 from config_schema import ModelConfig, config_for
 from data_classes.synthetic import SyntheticEdits
 from trainer import EditTrainer
@@ -60,7 +60,7 @@ def _worker(rank, world, port, steps, out):
             before = distributed.stats_snapshot(t.editor)
             t.edit_step(next(gen), training=True)
             distributed.merge_running_stats(t.editor, before)
-            t.step += world
+            t.state.step += world
             if t._crossed(cfg.accumulate_bs):
                 t._optimizer_step()
 

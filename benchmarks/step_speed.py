@@ -36,7 +36,7 @@ import torch
 import transformers
 from torch.profiler import ProfilerActivity, profile
 
-from algs.mend import MEND, capture_factors
+from algs.mend.editor import MEND, capture_factors
 from config_schema import ModelConfig, SpeedConfig, compose_config, config_for
 from data_classes.synthetic import SyntheticEdits
 from models import edited_module_name, get_model
@@ -135,9 +135,7 @@ def measure_times(name: str, repeats: int) -> dict:
 
     def edit():  # outside the trainer, as python -m edit makes it; the plain path computed the true gradients there too
         editor.eval()
-        editor.diagnostics = not cfg.speed.grad_stats_on_log_steps
-        editor.edit(batch["edit_inner"])
-        editor.diagnostics = False
+        editor.edit(batch["edit_inner"], diagnostics=not cfg.speed.grad_stats_on_log_steps)
 
     runs = {
         "train_step": lambda: trainer.edit_step(batch, training=True),

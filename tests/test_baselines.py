@@ -15,6 +15,8 @@ from algs.enn.editor import ENN
 from algs.ft.editor import FT
 from algs.mend.editor import MEND
 from config_schema import ConfigError, validate_config
+from evaluation import train_and_evaluate
+from trainer import EditTrainer
 
 SMALL_EFK = {"efk.lstm_hidden": 16, "efk.condition_dim": 16, "efk.hidden_dim": 16}
 # name -> (class, config overrides): every editor of the comparison, in its default form
@@ -80,8 +82,6 @@ def test_edit_changes_only_inner_params_and_never_the_base_model(name, n_edits, 
 
 
 def _train(name, model, tmp_path, steps, **overrides):
-    from trainer import EditTrainer
-
     cls, base = EDITORS[name]
     settings = {
         "alg": cls.__name__.lower(),
@@ -106,7 +106,7 @@ def _train(name, model, tmp_path, steps, **overrides):
         return editor
 
     torch.manual_seed(0)
-    return EditTrainer(factory, cfg, train, val, str(tmp_path)).run()
+    return train_and_evaluate(EditTrainer(factory, cfg, train, val, str(tmp_path)))
 
 
 @pytest.mark.parametrize(
@@ -256,6 +256,34 @@ def test_enn_train_base_trains_every_base_parameter_with_a_kl_to_the_original_mo
     kl = editor.base_loss(loc, loc["attention_mask"])
     assert kl.item() > 1e-4 and kl.requires_grad
     assert make_editor("enn", model, train_base=False).base_loss(loc, None) is None
+
+
+@pytest.mark.parametrize("step_sizes, rate", [("separate", "enn.lr_lr"), ("original", "enn.lr")])
+def test_enn_step_sizes_train_at_lr_lr_or_as_the_original_at_lr(tmp_path, step_sizes, rate):
+    """The original code puts ENN's edit_lrs in the main optimiser at lr (1e-5) and its step-size optimiser never
+    moves them (the main optimiser's zero_grad runs first); enn.step_sizes=original trains them so."""
+    build, _, _ = TINY["llama"]
+    model = build()
+    rates = {"enn.lr": 1e-5, "enn.lr_lr": 1e-3}
+    settings = {**rates, "enn.step_sizes": step_sizes, "train_base": True, "accumulate_bs": 1}
+    cfg = make_config("llama", alg="enn", **settings)
+    trainer = EditTrainer(lambda: ENN(model, cfg), cfg, SyntheticEdits(8), SyntheticEdits(4, seed=1), str(tmp_path))
+    alone = trainer.lr_opt is not None and [p for g in trainer.lr_opt.param_groups for p in g["params"]]
+    assert alone == ([trainer.editor.edit_lrs] if step_sizes == "separate" else False)
+    assert any(p is trainer.editor.edit_lrs for g in trainer.opt.param_groups for p in g["params"]) == (not alone)
+    before = trainer.editor.edit_lrs.detach().clone()
+    trainer.edit_step(next(trainer._train_batches()), training=True)
+    assert trainer.editor.edit_lrs.grad is not None and trainer.editor.edit_lrs.grad.abs().min() > 1e-6
+    trainer._optimizer_step()
+    # Adam's first step moves each step size by its rate (lr * g / (|g| + eps))
+    moved = (trainer.editor.edit_lrs.detach() - before).abs()
+    torch.testing.assert_close(moved, torch.full_like(moved, rates[rate]), rtol=1e-3, atol=0)
+
+
+def test_enn_step_sizes_setting_is_checked():
+    cfg = make_config("llama", alg="enn", **{"enn.step_sizes": "paper"})
+    with pytest.raises(ConfigError, match=r"enn.step_sizes='paper': expected 'separate' .* or 'original'"):
+        ENN.check_config(cfg)
 
 
 # ------------------------------------------------------------------------------------------------

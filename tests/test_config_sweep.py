@@ -166,6 +166,7 @@ def test_the_refusals_say_what_is_expected(base_cfg):
 )
 def test_accepted_edge_values_train(tmp_path, overrides):
     from algs.mend.editor import MEND
+    from evaluation import train_and_evaluate
     from trainer import EditTrainer
 
     cfg = make_config(
@@ -184,7 +185,7 @@ def test_accepted_edge_values_train(tmp_path, overrides):
     trainer = EditTrainer(
         lambda: MEND(model, cfg), cfg, SyntheticEdits(16, seed=0), SyntheticEdits(8, seed=1), str(tmp_path)
     )
-    report = trainer.run()
+    report = train_and_evaluate(trainer)
     assert report["train"]["steps"] == 4 and report["train"]["skipped_steps"] == 0
     assert all(math.isfinite(v) for v in report["results"].values())
 

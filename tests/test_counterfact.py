@@ -32,6 +32,7 @@ from data_classes.counterfact import (
 )
 from edit import Editor
 from editable_model import logits_of
+from evaluation import train_and_evaluate
 from losses import IGNORE
 from trainer import EditTrainer
 
@@ -435,7 +436,7 @@ def test_every_editor_trains_and_evaluates_on_the_counterfact_set(alg, tokenizer
     sets = [CounterFactDataset(tokenizer, cfg.data, s, 0, str(tmp_path), model=model) for s in ("train", "validation")]
     cls = editor_class(alg)
     trainer = EditTrainer(lambda: cls(model, cfg), cfg, *sets, str(tmp_path / "run"))
-    report = trainer.run()
+    report = train_and_evaluate(trainer)
     results = report["results"]
     assert results["eval_time/n_edits"] == 2 and report["train"]["steps"] == (0 if alg == "ft" else 2)
     # the reported figures, recomputed from the logits of the final editor on the same two validation edits
@@ -464,7 +465,7 @@ def test_a_fine_tuning_run_is_an_archive_the_eval_command_takes(tokenizer, tmp_p
     cfg = make_config("gpt2", **settings)
     sets = [CounterFactDataset(tokenizer, cfg.data, s, 0, str(tmp_path), model=model) for s in ("train", "validation")]
     run_dir = tmp_path / "run"
-    EditTrainer(lambda: editor_class("ft")(model, cfg), cfg, *sets, str(run_dir)).run()
+    train_and_evaluate(EditTrainer(lambda: editor_class("ft")(model, cfg), cfg, *sets, str(run_dir)))
     editor = Editor.from_archive(str(run_dir), model=model, tokenizer=tokenizer)
     assert editor.config.alg == "ft" and editor.config.ft.lr == 1e-2
     run = fact_eval.evaluate(editor, read_counterfact(FIXTURE)[:1], "single")
@@ -501,7 +502,7 @@ def test_an_enn_archive_edits_the_base_model_as_enn_trained_it(tokenizer, tmp_pa
     sets = [CounterFactDataset(tokenizer, cfg.data, s, 0, str(tmp_path), model=model) for s in ("train", "validation")]
     run_dir = tmp_path / "run"
     trained = editor_class("enn")(model, cfg)
-    EditTrainer(lambda: trained, cfg, *sets, str(run_dir)).run()
+    train_and_evaluate(EditTrainer(lambda: trained, cfg, *sets, str(run_dir)))
     editor = Editor.from_archive(str(run_dir), model=model, tokenizer=tokenizer)
     for n, p in model.named_parameters():  # the caller's model is untouched
         assert torch.equal(p, original[n]), n

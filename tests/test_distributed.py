@@ -22,9 +22,10 @@ from test_run import cli_command as cli
 
 import checkpoints
 import distributed
-import trainer as trainer_module
+import evaluation
 import utils
 from algs.mend.editor import MEND
+from errors import TrainingInterrupted
 from trainer import EditTrainer
 
 TRAIN = dict(
@@ -71,7 +72,7 @@ def _first_step(trainer) -> dict:
         before = distributed.stats_snapshot(trainer.editor)
         trainer.edit_step(next(gen), training=True)
         distributed.merge_running_stats(trainer.editor, before)
-        trainer.step += trainer.dist.world_size
+        trainer.state.step += trainer.dist.world_size
     grads = {n: p.grad.detach().clone() for n, p in trainer.editor.named_parameters()}
     trainer._optimizer_step()
     return {"grads": grads, "editor": {k: v.clone() for k, v in trainer.editor.state_dict().items()}}
@@ -87,13 +88,13 @@ def _grad_worker(rank, world, port, out_dir, overrides):
 def _run_worker(rank, world, port, out_dir):
     _join(rank, world, port)
     writes = []
-    save, write_json = checkpoints.atomic_torch_save, trainer_module.write_json
+    save, write_json = checkpoints.atomic_torch_save, evaluation.write_json
     checkpoints.atomic_torch_save = lambda obj, path: (writes.append(os.path.basename(path)), save(obj, path))
-    trainer_module.write_json = lambda obj, path: (writes.append(os.path.basename(path)), write_json(obj, path))
+    evaluation.write_json = lambda obj, path: (writes.append(os.path.basename(path)), write_json(obj, path))
     t = make_trainer(os.path.join(out_dir, "run"))
-    report = t.run()
+    report = evaluation.train_and_evaluate(t)
     torch.save(
-        {"writes": writes, "editor": t.editor.state_dict(), "report": report, "step": t.step},
+        {"writes": writes, "editor": t.editor.state_dict(), "report": report, "step": t.state.step},
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
     distributed.shutdown()
@@ -193,24 +194,24 @@ def _resume_worker(rank, world, port, out_dir):
     _join(rank, world, port)
     overrides = {"accumulate_bs": 4, "checkpoint_interval": 2}  # the stop falls inside a gradient accumulation
     straight = make_trainer(os.path.join(out_dir, "straight"), **overrides)
-    straight.run()
+    evaluation.train_and_evaluate(straight)
     stopped = make_trainer(os.path.join(out_dir, "stopped"), **overrides)
     step = stopped._train_step
 
     def step_then_signal(*args, **kwargs):  # SIGTERM reaches rank 1 only, after step 2
         out = step(*args, **kwargs)
-        if rank == 1 and stopped.step == 2:
+        if rank == 1 and stopped.state.step == 2:
             stopped._stop_signal = signal.SIGTERM
         return out
 
     stopped._train_step = step_then_signal
     try:
-        stopped.run()
+        evaluation.train_and_evaluate(stopped)
         interrupted_at = None
-    except trainer_module.TrainingInterrupted:
-        interrupted_at = stopped.step
+    except TrainingInterrupted:
+        interrupted_at = stopped.state.step
     resumed = make_trainer(os.path.join(out_dir, "stopped"), resume=os.path.join(out_dir, "stopped"), **overrides)
-    resumed.run()
+    evaluation.train_and_evaluate(resumed)
     torch.save(
         {
             "interrupted_at": interrupted_at,

@@ -25,14 +25,16 @@ from conftest import TINY, SyntheticEdits, freeze, make_config
 from test_run import INNER, ROOT, workspace  # noqa: F401  (workspace is a fixture)
 from test_run import cli_command as cli
 
-import trainer as trainer_module
+import meta_loss
 import utils
+from algs.enn.editor import ENN
 from algs.mend.editor import MEND
 from checkpoints import load_checkpoint, read_checkpoint
 from config_schema import ConfigError, validate_config
 from data_classes import DataError
 from data_classes.gen import GenDataset, read_original
 from errors import CheckpointError, CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
+from evaluation import train_and_evaluate
 from models import InnerParamsError, ModelLoadError, check_inner_params, get_model
 from trainer import EditTrainer
 
@@ -70,7 +72,7 @@ def metrics(report):
 def trained_run(tmp_path_factory):
     """One short training run: its directory and report."""
     run_dir = tmp_path_factory.mktemp("trained")
-    report = make_trainer(run_dir).run()
+    report = train_and_evaluate(make_trainer(run_dir))
     return run_dir, report
 
 
@@ -160,7 +162,7 @@ def test_no_room_for_a_checkpoint_stops_with_a_clear_message_and_keeps_the_previ
     real_save = torch.save
 
     def full_disk(obj, f, *args, **kwargs):
-        if trainer.step >= 6:  # the second resume point: write part of it, then the disk is full
+        if trainer.state.step >= 6:  # the second resume point: write part of it, then the disk is full
             f.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
@@ -181,7 +183,7 @@ def _interrupt_at(trainer, step, signum=signal.SIGTERM):
 
     def edit_step_then_signal(batch, training, **kwargs):
         out = edit_step(batch, training, **kwargs)
-        if training and trainer.step + 1 == step:
+        if training and trainer.state.step + 1 == step:
             os.kill(os.getpid(), signum)
         return out
 
@@ -198,17 +200,17 @@ def test_interrupt_then_resume_gives_the_straight_run(tmp_path, trained_run, sto
     _interrupt_at(trainer, stop_at, signum)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingInterrupted, match=f"stopped at step {stop_at}.*resume=") as info:
-        trainer.run()
+        train_and_evaluate(trainer)
     assert info.value.signum == signum
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
     assert read_checkpoint(str(run_dir / "checkpoints" / "last.pt"))["step"] == stop_at
 
     last = read_checkpoint(str(run_dir / "checkpoints" / "last.pt"))
     resumed = make_trainer(run_dir, resume=str(run_dir))
-    assert resumed.step == stop_at
+    assert resumed.state.step == stop_at
     assert torch.equal(torch.get_rng_state(), last["rng"]["torch"])  # the RNG states are restored too
     assert torch.equal(torch.from_numpy(np.random.get_state()[1].astype(np.int64)), last["rng"]["numpy"]["key"])
-    report = resumed.run()
+    report = train_and_evaluate(resumed)
     assert report["train"]["steps"] == 12 and report["train"]["best_step"] == straight["train"]["best_step"]
     assert metrics(report) == pytest.approx(metrics(straight), rel=1e-6, abs=1e-9)
 
@@ -224,8 +226,8 @@ def test_interrupt_then_resume_gives_the_straight_run(tmp_path, trained_run, sto
 def test_resuming_a_finished_run_only_evaluates(trained_run):
     run_dir, straight = trained_run
     resumed = make_trainer(run_dir, resume=str(run_dir), **{"results_dir": str(run_dir / "again")})
-    assert resumed.finished
-    report = resumed.run()
+    assert resumed.state.finished
+    report = train_and_evaluate(resumed)
     assert metrics(report) == pytest.approx(metrics(straight), rel=1e-6, abs=1e-9)
 
 
@@ -234,13 +236,28 @@ def test_resume_without_a_resume_point_is_refused(tmp_path):
         make_trainer(tmp_path, resume=str(tmp_path))
 
 
+def test_resume_with_optimisers_that_train_other_parameters_is_refused(tmp_path):
+    """ENN's step sizes in their own optimiser, then resumed with them in the main one (enn.step_sizes)."""
+    model = TINY["llama"][0]()
+
+    def enn_trainer(step_sizes, resume=None):
+        settings = {"train_base": True, "max_iters": 1, "val_interval": 100, "enn.step_sizes": step_sizes}
+        cfg = make_config("llama", alg="enn", resume=resume, **settings)
+        return EditTrainer(lambda: ENN(model, cfg), cfg, SyntheticEdits(8), SyntheticEdits(4), str(tmp_path))
+
+    enn_trainer("separate").train()
+    assert enn_trainer("separate", resume=str(tmp_path)).state.step == 1  # the same settings resume
+    with pytest.raises(CheckpointError, match=r"resume=.*the state of the optimiser 'opt' .* does not fit"):
+        enn_trainer("original", resume=str(tmp_path))
+
+
 def test_same_seed_same_metrics_in_process(trained_run, tmp_path):
-    assert metrics(make_trainer(tmp_path).run()) == metrics(trained_run[1])
+    assert metrics(train_and_evaluate(make_trainer(tmp_path))) == metrics(trained_run[1])
 
 
 def _nan_after(monkeypatch, bad_steps):
     """Make the locality loss NaN on the given training steps (1-based)."""
-    real = trainer_module.kl_loc_loss
+    real = meta_loss.kl_loc_loss
     calls = {"n": 0}
 
     def kl(pre, post, mask):
@@ -251,13 +268,13 @@ def _nan_after(monkeypatch, bad_steps):
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(trainer_module, "kl_loc_loss", kl)
+    monkeypatch.setattr(meta_loss, "kl_loc_loss", kl)
 
 
 def test_nan_losses_are_skipped_and_counted(tmp_path, monkeypatch, caplog):
     _nan_after(monkeypatch, {2, 3, 7})
     with caplog.at_level(logging.WARNING, logger="trainer"):
-        report = make_trainer(tmp_path).run()
+        report = train_and_evaluate(make_trainer(tmp_path))
     assert report["train"]["skipped_steps"] == 3 and report["train"]["steps"] == 12
     assert "non-finite loss or gradient, step skipped (3 so far)" in caplog.text
     assert all(torch.isfinite(p).all() for p in torch.load(tmp_path / "checkpoints" / "best.pt")["editor"].values())
@@ -266,7 +283,7 @@ def test_nan_losses_are_skipped_and_counted(tmp_path, monkeypatch, caplog):
 def test_a_nan_streak_stops_with_a_clear_message_and_keeps_the_work(tmp_path, monkeypatch):
     _nan_after(monkeypatch, set(range(5, 100)))
     with pytest.raises(NonFiniteLossError, match=r"3 consecutive training steps \(up to step 7\).*max_nonfinite"):
-        make_trainer(tmp_path, max_nonfinite_steps=3).run()
+        train_and_evaluate(make_trainer(tmp_path, max_nonfinite_steps=3))
     last = read_checkpoint(str(tmp_path / "checkpoints" / "last.pt"))
     assert last["step"] == 6 and last["trainer"]["n_skipped"] == 3
 

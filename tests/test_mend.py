@@ -43,9 +43,8 @@ def test_identity_editor_without_norm_reproduces_the_true_gradient(arch):
     model = build()
     cfg = make_config(arch, **{"mend.norm": False, "mend.edit_lr": 0.5})
     editor = MEND(model, cfg)
-    editor.diagnostics = True  # the cosine to the true gradient is logged only where asked for
     batch = _edit_batch()
-    edited, info = editor.edit(batch)
+    edited, info = editor.edit(batch, diagnostics=True)  # the cosine to the true gradient only where asked for
     true = _true_grads(model, batch, inner)
     for i, name in enumerate(inner):
         base = model.get_parameter(name)
@@ -161,6 +160,7 @@ def test_training_raises_edit_success_above_the_untrained_editor(tmp_path):
     """At lr 1e-3, not the paper's 1e-6: 300 Adam steps at 1e-6 move each editor weight by at most 3e-4, which
     leaves a tiny random model's edits where they were; the demo schedule's effect at its own rates is what the
     README's main job measures on the embedded model."""
+    from evaluation import train_and_evaluate
     from trainer import EditTrainer
 
     build, _, _ = TINY["llama"]
@@ -181,7 +181,7 @@ def test_training_raises_edit_success_above_the_untrained_editor(tmp_path):
     trainer = EditTrainer(
         lambda: MEND(model, cfg), cfg, SyntheticEdits(256, seed=0), SyntheticEdits(64, seed=1), str(tmp_path)
     )
-    report = trainer.run()
+    report = train_and_evaluate(trainer)
     trained, untrained = report["results"]["edit/acc_val"], report["untrained"]["edit/acc_val"]
     assert trained >= untrained + 0.3, (trained, untrained)
     assert (tmp_path / "results.json").exists() and (tmp_path / "checkpoints" / "best.pt").exists()

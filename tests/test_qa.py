@@ -385,6 +385,7 @@ def test_editor_contract_on_seq2seq(tmp_path, arch, alg):
 
 @pytest.mark.parametrize("alg, steps, overrides", [("mend", 30, {}), ("efk", 60, {"efk.lr": 3e-2})])
 def test_learned_editors_train_on_qa(tmp_path, alg, steps, overrides):
+    from evaluation import train_and_evaluate
     from trainer import EditTrainer
 
     tok = word_tokenizer()
@@ -411,7 +412,7 @@ def test_learned_editors_train_on_qa(tmp_path, alg, steps, overrides):
         return editor
 
     torch.manual_seed(0)
-    report = EditTrainer(factory, cfg, train, val, str(tmp_path / "run")).run()
+    report = train_and_evaluate(EditTrainer(factory, cfg, train, val, str(tmp_path / "run")))
     res = report["results"]
     assert res["edit/log_prob_val"] > res["edit/log_prob_pre_val"], res
     assert res["loss/total_edit_val"] < report["untrained"]["loss/total_edit_val"], report

@@ -77,8 +77,7 @@ def test_the_true_gradients_are_computed_only_for_the_diagnostics():
     batch = _batch(3)["edit_inner"]
     quiet, info = editor.edit(batch)
     assert not any(k.startswith("grad/") for k in info)
-    editor.diagnostics = True
-    loud, info = editor.edit(batch)
+    loud, info = editor.edit(batch, diagnostics=True)
     assert {f"grad/cos{i}" for i in range(6)} <= set(info)
     for n in LLAMA_6:  # the edit itself is the same either way
         torch.testing.assert_close(quiet.weights[n], loud.weights[n], rtol=0, atol=0)
@@ -207,14 +206,14 @@ def test_the_true_gradients_are_computed_on_the_logging_steps_only(tmp_path):
     seen = []
     edit = trainer.editor.edit
 
-    def spy(batch, condition=None):
-        out, info = edit(batch, condition)
-        seen.append((trainer.step, trainer.editor.diagnostics, "grad/cos0" in info))
+    def spy(batch, condition=None, diagnostics=False):
+        out, info = edit(batch, condition, diagnostics=diagnostics)
+        seen.append((trainer.state.step, diagnostics, "grad/cos0" in info))
         return out, info
 
     trainer.editor.edit = spy
     logged = []
-    trainer._log = lambda stats, step: logged.append((step, stats))
+    trainer.log = lambda stats, step: logged.append((step, stats))
     trainer.train()
     training = [s for s in seen if s[0] < 6]
     assert [(step, diag) for step, diag, _ in training][:6] == [(s, s % 2 == 1) for s in range(6)]

@@ -122,7 +122,7 @@ class EFK(EditableModel):
     def outer_lr(self) -> float:
         return float(self.config.efk.lr)
 
-    def edit(self, batch: dict, condition: Optional[dict] = None):
+    def edit(self, batch: dict, condition: Optional[dict] = None, diagnostics: bool = False):
         names = self.inner_params
         with torch.enable_grad():
             leaves = {n: self.current_weight(n).detach().requires_grad_(True) for n in names}

@@ -20,6 +20,9 @@ class ENNConfig:
     lr_lr: float = 1e-3  # Adam learning rate of those step sizes
     n_edit_steps: int = 1  # SGD steps on the edit loss per edit
     first_order: bool = False  # drop the second-order term (treat the inner gradients as constants)
+    # How the step sizes train (the editor checks the value): separate: in their own optimiser at lr_lr; original: as
+    # the original code trains them, in the main optimiser at lr (its step-size optimiser never moves them).
+    step_sizes: str = "separate"
 
 
 SETTINGS = ENNConfig

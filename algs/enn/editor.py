@@ -5,7 +5,10 @@ with its own learned step size alpha_l:
 
     W_{k+1} = W_k - alpha_l * grad_W L_e(W_k).
 
-The step sizes start at ``enn.edit_lr`` and train with their own optimiser at ``enn.lr_lr``. Training the editor
+The step sizes start at ``enn.edit_lr`` and train with their own optimiser at ``enn.lr_lr``
+(``enn.step_sizes=separate``, the default); ``enn.step_sizes=original`` trains them as the original code does, in
+the main optimiser at ``enn.lr`` (its step-size optimiser at ``lr_lr`` never moves them: the main optimiser's
+``zero_grad`` runs before it steps, so they train 100 times slower than at ``lr_lr``). Training the editor
 differentiates through these steps (the inner gradients are part of the graph, so the outer gradient has
 second-order terms; ``enn.first_order=True`` treats the inner gradients as constants). With ``train_base=True``
 every parameter of the base model is trained as well (at ``enn.lr``), as the original's ENN does (its
@@ -24,7 +27,12 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from editable_model import EditableModel, logits_of
+from errors import ConfigError
 from losses import kl_loc_loss
+
+# enn.step_sizes: "separate" trains the step sizes in their own optimiser at enn.lr_lr; "original" in the main
+# optimiser at enn.lr, as the original code does.
+STEP_SIZES = ("separate", "original")
 
 
 def _key(name: str) -> str:
@@ -33,6 +41,15 @@ def _key(name: str) -> str:
 
 class ENN(EditableModel):
     can_train_base = True  # train_base=True: the base model is trained too, through base_loss
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.enn.step_sizes not in STEP_SIZES:
+            raise ConfigError(
+                f"enn.step_sizes={cfg.enn.step_sizes!r}: expected 'separate' (the step sizes in their own optimiser "
+                f"at enn.lr_lr) or 'original' (in the main optimiser at enn.lr, as the original code trains them)."
+            )
 
     def __init__(
         self,
@@ -43,6 +60,8 @@ class ENN(EditableModel):
         base_weights: Optional[nn.ParameterDict] = None,
     ):
         super().__init__(model, config, weights)
+        if config.enn.step_sizes not in STEP_SIZES:
+            type(self).check_config(config)  # the one-line error about enn.step_sizes
         if edit_lrs is None:
             edit_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(config.enn.edit_lr)))
         self.edit_lrs = edit_lrs
@@ -77,7 +96,9 @@ class ENN(EditableModel):
     def outer_lr(self) -> float:
         return float(self.config.enn.lr)
 
-    def step_size_lr(self) -> float:
+    def step_size_lr(self) -> Optional[float]:
+        if self.config.enn.step_sizes == "original":
+            return None  # in the main optimiser at enn.lr, as the original code trains them
         return float(self.config.enn.lr_lr)
 
     def base_loss(self, loc_inputs: dict, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -87,7 +108,7 @@ class ENN(EditableModel):
             original = logits_of(self.model(**loc_inputs))
         return kl_loc_loss(original, self(**loc_inputs), mask)
 
-    def edit(self, batch: dict, condition: Optional[dict] = None):
+    def edit(self, batch: dict, condition: Optional[dict] = None, diagnostics: bool = False):
         names = self.inner_params
         # Differentiate through the inner steps only when the outer loop trains (and second order is asked for).
         create_graph = self.training and torch.is_grad_enabled() and not self.config.enn.first_order

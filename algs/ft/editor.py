@@ -64,7 +64,7 @@ class FT(EditableModel):
             self._loc_batches = self._train_set.edit_generator(n_edits + int(self.config.ft.locality.batch_size))
         return to_device(next(self._loc_batches)["loc"], device)
 
-    def edit(self, batch: dict, condition: Optional[dict] = None):
+    def edit(self, batch: dict, condition: Optional[dict] = None, diagnostics: bool = False):
         cfg = self.config.ft
         names = self.inner_params
         base = {n: self.current_weight(n).detach() for n in names}

@@ -319,7 +319,7 @@ class MEND(EditableModel):
     def running_statistics(self) -> Dict[str, nn.Module]:
         return {name: m for name, m in self.mend.named_modules() if isinstance(m, RunningNorm)}
 
-    def edit(self, batch: dict, condition: Optional[dict] = None):
+    def edit(self, batch: dict, condition: Optional[dict] = None, diagnostics: bool = False):
         names = self.inner_params
         with torch.enable_grad():
             # The edit loss at the current weights, through fresh leaves: the base model's own parameters stay
@@ -329,7 +329,7 @@ class MEND(EditableModel):
             with capture_factors(self.model, [module_name(n) for n in names]) as factors:
                 loss = self.loss_with(batch, leaves)["nll"]
             outputs = [out for n in names for out in factors[module_name(n)]["out"]]
-            wanted = outputs + ([leaves[n] for n in names] if self.diagnostics else [])
+            wanted = outputs + ([leaves[n] for n in names] if diagnostics else [])
             grads = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ()
         deltas, true_grads = iter(grads[: len(outputs)]), grads[len(outputs) :]
 
@@ -352,7 +352,7 @@ class MEND(EditableModel):
             for i, name in enumerate(names):
                 u, v = factors_out[name]
                 pseudo = u.t() @ v if self.layout[name][0] else v.t() @ u  # W's own layout
-                if self.diagnostics:
+                if diagnostics:
                     with torch.no_grad():
                         info[f"grad/cos{i}"] = F.cosine_similarity(
                             true_grads[i].reshape(-1).float(), pseudo.detach().reshape(-1), dim=0
