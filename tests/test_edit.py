@@ -368,10 +368,8 @@ def test_cli_apply_writes_a_model_that_reloads_with_the_edited_logits(workspace,
         + "\n"
     )
     out, patches = tmp_path / "edited", tmp_path / "patches"
-    proc = edit_cli(
-        "apply", "--archive", trained_run, "--requests", requests, "--out", out, "--patch-out", patches,
-        "--mode", "sequential", "--report", tmp_path / "report.json",
-    )  # fmt: skip
+    args = ["--requests", requests, "--out", out, "--patch-out", patches, "--mode", "sequential"]
+    proc = edit_cli("apply", "--archive", trained_run, *args, "--report", tmp_path / "report.json")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "greedy before" in proc.stdout and "rephrase" in proc.stdout and "watch" in proc.stdout
     report = json.loads((tmp_path / "report.json").read_text())
