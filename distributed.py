@@ -17,12 +17,13 @@ How the pieces fit (the trainer does the calls):
 * ``accumulate_bs`` counts edits per optimiser step over all ranks (the paper's batch of 10 stays 10 on any
   number of GPUs): each rank accumulates ``accumulate_bs / W`` steps under ``no_sync`` and DDP averages on the
   last one. Each rank scales its loss by ``W / accumulate_bs`` so the average equals the single-process sum.
-* MEND's input normalisation statistics are buffers updated during the edit (like BatchNorm's): DDP's buffer
-  broadcast would keep only rank 0's, so it is off and :func:`merge_running_stats` combines every rank's new
-  samples after each step (Chan's parallel update): all ranks then hold the statistics a single process would
-  hold after the same batches. Within one step each rank normalises with the statistics before the step plus its
-  own batch, where a single process would also include the batches of the lower ranks; that is the one
-  difference from a single-process run (none with ``mend.norm=False``, see tests/test_distributed.py).
+* An editor's data statistics (``running_statistics()``, e.g. an input normalisation) are buffers updated during
+  the edit (like BatchNorm's): DDP's buffer broadcast would keep only rank 0's, so it is off and
+  :func:`merge_running_stats` combines every rank's new samples after each step (Chan's parallel update): all ranks
+  then hold the statistics a single process would hold after the same batches. Within one step each rank normalises
+  with the statistics before the step plus its own batch, where a single process would also include the batches of
+  the lower ranks; that is the one difference from a single-process run (none for an editor without such
+  statistics, see tests/test_distributed.py).
 * Decisions that end or skip work (a non-finite loss, a stop signal, a failed checkpoint write) are agreed by
   all ranks with one small all-reduce, so no rank waits forever in a collective that another one left.
 """
