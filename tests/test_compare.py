@@ -58,7 +58,8 @@ def test_comparison_writes_the_table_and_plot_and_skips_finished_runs(
         assert float(r["edit success"]) == pytest.approx(res["edit/acc_val"], rel=1e-9, abs=1e-12)
         assert float(r["drawdown"]) == pytest.approx(res["perplexity/drawdown_val"], rel=1e-9)
         assert float(r["median edit time (s)"]) == pytest.approx(res["time/edit_val"], rel=1e-9)
-        assert float(r["peak memory (MB)"]) > 0
+        with open(out / r["editor"].lower() / "results.json") as f:
+            assert float(r["peak memory (MB)"]) == json.load(f)["memory"]["peak_rss_mb"]
     md = (out / "comparison.md").read_text()
     assert md.count("\n") == 4 and "| MEND |" in md
     assert os.path.getsize(out / "comparison.png") > 1000
@@ -90,7 +91,7 @@ def test_ablations_run_each_variant_with_its_overrides_and_reuse_the_comparisons
     with open(out / "ablations.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["editor"] for r in rows] == ["MEND", "no norm", "only smaller (one_sided)"]  # the paper's order
-    assert [r["paper ES / drawdown"] for r in rows] == ["0.86 / 0.225", "0.02 / 0.370", "0.80 / 0.593"]
+    assert [r["paper ES / drawdown"] for r in rows] == [ablations.PAPER_GEN[r["editor"]] for r in rows]  # its own
     configs = {}
     for r in rows:
         with open(out / compare_editors.run_dir_name(r["editor"]) / "results.json") as f:
@@ -139,16 +140,42 @@ def test_learning_curve_keeps_every_validation_and_plots_it(workspace, tmp_path,
     assert info.value.code == 2 and "no results.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task, drawdown, before", [("gen", 0.8, 28.0), ("qa", 0.01, 0.3), ("fc", 0.01, 0.3)])
-def test_a_row_reports_the_drawdown_of_its_task(task, drawdown, before, tmp_path):
-    """qa and fc log a perplexity too; their drawdown is the accuracy's (the paper's), gen's the perplexity's."""
-    results = {"edit/acc_val": 0.5, "time/edit_val": 0.1}
+@pytest.mark.parametrize(
+    "task, line",
+    [
+        ("gen", "| MEND | 0.50 | 0.800 | 28.00 | 28.80 | 0.125 | 2049 | 4 | 1.5 | 0.9 / 0.1 |"),
+        ("qa", "| MEND | 0.50 | 0.010 | 0.300 | 0.290 | 0.125 | 2049 | 4 | 1.5 | 0.9 / 0.1 |"),
+        ("fc", "| MEND | 0.50 | 0.010 | 0.300 | 0.290 | 0.125 | 2049 | 4 | 1.5 | 0.9 / 0.1 |"),
+    ],
+)
+def test_a_row_reports_the_drawdown_of_its_task(task, line, tmp_path):
+    """qa and fc log a perplexity too; their drawdown is the accuracy's (the paper's), gen's the perplexity's. The
+    table of a made-up report, line by line."""
+    results = {"edit/acc_val": 0.5, "time/edit_val": 0.125}
     results.update({"perplexity/drawdown_val": 0.8, "perplexity/pre_val": 28.0, "perplexity/post_val": 28.8})
     results.update({"acc/drawdown_val": 0.01, "acc/pre_val": 0.3, "acc/post_val": 0.29})
-    report = {"results": results, "config": {"task": task}, "train": {"steps": 4, "seconds": 60.0}}
-    r = compare_editors.row("MEND", report, compare_editors.PAPER[task])
-    assert (r["drawdown"], r["loc_pre"]) == (drawdown, before)
-    assert r["paper"] == compare_editors.PAPER[task]["MEND"]
-    compare_editors.write_tables([r], str(tmp_path), "t", task)
-    header = (tmp_path / "t.md").read_text().splitlines()[0]
-    assert ("perplexity before" in header) == (task == "gen") and ("accuracy before" in header) == (task != "gen")
+    report = {
+        "results": results,
+        "config": {"task": task},
+        "train": {"steps": 4, "seconds": 90.0},
+        "memory": {"peak_rss_mb": 2048.6},
+    }
+    paper = {"MEND": "0.9 / 0.1", "ENN": "0.8 / 0.2"}
+    rows = [
+        compare_editors.row("MEND", report, paper),
+        compare_editors.row("EFK", {"results": {}, "train": report["train"]}, paper),
+    ]
+    compare_editors.write_tables(rows, str(tmp_path), "t", task)
+    header, rule, mend, efk = (tmp_path / "t.md").read_text().splitlines()
+    what = "perplexity" if task == "gen" else "accuracy"
+    assert header == (
+        f"| editor | edit success | drawdown | {what} before | {what} after | median edit time (s) | peak memory (MB) "
+        "| training steps | training time (min) | paper ES / drawdown |"
+    )
+    assert rule == "|" + "---|" * 10
+    assert mend == line
+    assert efk == "| EFK | - | - | - | - | - | - | 4 | 1.5 | - |"  # figures it lacks, and no paper figure
+    with open(tmp_path / "t.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert float(csv_rows[0]["drawdown"]) == (0.8 if task == "gen" else 0.01)
+    assert float(csv_rows[0][f"{what} before"]) == (28.0 if task == "gen" else 0.3)
