@@ -419,8 +419,15 @@ def test_cli_eval_sequential(trained_run, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert plot.is_file() and plot.stat().st_size > 1000 and str(plot) in proc.stdout
-    rows = json.loads((tmp_path / "seq.json").read_text())["checkpoints"]
-    assert [r["n_edits"] for r in rows] == [1, 3, 5]
+    report = json.loads((tmp_path / "seq.json").read_text())
+    rows = report["checkpoints"]
+    assert [r["n_edits"] for r in rows] == [1, 3, 5] and report["n"] == 5
+    # the unedited model's perplexity, measured once; the edits pile up, each checkpoint further from it
+    assert len({r["perplexity_pre"] for r in rows}) == 1
+    posts = [r["perplexity_post"] for r in rows]
+    assert len(set(posts + [rows[0]["perplexity_pre"]])) == 4, rows
+    first = rows[0]  # one edit: it holds now exactly when it held as it was applied
+    assert first["held"] == first["held_frac"] == first["success_when_applied_frac"]
     for r in rows:
-        assert 0 <= r["held"] <= r["n_edits"] and r["perplexity_pre"] > 0
+        assert r["held_frac"] == r["held"] / r["n_edits"]
         assert r["drawdown"] == pytest.approx(r["perplexity_post"] - r["perplexity_pre"])
