@@ -422,7 +422,8 @@ def test_cli_eval_sequential(trained_run, tmp_path):
     report = json.loads((tmp_path / "seq.json").read_text())
     rows = report["checkpoints"]
     assert [r["n_edits"] for r in rows] == [1, 3, 5] and report["n"] == 5
-    # the unedited model's perplexity, measured once; the edits pile up, each checkpoint further from it
+    # the unedited model's perplexity, measured once; the edits pile up: each checkpoint's model differs from it
+    # and from the others
     assert len({r["perplexity_pre"] for r in rows}) == 1
     posts = [r["perplexity_post"] for r in rows]
     assert len(set(posts + [rows[0]["perplexity_pre"]])) == 4, rows
