@@ -281,9 +281,13 @@ def test_enn_step_sizes_train_at_lr_lr_or_as_the_original_at_lr(tmp_path, step_s
 
 
 def test_enn_step_sizes_setting_is_checked():
+    """Refused before anything loads (validate_config runs ENN's settings check) and by an editor built in code."""
     cfg = make_config("llama", alg="enn", **{"enn.step_sizes": "paper"})
-    with pytest.raises(ConfigError, match=r"enn.step_sizes='paper': expected 'separate' .* or 'original'"):
-        ENN.check_config(cfg)
+    message = r"enn.step_sizes='paper': expected 'separate' .* or 'original'"
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg, algs=ALGS, tasks=[cfg.task])
+    with pytest.raises(ConfigError, match=message):
+        ENN(TINY["llama"][0](), cfg)
 
 
 # ------------------------------------------------------------------------------------------------

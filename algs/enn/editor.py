@@ -26,13 +26,9 @@ import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from algs.enn import check as check_settings
 from editable_model import EditableModel, logits_of
-from errors import ConfigError
 from losses import kl_loc_loss
-
-# enn.step_sizes: "separate" trains the step sizes in their own optimiser at enn.lr_lr; "original" in the main
-# optimiser at enn.lr, as the original code does.
-STEP_SIZES = ("separate", "original")
 
 
 def _key(name: str) -> str:
@@ -41,15 +37,6 @@ def _key(name: str) -> str:
 
 class ENN(EditableModel):
     can_train_base = True  # train_base=True: the base model is trained too, through base_loss
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        super().check_config(cfg)
-        if cfg.enn.step_sizes not in STEP_SIZES:
-            raise ConfigError(
-                f"enn.step_sizes={cfg.enn.step_sizes!r}: expected 'separate' (the step sizes in their own optimiser "
-                f"at enn.lr_lr) or 'original' (in the main optimiser at enn.lr, as the original code trains them)."
-            )
 
     def __init__(
         self,
@@ -60,8 +47,7 @@ class ENN(EditableModel):
         base_weights: Optional[nn.ParameterDict] = None,
     ):
         super().__init__(model, config, weights)
-        if config.enn.step_sizes not in STEP_SIZES:
-            type(self).check_config(config)  # the one-line error about enn.step_sizes
+        check_settings(config)  # a configuration built in code has not been through validate_config
         if edit_lrs is None:
             edit_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(config.enn.edit_lr)))
         self.edit_lrs = edit_lrs
