@@ -109,12 +109,22 @@ def _train(name, model, tmp_path, steps, **overrides):
     return train_and_evaluate(EditTrainer(factory, cfg, train, val, str(tmp_path)))
 
 
+# The rates are not the defaults (mend.lr 1e-6, efk.lr 1e-5, enn.lr 1e-5): Adam moves each weight by about lr per
+# step, so 60 steps at 1e-6 leave a tiny random editor where it started. How far below the untrained editor's
+# loss/total_edit_val (0.4145 MEND, 0.4149 EFK and ENN) the trained one must end, measured over seeds 0, 1, 2: MEND
+# 0.3656, 0.3628, 0.3645 (gap 0.049 to 0.052, seed spread 0.003); ENN 0.3582 each time (gap 0.057); EFK 0.4093,
+# 0.4120, 0.4084 (gap 0.003 to 0.0065, no bigger than its spread: for EFK the margin says only that the training
+# moved the right way). The rise of the edit log-probability at the same seeds: MEND 0.58, ENN 0.58, EFK 0.072,
+# 0.034, 0.083.
+BEATS_UNTRAINED = {"mend": 0.03, "efk": 0.001, "enn": 0.03}
+
+
 @pytest.mark.parametrize(
     "name, overrides, steps, margin",
     [
         ("mend", {}, 60, 0.5),
         # EFK's outer-product updates start near zero and grow slowly (softmax over a row of the weight)
-        ("efk", {"efk.lr": 3e-2}, 200, 0.05),
+        ("efk", {"efk.lr": 3e-2}, 200, 0.02),
         ("enn", {"enn.lr": 1e-4, "enn.lr_lr": 5e-2, "enn.edit_lr": 1e-4}, 60, 0.5),
         ("ft", {"eval_only": True}, 0, 0.2),  # FT stops once the target is the greedy prediction
         ("ft+kl", {"eval_only": True}, 0, 0.2),
@@ -133,7 +143,7 @@ def test_edits_lower_the_edit_loss_after_a_short_training(name, overrides, steps
     else:
         assert report["train"]["steps"] == steps
         # the trained editor does better on the training objective than the same editor untrained
-        assert res["loss/total_edit_val"] < report["untrained"]["loss/total_edit_val"], report
+        assert res["loss/total_edit_val"] < report["untrained"]["loss/total_edit_val"] - BEATS_UNTRAINED[name], report
 
 
 def test_efk_reads_the_embeddings_named_by_the_model_config():

@@ -346,6 +346,13 @@ def test_edit_changes_only_inner_params_of_the_classifier(ws, name, n_edits):
     assert "loss/edit_inner" in info
 
 
+# How far below the untrained editor's loss/total_edit_val (0.0671 MEND and EFK, 0.0630 ENN) the trained one must
+# end. Measured over seeds 0, 1, 2: MEND 0.0628, 0.0635, 0.0632 (gap 0.0036 to 0.0043 against a seed spread of
+# 0.0007); ENN 0.06236 each time (gap 0.00067; no seed changes it); EFK's gap 0.0012, 0.0010, 0.0006 is no bigger
+# than its spread over seeds, so for EFK the margin only says that the training moved the right way.
+BEATS_UNTRAINED = {"mend": 0.002, "efk": 0.0003, "enn": 0.0003}
+
+
 @pytest.mark.parametrize(
     "name, overrides, steps, margin",
     [
@@ -395,7 +402,7 @@ def test_editing_the_classifier_moves_the_label(ws, tmp_path, name, overrides, s
     if name == "ft":
         assert res["edit/acc_val"] == 1.0 and report["train"]["steps"] == 0
     else:
-        assert res["loss/total_edit_val"] < report["untrained"]["loss/total_edit_val"], report
+        assert res["loss/total_edit_val"] < report["untrained"]["loss/total_edit_val"] - BEATS_UNTRAINED[name], report
 
 
 # ------------------------------------------------------------------------------------------------

@@ -383,8 +383,13 @@ def test_editor_contract_on_seq2seq(tmp_path, arch, alg):
         assert u.shape[0] <= n_dec
 
 
-@pytest.mark.parametrize("alg, steps, overrides", [("mend", 30, {}), ("efk", 60, {"efk.lr": 3e-2})])
-def test_learned_editors_train_on_qa(tmp_path, alg, steps, overrides):
+# How far below the untrained editor's loss/total_edit_val (0.4110 MEND, 0.4126 EFK) the trained one must end.
+# Measured over seeds 0, 1, 2: MEND 0.3846, 0.3846, 0.3847 (gap 0.026, seed spread 0.0001); EFK 0.3951, 0.3952,
+# 0.3946 (gap 0.017 to 0.018, spread 0.0006).
+@pytest.mark.parametrize(
+    "alg, steps, overrides, beats_untrained", [("mend", 30, {}, 0.02), ("efk", 60, {"efk.lr": 3e-2}, 0.01)]
+)
+def test_learned_editors_train_on_qa(tmp_path, alg, steps, overrides, beats_untrained):
     from evaluation import train_and_evaluate
     from trainer import EditTrainer
 
@@ -415,7 +420,7 @@ def test_learned_editors_train_on_qa(tmp_path, alg, steps, overrides):
     report = train_and_evaluate(EditTrainer(factory, cfg, train, val, str(tmp_path / "run")))
     res = report["results"]
     assert res["edit/log_prob_val"] > res["edit/log_prob_pre_val"], res
-    assert res["loss/total_edit_val"] < report["untrained"]["loss/total_edit_val"], report
+    assert res["loss/total_edit_val"] < report["untrained"]["loss/total_edit_val"] - beats_untrained, report
     assert "acc/drawdown_val" in res
 
 
