@@ -259,7 +259,9 @@ def test_evaluate_in_every_mode_leaves_the_base_model_and_measures_each_case(tok
         for c in run["cases"]:
             assert set(c) >= {"case_id", "requested_rewrite", "pre", "post", "summary", "time"}
             assert len(c["post"]["paraphrase_prompts_probs"]) == len(cases[c["case_id"]]["paraphrase_prompts"])
-        assert 0 <= run["summary"]["post_efficacy_score"] <= 1 and run["summary"]["n_cases"] == 3
+        assert run["summary"]["n_cases"] == 3
+        wins = [[p["target_new"] < p["target_true"] for p in c["post"]["rewrite_prompts_probs"]] for c in run["cases"]]
+        assert run["summary"]["post_efficacy_score"] == pytest.approx(sum(sum(w) / len(w) for w in wins) / 3)
     assert runs[0]["cases"][0]["pre"] == runs[1]["cases"][0]["pre"]  # "pre" is the unedited model in every mode
     # a visible edit: the new target's probability rises on the rewrite prompt
     single = runs[0]["summary"]
