@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -57,12 +58,20 @@ def make_trainer(run_dir, **overrides):
     )
 
 
-def _join(rank: int, world: int, port: int) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+def _join(rank: int, world: int, rendezvous: str) -> None:
+    """Join the group through a rendezvous file (distributed.init then finds it joined). Not through a port: one the
+    parent found free could be taken by another program before rank 0 listens on it (seconds later, after the
+    imports), and a rank could then meet another run's group."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     distributed.init(make_config("llama"), torch.device("cpu"))
+
+
+def _leave() -> None:
+    """Leave the group once every rank is done with it: no rank closes its connections under another's last message."""
+    torch.distributed.barrier()
+    distributed.shutdown()
 
 
 def _first_step(trainer) -> dict:
@@ -78,15 +87,15 @@ def _first_step(trainer) -> dict:
     return {"grads": grads, "editor": {k: v.clone() for k, v in trainer.editor.state_dict().items()}}
 
 
-def _grad_worker(rank, world, port, out_dir, overrides):
-    _join(rank, world, port)
+def _grad_worker(rank, world, rendezvous, out_dir, overrides):
+    _join(rank, world, rendezvous)
     result = _first_step(make_trainer(os.path.join(out_dir, "run"), **overrides))
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    distributed.shutdown()
+    _leave()
 
 
-def _run_worker(rank, world, port, out_dir):
-    _join(rank, world, port)
+def _run_worker(rank, world, rendezvous, out_dir):
+    _join(rank, world, rendezvous)
     writes = []
     save, write_json = checkpoints.atomic_torch_save, evaluation.write_json
     checkpoints.atomic_torch_save = lambda obj, path: (writes.append(os.path.basename(path)), save(obj, path))
@@ -97,11 +106,12 @@ def _run_worker(rank, world, port, out_dir):
         {"writes": writes, "editor": t.editor.state_dict(), "report": report, "step": t.state.step},
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
-    distributed.shutdown()
+    _leave()
 
 
 def spawn(fn, *args, world=2):
-    mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+    with tempfile.TemporaryDirectory(prefix="rendezvous-") as rendezvous:
+        mp.spawn(fn, args=(world, os.path.join(rendezvous, "store"), *args), nprocs=world, join=True)
 
 
 @pytest.mark.parametrize("norm", [False, True])
@@ -188,10 +198,10 @@ def test_torchrun_two_nodes_by_rendezvous(workspace):  # noqa: F811
     assert results["train"]["steps"] == 8
 
 
-def _resume_worker(rank, world, port, out_dir):
+def _resume_worker(rank, world, rendezvous, out_dir):
     import signal
 
-    _join(rank, world, port)
+    _join(rank, world, rendezvous)
     overrides = {"accumulate_bs": 4, "checkpoint_interval": 2}  # the stop falls inside a gradient accumulation
     straight = make_trainer(os.path.join(out_dir, "straight"), **overrides)
     evaluation.train_and_evaluate(straight)
@@ -220,7 +230,7 @@ def _resume_worker(rank, world, port, out_dir):
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
-    distributed.shutdown()
+    _leave()
 
 
 def test_a_signal_on_one_rank_stops_all_and_resume_ends_like_the_straight_run(tmp_path):
