@@ -167,8 +167,9 @@ class RunConfig:
     opt: str = "Adam"
     cedit: float = 0.1
     cloc: float = 1.0
-    # Weight of the base-model loss (train_base, an editor's base_loss) in the logged loss/total only: as in the original, that loss
-    # enters the gradient unweighted. The experiments set the original's values (gen 10, fc and qa 1).
+    # Weight of the base-model loss (train_base, an editor's base_loss) in the logged loss/total only: as in the
+    # original, that loss enters the gradient unweighted. The experiments set the original's values (gen 10, fc and
+    # qa 1).
     cbase: float = 1.0
     train_base: bool = False
     grad_clip: float = 100.0
