@@ -106,9 +106,13 @@ def init(cfg, device: torch.device) -> DistEnv:
     return _ENV
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = False) -> None:
+    """Leave the process group (if any). ``wait``: first wait until every rank is here, so that no rank closes its
+    connections while another still uses them; only where every rank is known to arrive (not on an error path)."""
     global _ENV
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
     _ENV = DistEnv()
 

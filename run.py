@@ -117,7 +117,9 @@ def main_job(cfg: DictConfig, run_dir: str) -> dict:
         log_estimate(cfg, model, dist_env.world_size)  # what the run will need per device, before it needs it
     trainer = EditTrainer(make_editor, cfg, datasets[0], datasets[1], run_dir)
     try:
-        return train_and_evaluate(trainer)  # train, reload the best editor, evaluate it, write results.json
+        report = train_and_evaluate(trainer)  # train, reload the best editor, evaluate it, write results.json
+        distributed.shutdown(wait=True)  # every rank done before any leaves the group
+        return report
     finally:
         distributed.shutdown()
 

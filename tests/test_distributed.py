@@ -70,8 +70,7 @@ def _join(rank: int, world: int, rendezvous: str) -> None:
 
 def _leave() -> None:
     """Leave the group once every rank is done with it: no rank closes its connections under another's last message."""
-    torch.distributed.barrier()
-    distributed.shutdown()
+    distributed.shutdown(wait=True)
 
 
 def _first_step(trainer) -> dict:
