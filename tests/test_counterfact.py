@@ -30,6 +30,7 @@ from data_classes.counterfact import (
     read_counterfact,
     split_by_subject,
 )
+from data_classes.requests import EditRequest
 from edit import Editor
 from editable_model import logits_of
 from evaluation import train_and_evaluate
@@ -267,7 +268,12 @@ def test_evaluate_in_every_mode_leaves_the_base_model_and_measures_each_case(tok
     single = runs[0]["summary"]
     assert single["post_efficacy_magnitude"] > single["pre_efficacy_magnitude"]
     gen = runs[2]["cases"][2]["post"]
-    assert len(gen["text"]) == 1 and "ngram_entropy" in gen and 0 <= gen["reference_score"] <= 1
+    assert len(gen["text"]) == 1 and gen["text"][0].startswith(cases[2]["generation_prompts"][0])
+    assert gen["ngram_entropy"] == pytest.approx(fact_eval.n_gram_entropy(gen["text"][0]))
+    # consistency: this case's text against its own reference texts, idf from every case's references
+    tfidf = fact_eval.TfIdf([t for c in cases for t in c["reference_texts"]])
+    own = tfidf.similarity(gen["text"][0], " ".join(cases[2]["reference_texts"]))
+    assert gen["reference_score"] == pytest.approx(own) and own > 0
     table = fact_eval.summary_table(runs)
     assert table.splitlines()[2].startswith("| before |") and "after, sequential x3" in table
 
@@ -350,6 +356,7 @@ def test_the_embedded_validation_cases_load_for_an_editor(tmp_path):
 # -- the EasyEdit-shaped API -----------------------------------------------------------------------------------
 def test_the_easyedit_call_returns_its_metrics_layout(tokenizer):
     editor = test_edit.editor_with_statistics("gpt2", tokenizer)
+    neighborhood = [("The old museum", "is"), ("North of the bridge", "the")]
     before = {n: p.clone() for n, p in editor.model.named_parameters()}
     metrics, edited, weights_copy = editor.edit(
         prompts=["The river city is", "A winter festival"],
@@ -358,7 +365,7 @@ def test_the_easyedit_call_returns_its_metrics_layout(tokenizer):
         subject=["river city", "winter festival"],
         rephrase_prompts=["The city is", "Winter festival"],
         locality_inputs={
-            "neighborhood": {"prompt": ["The old museum", "North of the bridge"], "ground_truth": ["is", "the"]}
+            "neighborhood": {"prompt": [p for p, _ in neighborhood], "ground_truth": [t for _, t in neighborhood]}
         },
         portability_inputs={
             "one_hop": {"prompt": ["The castle is in", "The garden is"], "ground_truth": ["town", "green"]}
@@ -369,9 +376,19 @@ def test_the_easyedit_call_returns_its_metrics_layout(tokenizer):
     for m in metrics:
         assert set(m["pre"]) >= {"rewrite_acc", "rephrase_acc", "portability", "locality"}
         assert set(m["post"]["locality"]) == {"neighborhood_acc"}
-        assert 0 <= m["post"]["locality"]["neighborhood_acc"][0] <= 1
+        # before the edit: the unedited model's argmax tokens on the neighborhood prompt and its ground truth
+        toks = editor.tokenize(EditRequest(*neighborhood[m["case_id"]]))
+        row = (toks.prompt, toks.target)
+        assert m["pre"]["locality"]["neighborhood"]["output"] == editor.score(editor.base(), [row])[0].argmax
         assert set(m["post"]["portability"]) == {"one_hop_acc"}
         assert m["requested_rewrite"]["ground_truth"] in ("old", "museum")
+    # after the last edit (its model is the one returned): the share of those tokens the edit left as they were
+    toks = editor.tokenize(EditRequest(*neighborhood[1]))
+    row = (toks.prompt, toks.target)
+    before_tokens = editor.score(editor.base(), [row])[0].argmax
+    after_tokens = editor.score(edited, [row])[0].argmax
+    same = sum(a == b for a, b in zip(after_tokens, before_tokens)) / len(before_tokens)
+    assert metrics[1]["post"]["locality"]["neighborhood_acc"] == [pytest.approx(same)]
     assert set(weights_copy) == set(editor.inner_params)
     for n, p in editor.model.named_parameters():
         assert torch.equal(p, before[n]), n  # the base model is never changed
