@@ -1,0 +1,242 @@
+"""UltraEdit: training-free, subject-free, memory-free lifelong editing (Gu et al., 2025; arXiv 2505.14679).
+
+For an edited linear layer y = W x, one edit collects at every target position i (the positions that predict a
+target token) the layer's input k_i = x_i and the gradient of the edit loss at its output g_i = dL/dy_i, the factors
+of the loss gradient grad_W = sum_i g_i k_i^T. The concatenation z_i = [k_i; g_i] updates a running mean and spread
+kept per weight shape for the whole life of the editor (lifelong normalisation), and is standardised with them:
+z^_i = (z_i - mean) / (std + eps) = [k^_i; g^_i]. The output each key should move by is
+v_i = -lr * |k^_i|^2 * g^_i, and the update is the ridge least-squares solution for the raw keys K (N x d_in) and
+those targets V (N x d_out):
+
+    dW = argmin |K dW - V|^2 + lambda |dW|^2 = (K^T K + lambda I)^-1 K^T V      (d_in x d_out; y~ = y + dW^T x)
+
+Nothing is trained. What persists from one edit to the next is the statistics (buffers of this module, in its state
+dict, shared by every editor ``with_weights`` returns) and the edited weights. The few differences from the authors'
+code (XiaojieGu/UltraEdit) are listed in docs/ultraedit.md; tests/test_ultraedit.py holds this editor to the numbers
+their code computes.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+from editable_model import EditableModel
+from errors import ConfigError
+from losses import IGNORE
+from models import edited_module_name as module_name
+
+
+def weight_layout(module: nn.Module, param_name: str) -> Tuple[bool, int, int]:
+    """(fan_in_fan_out, d_in, d_out) of an edited weight: nn.Linear stores W as (d_out, d_in), GPT-2's Conv1D as
+    (d_in, d_out)."""
+    if isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return True, d_in, d_out
+    if isinstance(module, nn.Linear):
+        d_out, d_in = module.weight.shape
+        return False, d_in, d_out
+    raise TypeError(
+        f"model.inner_params entry {param_name!r} belongs to a {type(module).__name__}; UltraEdit edits the weights "
+        f"of nn.Linear and transformers Conv1D layers only. Choose MLP projection weights in model.inner_params."
+    )
+
+
+class LifelongNorm(nn.Module):
+    """The running mean and spread of the rows z = [k; g] of every edit so far, one per weight shape.
+
+    The update is the authors' (``nets.RunningMeanStd``), operation for operation: ``var_sum`` accumulates
+    ``B * var(batch) + count * B * delta^2 / (count + B)`` with the batch's unbiased variance, and
+    ``std = sqrt(var_sum / (count - 1 + eps))``. A batch of one row adds no variance (the authors' code would make
+    the statistics NaN: the unbiased variance of one row is undefined).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(1))
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var_sum", torch.zeros(dim))
+        self.register_buffer("std", torch.zeros(dim))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        b = x.shape[0]
+        if b == 0:
+            return
+        eps = torch.finfo(x.dtype).eps
+        total = self.count + b
+        delta = x.mean(0) - self.mean
+        batch_var = x.var(0) if b > 1 else torch.zeros_like(self.mean)
+        self.mean += b * delta / total
+        self.var_sum += b * batch_var + self.count * b * delta.pow(2) / total
+        self.std = (self.var_sum / (total - 1 + eps)).sqrt()
+        self.count = total
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / (self.std + torch.finfo(x.dtype).eps)
+
+
+def ridge_update(
+    keys: torch.Tensor, values: torch.Tensor, ridge: float
+) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+    """dW = (K^T K + ridge I)^-1 K^T V (d_in x d_out), and its low-rank factors (K, A) with dW = K^T A when it has
+    fewer rows N than inputs d_in.
+
+    With N >= d_in the d_in x d_in system is solved, as the authors' code does. With N < d_in the same solution is
+    computed as K^T (K K^T + ridge I)^-1 V, an N x N system (the push-through identity): cheaper, and its factors
+    make a compact patch."""
+    n, d_in = keys.shape
+    if n < d_in:
+        gram = keys @ keys.T + ridge * torch.eye(n, device=keys.device, dtype=keys.dtype)
+        coeffs = torch.linalg.solve(gram, values)  # (N, d_out)
+        return keys.T @ coeffs, (keys, coeffs)
+    mat = keys.T @ keys + ridge * torch.eye(d_in, device=keys.device, dtype=keys.dtype)
+    return torch.linalg.solve(mat, keys.T @ values), None
+
+
+@contextmanager
+def capture_calls(model: nn.Module, module_names: List[str]):
+    """Record each named module's input and output during a forward pass (name -> list of (input, output), one per
+    call). The hooks are removed on exit, whatever happens inside the block."""
+    records: Dict[str, list] = {n: [] for n in module_names}
+    handles = []
+
+    def make_hook(name):
+        def hook(module, inputs, output):
+            records[name].append((inputs[0].detach(), output))
+
+        return hook
+
+    try:
+        for name in module_names:
+            handles.append(model.get_submodule(name).register_forward_hook(make_hook(name)))
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask of the positions whose output predicts a target token (labels are aligned with the inputs)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE
+    return mask
+
+
+class UltraEdit(EditableModel):
+    needs_training = False  # closed form: each edit is solved from the edit's own gradient factors
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.model.kind != "causal_lm":
+            raise ConfigError(
+                f"alg=ultraedit edits causal language models only (model.kind={cfg.model.kind}); choose a causal LM "
+                f"(+model=smollm2, +model=gpt2, ...)."
+            )
+
+    def __init__(self, model: nn.Module, config, weights=None, norms: Optional[nn.ModuleDict] = None):
+        super().__init__(model, config, weights)
+        self.layout = {n: weight_layout(model.get_submodule(module_name(n)), n) for n in self.inner_params}
+        if norms is None:  # one normalisation per weight shape, shared by the weights of that shape
+            norms = nn.ModuleDict()
+            for _, d_in, d_out in self.layout.values():
+                if self.shape_key(d_in, d_out) not in norms:
+                    norms[self.shape_key(d_in, d_out)] = LifelongNorm(d_in + d_out)
+        self.norms = norms
+        # Set on the editor that edit() returns: name -> (K, A), the update K^T A as low-rank factors, for the
+        # weights whose update had fewer positions than inputs.
+        self.last_factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def shape_key(d_in: int, d_out: int) -> str:
+        return f"{d_in}x{d_out}"
+
+    def norm_of(self, name: str) -> LifelongNorm:
+        _, d_in, d_out = self.layout[name]
+        return self.norms[self.shape_key(d_in, d_out)]
+
+    def with_weights(self, weights: Dict[str, torch.Tensor]) -> UltraEdit:
+        edited = UltraEdit(self.model, self.config, weights=weights, norms=self.norms)
+        edited.train(self.training)
+        return edited
+
+    def outer_parameters(self) -> List[nn.Parameter]:
+        return []
+
+    # The lifelong statistics are not ``running_statistics()``: those are MEND-style count/mean/m2 buffers that
+    # training fills and an archive must hold; these start empty in every fresh run and are updated by edits alone.
+
+    def low_rank_update(self, name: str):
+        if name not in self.last_factors:
+            return None
+        keys, coeffs = self.last_factors[name]
+        # W~ = W + dW (Conv1D) or W + dW^T (nn.Linear), dW = K^T A: the patch's W - alpha * (factors) with alpha = -1.
+        return keys, coeffs, torch.tensor(-1.0, device=keys.device), self.layout[name][0]
+
+    def _factors(self, batch: dict) -> Tuple[Dict[str, List[torch.Tensor]], Dict[str, List[torch.Tensor]], float]:
+        """The keys and output gradients of every edited weight at the target positions, chunk by chunk, with the
+        statistics updated after each chunk (in the order of ``inner_params``); and the mean edit loss."""
+        cfg = self.config.ultraedit
+        names = self.inner_params
+        modules = [module_name(n) for n in names]
+        labels = batch["labels"]
+        positions = target_positions(labels)
+        if not positions.any():
+            raise ValueError("UltraEdit: the batch has no target tokens to edit towards.")
+        # As the authors' data loader: the edits ordered by length, longest first (ties in their order), then cut
+        # into chunks of ultraedit.chunk_size, each its own forward/backward pass and mean loss.
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        keys: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
+        grads: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
+        losses = []
+        for start in range(0, len(order), int(cfg.chunk_size)):
+            rows = torch.tensor(order[start : start + int(cfg.chunk_size)], device=labels.device)
+            chunk = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels")}
+            mask = positions[rows]
+            if not mask.any():
+                continue
+            with torch.enable_grad():
+                leaves = {n: self.current_weight(n).detach().requires_grad_(True) for n in names}
+                with capture_calls(self.model, modules) as calls:
+                    loss = self.loss_with(chunk, leaves)["nll"]
+                for n, m in zip(names, modules):
+                    if len(calls[m]) != 1:
+                        raise RuntimeError(f"UltraEdit: {n} is used {len(calls[m])} times per forward pass, not once.")
+                outputs = [calls[m][0][1] for m in modules]
+                out_grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+            losses.append(loss.item())
+            for n, m, out, g in zip(names, modules, outputs, out_grads):
+                g = torch.zeros_like(out) if g is None else g
+                k_rows = calls[m][0][0][mask].float()
+                g_rows = g.detach()[mask].float()
+                self.norm_of(n).update(torch.cat((k_rows, g_rows), -1))
+                keys[n].append(k_rows)
+                grads[n].append(g_rows)
+        return keys, grads, sum(losses) / len(losses)
+
+    def edit(self, batch: dict, condition: Optional[dict] = None, diagnostics: bool = False):
+        cfg = self.config.ultraedit
+        keys, grads, loss = self._factors(batch)
+        new_weights = dict(self.weights)
+        factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.no_grad():
+            for name in self.inner_params:
+                fan_in_fan_out, d_in, _ = self.layout[name]
+                k, g = torch.cat(keys[name]), torch.cat(grads[name])
+                k_hat, g_hat = self.norm_of(name)(torch.cat((k, g), -1)).split([d_in, g.shape[-1]], -1)
+                values = -float(cfg.lr) * (k_hat * k_hat).sum(-1, keepdim=True) * g_hat
+                delta, low_rank = ridge_update(k, values, float(cfg.ridge))
+                if low_rank is not None:
+                    factors[name] = low_rank
+                w = self.current_weight(name)
+                new_weights[name] = w + (delta if fan_in_fan_out else delta.T).to(w.dtype)
+        edited = self.with_weights(new_weights)
+        edited.last_factors = factors
+        n_positions = sum(k.shape[0] for k in keys[self.inner_params[0]])
+        return edited, {"loss/edit_inner": loss, "ultraedit/positions": float(n_positions)}
