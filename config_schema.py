@@ -19,9 +19,12 @@ on reading a saved configuration, and refused on the command line with a message
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import os
+import typing
 from dataclasses import dataclass, field, make_dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -258,12 +261,19 @@ def compose_config(overrides, config_name: str = "config"):
             return compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(one_line(e)) from e
+    except (AssertionError, AttributeError) as e:  # Hydra and OmegaConf fail so on a key below a null mapping
+        raise ConfigError(
+            f"the overrides {' '.join(overrides)} could not be applied ({one_line(e)}): a mapping that is null in "
+            f"the configuration (model.arch) cannot be filled from the command line; set it in the model's YAML file "
+            f"(config/model/<name>.yaml)."
+        ) from e
 
 
 def check_command_line(args: Sequence[str]) -> None:
     """Compose the configuration of ``python -m run <args>``; raise a one-line :class:`ConfigError` where Hydra
-    would refuse it with a report of several lines and exit status 1. Hydra flags (``--multirun``, ``--cfg job``,
-    ...) and ``HYDRA_FULL_ERROR=1`` leave the command line to Hydra alone."""
+    would refuse it with a report of several lines and exit status 1, or accept a key the schema does not declare
+    (``+val_every=30``). Hydra flags (``--multirun``, ``--cfg job``, ...) and ``HYDRA_FULL_ERROR=1`` leave the
+    command line to Hydra alone."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(a.startswith("-") for a in args):
         return
     for arg in args:
@@ -274,7 +284,86 @@ def check_command_line(args: Sequence[str]) -> None:
                 f"{key}= is now {RENAMED_KEYS[key]}= (each editor's settings live in its own group): "
                 f"use {RENAMED_KEYS[key]}={value}."
             )
-    compose_config(args)
+        if "=" in arg and not _is_group(key) and not key.startswith("hydra."):
+            check_key(key, arg)
+    check_known_keys(compose_config(args))
+
+
+def _is_group(key: str) -> bool:
+    """``key`` selects a file of a config group (``+alg=mend``, ``+experiment=gen``), not a key of the schema."""
+    return os.path.isdir(os.path.join(CONFIG_DIR, key.split("@")[0]))
+
+
+def _fields(cls) -> Dict[str, Any]:
+    """A dataclass's fields and their types, with Optional[X] read as X."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        kind = hints.get(f.name, f.type)
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        out[f.name] = args[0] if typing.get_origin(kind) is typing.Union and len(args) == 1 else kind
+    return out
+
+
+def schema_keys(cls=None, prefix: str = "") -> Tuple[Set[str], Set[str]]:
+    """Every dotted key the schema declares, and the keys whose values are free-form mappings (``model.arch``: any
+    key below them is accepted)."""
+    keys: Set[str] = set()
+    free: Set[str] = set()
+    for name, kind in _fields(Config if cls is None else cls).items():
+        key = prefix + name
+        keys.add(key)
+        if dataclasses.is_dataclass(kind):
+            sub_keys, sub_free = schema_keys(kind, key + ".")
+            keys |= sub_keys
+            free |= sub_free
+        elif kind is Any or typing.get_origin(kind) in (dict, Dict):
+            free.add(key)
+    return keys, free
+
+
+def check_key(key: str, given: Optional[str] = None) -> None:
+    """Raise a one-line :class:`ConfigError` naming the closest declared keys when the schema has no ``key``
+    (``given``: the command-line argument, quoted in the message)."""
+    keys, free = schema_keys()
+    if key in keys or any(key.startswith(f + ".") for f in free):
+        return
+    close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.5)
+    if not close:  # compare the last name alone (a misspelt group name, or a key in the wrong group)
+        by_name: Dict[str, List[str]] = {}
+        for k in sorted(keys):
+            by_name.setdefault(k.rpartition(".")[2], []).append(k)
+        names = difflib.get_close_matches(key.rpartition(".")[2], list(by_name), n=3, cutoff=0.6)
+        close = [k for name in names for k in by_name[name]][:3]
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"{given or key}: no key {key!r} in the configuration, with or without '+' (every key a run reads is "
+        f"declared; docs/configuration.md lists them).{hint}"
+    )
+
+
+def check_known_keys(cfg) -> None:
+    """Refuse a composed configuration that holds a key the schema does not declare (one added with ``+``)."""
+    for key in unknown_keys(cfg):
+        check_key(key)
+
+
+def unknown_keys(cfg) -> List[str]:
+    """The dotted keys of ``cfg`` that its schema does not declare; nothing below a free-form mapping counts."""
+    found: List[str] = []
+
+    def walk(node, cls, prefix):
+        fields = _fields(cls)
+        for key in node.keys():
+            name = prefix + str(key)
+            if key not in fields:
+                found.append(name)
+            elif dataclasses.is_dataclass(fields[key]) and OmegaConf.is_dict(node._get_node(key)):
+                if not OmegaConf.is_missing(node, key) and node._get_node(key)._is_none() is False:
+                    walk(node[key], fields[key], name + ".")
+
+    walk(cfg, Config, "")
+    return found
 
 
 def one_line(error: BaseException) -> str:
@@ -389,6 +478,7 @@ def validate_config(cfg, algs=(), tasks=()) -> None:
 
     ``algs`` and ``tasks`` are the names the caller can run.
     """
+    check_known_keys(cfg)
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         choose = {
@@ -418,6 +508,12 @@ def validate_config(cfg, algs=(), tasks=()) -> None:
         )
     if cfg.resume is not None and cfg.eval_only:
         raise ConfigError("resume= continues training; to evaluate a run's editor use eval_only=True archive=<run>.")
+    if cfg.data.facts not in ("small", "large"):
+        raise ConfigError(f"data.facts={cfg.data.facts!r}: expected small or large (the embedded fact set).")
+    if cfg.data.facts == "large" and cfg.task not in ("counterfact", "qa"):
+        raise ConfigError(f"data.facts=large is a set of +experiment=counterfact and qa, not of {cfg.task}.")
+    if cfg.data.facts == "large" and cfg.data.path is not None:
+        raise ConfigError(f"data.facts=large builds the embedded set; it reads no data.path={cfg.data.path!r}.")
     if cfg.model.dtype not in MODEL_DTYPES:
         raise ConfigError(f"model.dtype={cfg.model.dtype!r}: expected one of {', '.join(MODEL_DTYPES)}.")
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):

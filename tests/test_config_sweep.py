@@ -30,7 +30,18 @@ from test_run import ROOT, run_cli, workspace  # noqa: F401  (workspace is a fix
 
 from algs import ALGS, settings_groups
 from checkpoints import changed_settings
-from config_schema import RANGES, Config, ConfigError, compose_config, merge_saved_config, validate_config
+from config_schema import (
+    RANGES,
+    Config,
+    ConfigError,
+    check_command_line,
+    check_key,
+    compose_config,
+    merge_saved_config,
+    schema_keys,
+    unknown_keys,
+    validate_config,
+)
 from data_classes import DATASETS
 
 BASE = ["+alg=mend", "+experiment=gen", "+model=smollm2"]
@@ -235,6 +246,58 @@ def test_command_line_refusals_are_one_line_and_exit_2(workspace, override, key)
     assert proc.returncode == 2, out[-3000:]
     assert "Traceback" not in out
     assert len(lines) == 1 and f"{key}=" in lines[0], out[-3000:]
+
+
+@pytest.mark.parametrize(
+    "override, closest",
+    [
+        ("+val_every=30", "val_interval"),  # Hydra's own hint said to add the '+', which then ran the key unread
+        ("val_every=30", "val_interval"),
+        ("+mend.lrr=1", "mend.lr"),
+        ("+data.n_edit=3", "data.n_edits"),
+        ("+mned.rank=3", "mend.rank"),  # a misspelt group: its last name is compared
+    ],
+)
+def test_a_key_the_schema_does_not_declare_is_refused_with_or_without_plus(base_cfg, override, closest):
+    key = override.lstrip("+").split("=")[0]
+    with pytest.raises(ConfigError) as refused:
+        check_command_line([*BASE, override])
+    message = str(refused.value)
+    assert_one_line_naming(message, key)
+    assert f"Did you mean {closest}" in message, message
+    assert "To append to your config use" not in message  # Hydra's misleading hint is gone
+
+
+def test_a_composed_configuration_with_an_undeclared_key_is_refused_by_validate_config():
+    """compose_config (scripts, tests) lets '+' add a key; validate_config refuses it with the key named."""
+    cfg = compose_config([*BASE, "+eval.final_step=3"])
+    assert cfg.eval.final_step == 3  # Hydra took it
+    with pytest.raises(ConfigError, match=r"no key 'eval.final_step' .* Did you mean eval.final_steps"):
+        validate_config(cfg, algs=ALGS, tasks=DATASETS)
+
+
+def test_the_keys_below_a_free_form_mapping_are_not_refused():
+    """model.arch is a mapping of the model's config.json sizes: any key below it is the model's, not the schema's."""
+    cfg = compose_config(["+alg=mend", "+experiment=gen", "+model=llama2-7b"])
+    assert cfg.model.arch and not unknown_keys(cfg)
+    keys, free = schema_keys()
+    assert "model.arch" in free and {"mend.rank", "ft.locality.cedit", "data.n_edits", "max_iters"} <= keys
+    check_key("model.arch.hidden_size")
+    with pytest.raises(ConfigError, match="model.hidden_size"):
+        check_key("model.hidden_size")
+
+
+def test_a_key_added_below_a_null_mapping_is_one_line_not_a_traceback():
+    with pytest.raises(ConfigError, match=r"could not be applied .* set it in the model's YAML file"):
+        check_command_line([*BASE, "+model.arch.hidden_size=8"])
+
+
+def test_a_command_line_with_an_undeclared_key_exits_2_in_one_line(workspace):  # noqa: F811
+    proc = run_cli(workspace, "+val_every=30", run_dir=workspace["root"] / "sweep")
+    out = proc.stdout + proc.stderr
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
+    assert len(lines) == 1 and "Did you mean val_interval" in lines[0], out[-3000:]
 
 
 def test_a_command_line_without_an_editor_says_which_to_choose(tmp_path):
