@@ -287,14 +287,15 @@ def check_command_line(args: Sequence[str]) -> None:
                 f"{key}= is now {RENAMED_KEYS[key]}= (each editor's settings live in its own group): "
                 f"use {RENAMED_KEYS[key]}={value}."
             )
-        if "=" in arg and not _is_group(key) and not key.startswith("hydra."):
+        if "=" in arg and not _is_group(key) and not key.startswith(("hydra.", "hydra/")):
             check_key(key, arg)
     check_known_keys(compose_config(args))
 
 
 def _is_group(key: str) -> bool:
-    """``key`` selects a file of a config group (``+alg=mend``, ``+experiment=gen``), not a key of the schema."""
-    return os.path.isdir(os.path.join(CONFIG_DIR, key.split("@")[0]))
+    """``key`` selects a file of a config group (``+alg=mend``, ``+experiment=gen``, ``schedule@_global_``), not a key
+    of the schema."""
+    return "/" in key or os.path.isdir(os.path.join(CONFIG_DIR, key.split("@")[0]))
 
 
 def _fields(cls) -> Dict[str, Any]:

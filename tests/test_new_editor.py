@@ -15,6 +15,8 @@ from pathlib import Path
 
 import setuptools
 
+from algs import ALGS
+
 ROOT = Path(__file__).resolve().parent.parent
 # What the toy needs of the project: the code and the configs (not the tests, docs, tools or caches).
 LEFT_OUT = (".venv", ".git", "tests", "docs", "outputs", "scripts", "benchmarks", "build", "__pycache__", "*.egg-info")
@@ -137,7 +139,7 @@ def test_a_new_editor_is_its_folder_and_its_yaml(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["algs"] == ["efk", "enn", "ft", "mend", "toy"]
+    assert out["algs"] == sorted([*ALGS, "toy"])  # the project's editors, and the toy beside them
     assert out["composed"] == ["toy", 0.5, 1, True, 1920]  # its YAML over its defaults; the other groups' defaults
     assert out["ranges"] == ["toy.n_steps", "toy.step"]
     assert out["refusals"][0].startswith("toy.step=0.0: expected a finite number in (0, 1000]")

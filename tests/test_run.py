@@ -148,7 +148,7 @@ def test_multi_edit_run(workspace):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("lrr=3", "Key 'lrr' not in"),
+        ("lrr=3", "no key 'lrr' in the configuration"),
         ("mend.lr=abc", "full_key: mend.lr"),
         ("lr=1e-5", "lr= is now mend.lr= (each editor's settings live in its own group): use mend.lr=1e-5."),
         ("mend.one_sided=true", "mend.combine=True cannot be used with mend.one_sided"),
