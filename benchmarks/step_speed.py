@@ -36,10 +36,11 @@ import torch
 import transformers
 from torch.profiler import ProfilerActivity, profile
 
-from algs.mend.editor import MEND, capture_factors
+from algs.mend.editor import MEND
 from config_schema import ModelConfig, SpeedConfig, compose_config, config_for
 from data_classes.synthetic import SyntheticEdits
 from models import edited_module_name, get_model
+from models.inner_params import capture_calls
 from trainer import EditTrainer
 from utils import peak_memory_mb
 
@@ -113,12 +114,15 @@ def unavoidable(trainer: EditTrainer, batch: dict) -> dict:
     modules = [edited_module_name(n) for n in names]
     leaves = {n: editor.current_weight(n).detach().requires_grad_(True) for n in names}
     start = time.perf_counter()
-    with capture_factors(editor.model, modules) as factors:
+    with capture_calls(editor.model, modules) as factors:
         loss = editor.loss_with(batch["edit_inner"], leaves)["nll"]
     outputs = [o for m in modules for o in factors[m]["out"]]
     deltas = torch.autograd.grad(loss, outputs)
     forward_backward = time.perf_counter() - start
-    rows = {n: (torch.cat(factors[m]["x"]), d.reshape(-1, d.shape[-1])) for n, m, d in zip(names, modules, deltas)}
+    rows = {
+        n: (torch.cat([x.reshape(-1, x.shape[-1]) for x in factors[m]["x"]]), d.reshape(-1, d.shape[-1]))
+        for n, m, d in zip(names, modules, deltas)
+    }
     editor.eval()
     with torch.no_grad():
         start = time.perf_counter()

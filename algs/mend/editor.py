@@ -8,71 +8,21 @@ with hooks, maps them through a small MLP g to (u~_i, v~_i), and edits W~ = W - 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers.pytorch_utils import Conv1D
 
 from editable_model import EditableModel
 from models import edited_module_name as module_name
+from models.inner_params import capture_calls, weight_layout
 
 LOG = logging.getLogger(__name__)
 
 # mend.update_rule: "paper" edits W~ = W - alpha * g~ (Mitchell et al., eq. 3); "original" W~ = W + alpha * g~, as the
 # original code (eric-mitchell/mend, algs/mend.py: updates = lr * g, then p + updates) applies it.
 UPDATE_RULES = ("paper", "original")
-
-
-# ---------------------------------------------------------------------------------------------
-# Capturing layer inputs and output gradients
-# ---------------------------------------------------------------------------------------------
-def weight_layout(module: nn.Module, param_name: str) -> Tuple[bool, int, int]:
-    """(fan_in_fan_out, d_in, d_out) of an edited weight, decided by the layer type.
-
-    nn.Linear stores W as (d_out, d_in); GPT-2's Conv1D stores it as (d_in, d_out).
-    """
-    if isinstance(module, Conv1D):
-        d_in, d_out = module.weight.shape
-        return True, d_in, d_out
-    if isinstance(module, nn.Linear):
-        d_out, d_in = module.weight.shape
-        return False, d_in, d_out
-    raise TypeError(
-        f"model.inner_params entry {param_name!r} belongs to a {type(module).__name__}; MEND edits the weights of "
-        f"nn.Linear and transformers Conv1D layers only. Choose MLP projection weights in model.inner_params."
-    )
-
-
-@contextmanager
-def capture_factors(model: nn.Module, module_names: List[str]):
-    """Record each named module's input x and its output during one forward pass.
-
-    Yields a dict name -> {"x": [tensors], "out": [tensors]}: the inputs (N, d_in), detached, and the outputs as the
-    graph holds them, one entry per call of the module. The gradients delta = dL/d(out) are then asked of autograd
-    for these outputs alone, which computes no weight gradient. All hooks are removed on exit, whatever happens
-    inside the block; nothing is left on the model or its parameters.
-    """
-    records: Dict[str, Dict[str, list]] = {n: {"x": [], "out": []} for n in module_names}
-    handles = []
-
-    def make_hook(name):
-        def forward_hook(module, inputs, output):
-            x = inputs[0]
-            records[name]["x"].append(x.detach().reshape(-1, x.shape[-1]))
-            records[name]["out"].append(output)
-
-        return forward_hook
-
-    try:
-        for name in module_names:
-            handles.append(model.get_submodule(name).register_forward_hook(make_hook(name)))
-        yield records
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +197,7 @@ class MEND(EditableModel):
         super().__init__(model, config, weights)
         self.layout = {}  # param name -> (fan_in_fan_out, d_in, d_out)
         for name in self.inner_params:
-            self.layout[name] = weight_layout(model.get_submodule(module_name(name)), name)
+            self.layout[name] = weight_layout(model.get_submodule(module_name(name)), name, "MEND")
 
         # Which transform serves each weight, and at which index ("mode") within a shared transform.
         self.transform_of: Dict[str, Tuple[str, Optional[int]]] = {}
@@ -326,7 +276,7 @@ class MEND(EditableModel):
             # frozen and untouched. Autograd is asked for the gradients at the edited layers' outputs (delta) and,
             # only when the diagnostics are wanted, for the true weight gradients too (a d_in x d_out product each).
             leaves = {n: self.current_weight(n).detach().requires_grad_(True) for n in names}
-            with capture_factors(self.model, [module_name(n) for n in names]) as factors:
+            with capture_calls(self.model, [module_name(n) for n in names]) as factors:
                 loss = self.loss_with(batch, leaves)["nll"]
             outputs = [out for n in names for out in factors[module_name(n)]["out"]]
             wanted = outputs + ([leaves[n] for n in names] if diagnostics else [])
@@ -341,7 +291,8 @@ class MEND(EditableModel):
                 raise RuntimeError(
                     f"no activations or gradients were captured for {name}; is it used by the forward pass?"
                 )
-            rows[name] = torch.cat(rec["x"]), torch.cat([d.reshape(-1, d.shape[-1]) for d in delta])
+            x = torch.cat([x.reshape(-1, x.shape[-1]) for x in rec["x"]])
+            rows[name] = x, torch.cat([d.reshape(-1, d.shape[-1]) for d in delta])
 
         info = {"loss/edit_inner": loss.item()}
         # The editor MLPs build a graph only when the editor trains; an evaluation or applied edit keeps none.

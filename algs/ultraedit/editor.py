@@ -18,32 +18,16 @@ their code computes.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from transformers.pytorch_utils import Conv1D
 
 from editable_model import EditableModel
 from errors import ConfigError
 from losses import IGNORE
 from models import edited_module_name as module_name
-
-
-def weight_layout(module: nn.Module, param_name: str) -> Tuple[bool, int, int]:
-    """(fan_in_fan_out, d_in, d_out) of an edited weight: nn.Linear stores W as (d_out, d_in), GPT-2's Conv1D as
-    (d_in, d_out)."""
-    if isinstance(module, Conv1D):
-        d_in, d_out = module.weight.shape
-        return True, d_in, d_out
-    if isinstance(module, nn.Linear):
-        d_out, d_in = module.weight.shape
-        return False, d_in, d_out
-    raise TypeError(
-        f"model.inner_params entry {param_name!r} belongs to a {type(module).__name__}; UltraEdit edits the weights "
-        f"of nn.Linear and transformers Conv1D layers only. Choose MLP projection weights in model.inner_params."
-    )
+from models.inner_params import capture_calls, weight_layout
 
 
 class LifelongNorm(nn.Module):
@@ -98,28 +82,6 @@ def ridge_update(
     return torch.linalg.solve(mat, keys.T @ values), None
 
 
-@contextmanager
-def capture_calls(model: nn.Module, module_names: List[str]):
-    """Record each named module's input and output during a forward pass (name -> list of (input, output), one per
-    call). The hooks are removed on exit, whatever happens inside the block."""
-    records: Dict[str, list] = {n: [] for n in module_names}
-    handles = []
-
-    def make_hook(name):
-        def hook(module, inputs, output):
-            records[name].append((inputs[0].detach(), output))
-
-        return hook
-
-    try:
-        for name in module_names:
-            handles.append(model.get_submodule(name).register_forward_hook(make_hook(name)))
-        yield records
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
     """(B, T) mask of the positions whose output predicts a target token (labels are aligned with the inputs)."""
     mask = torch.zeros_like(labels, dtype=torch.bool)
@@ -141,7 +103,7 @@ class UltraEdit(EditableModel):
 
     def __init__(self, model: nn.Module, config, weights=None, norms: Optional[nn.ModuleDict] = None):
         super().__init__(model, config, weights)
-        self.layout = {n: weight_layout(model.get_submodule(module_name(n)), n) for n in self.inner_params}
+        self.layout = {n: weight_layout(model.get_submodule(module_name(n)), n, "UltraEdit") for n in self.inner_params}
         if norms is None:  # one normalisation per weight shape, shared by the weights of that shape
             norms = nn.ModuleDict()
             for _, d_in, d_out in self.layout.values():
@@ -206,14 +168,15 @@ class UltraEdit(EditableModel):
                 with capture_calls(self.model, modules) as calls:
                     loss = self.loss_with(chunk, leaves)["nll"]
                 for n, m in zip(names, modules):
-                    if len(calls[m]) != 1:
-                        raise RuntimeError(f"UltraEdit: {n} is used {len(calls[m])} times per forward pass, not once.")
-                outputs = [calls[m][0][1] for m in modules]
+                    if len(calls[m]["out"]) != 1:
+                        n_calls = len(calls[m]["out"])
+                        raise RuntimeError(f"UltraEdit: {n} is used {n_calls} times per forward pass, not once.")
+                outputs = [calls[m]["out"][0] for m in modules]
                 out_grads = torch.autograd.grad(loss, outputs, allow_unused=True)
             losses.append(loss.item())
             for n, m, out, g in zip(names, modules, outputs, out_grads):
                 g = torch.zeros_like(out) if g is None else g
-                k_rows = calls[m][0][0][mask].float()
+                k_rows = calls[m]["x"][0][mask].float()
                 g_rows = g.detach()[mask].float()
                 self.norm_of(n).update(torch.cat((k_rows, g_rows), -1))
                 keys[n].append(k_rows)
