@@ -57,6 +57,7 @@ from editing import Editor, EditResult, format_table
 from errors import EditRequestError, PatchError, UserError
 from fact_eval import MODES, evaluate_dataset
 from patches import EditedModel, Patch, check_output_dir, load_patches
+from progress import ProgressBars
 
 # The Python API (names defined in the modules above are re-exported here, where users import them from).
 __all__ = [
@@ -116,6 +117,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=200, help="evaluate the first N cases")
     e.add_argument("--mode", default="single", help="single, batched, sequential, or several (batched,sequential)")
     e.add_argument("--n-edits", default="1", help="batched / sequential: comma-separated group sizes (1,10,100)")
+    e.add_argument(
+        "--edits-per-step", type=int, default=1, help="sequential: edits per update (100: 10,000 edits in 100 updates)"
+    )
+    e.add_argument(
+        "--cases-per-size",
+        type=int,
+        help="evaluate max(N, this) cases at group size N instead of all --n (a curve up to 10,000 without 10,000 "
+        "single edits)",
+    )
     e.add_argument("--generation", action="store_true", help="also fluency and consistency (greedy continuations)")
     e.add_argument("--gen-tokens", type=int, default=50, help="tokens generated per generation prompt")
     e.add_argument("--out", help="directory for one JSON per run (cases in pre/post layout) and summary.md")
@@ -200,26 +210,35 @@ def _cmd_eval(args) -> int:
         sizes = [int(c) for c in args.n_edits.split(",") if c.strip()]
     except ValueError:
         raise EditRequestError(f"--n-edits {args.n_edits!r}: expected comma-separated integers.") from None
-    if not sizes or min(sizes) < 1 or args.n < 1:
-        raise EditRequestError("--n and --n-edits must be positive.")
+    if not sizes or min(sizes) < 1 or args.n < 1 or args.edits_per_step < 1 or (args.cases_per_size or 1) < 1:
+        raise EditRequestError("--n, --n-edits, --edits-per-step and --cases-per-size must be positive.")
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise EditRequestError(f"--mode {args.mode!r}: choose from {', '.join(MODES)} (comma-separated for several).")
     plan = [(m, size) for m in modes for size in ([1] if m == "single" else sizes)]
+    if max(sizes) > args.n and any(m != "single" for m in modes):
+        raise EditRequestError(f"--n-edits {max(sizes)} needs at least as many cases: give --n {max(sizes)} or more.")
     editor = Editor.from_archive(args.archive, args.device, args.cache_dir, args.model_name)
-    result = evaluate_dataset(
-        editor,
-        plan,
-        path=args.path,
-        split=args.split,
-        n=args.n,
-        generation=args.generation,
-        gen_tokens=args.gen_tokens,
-        out_dir=args.out,
-        plot=args.plot,
-        cache_dir=args.cache_dir,
-    )
+    bars = ProgressBars()
+    try:
+        result = evaluate_dataset(
+            editor,
+            plan,
+            path=args.path,
+            split=args.split,
+            n=args.n,
+            generation=args.generation,
+            gen_tokens=args.gen_tokens,
+            out_dir=args.out,
+            plot=args.plot,
+            cache_dir=args.cache_dir,
+            edits_per_step=args.edits_per_step,
+            cases_per_size=args.cases_per_size,
+            progress=bars,
+        )
+    finally:
+        bars.close()
     print(f"{result['n_cases']} cases ({args.data}, {args.path or 'embedded'}, {args.split}); scores in percent")
     print(result["table"])
     if result["plot"]:

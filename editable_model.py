@@ -260,6 +260,15 @@ class EditableModel(nn.Module, ABC):
             for key in ("count", "mean", "m2"):
                 getattr(module, key).copy_(getattr(theirs[name], key))
 
+    def lifelong_state(self) -> Dict[str, torch.Tensor]:
+        """What the editor carries from one edit to the next besides the edited weights (UltraEdit's running
+        statistics), as copies; :meth:`load_lifelong_state` puts it back, so that a caller can start independent
+        sequences from the same state. Default: nothing (each edit depends on the weights alone)."""
+        return {}
+
+    def load_lifelong_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Restore a state from :meth:`lifelong_state`. Default: nothing to restore."""
+
     def activation_bytes(self, n_tokens: int) -> int:
         """Estimated bytes the editor's own computation keeps for the backward pass of an edit on ``n_tokens`` token
         positions (``memory.estimate``). Default: per edited weight, its fp32 input and output-gradient sides and

@@ -30,8 +30,8 @@ from algs import ALGS, editor_class
 from checkpoints import check_base_model, checkpoint_path, config_from_meta, load_editor_state, read_checkpoint
 from data_classes.batches import prompt_target_batch
 from data_classes.requests import EditRequest, EditTokens
+from easyedit_api import easyedit_edit
 from errors import CheckpointError, EditRequestError, PatchError
-from fact_eval import easyedit_edit
 from losses import SequenceScore, kl_loc_loss, sequence_log_probs
 from models import get_model, get_tokenizer
 from patches import EditedModel, Patch
@@ -149,6 +149,7 @@ class Editor:
         self.inner_params = list(config.model.inner_params)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = 0 if pad is None else pad
+        self._fresh_state = alg.lifelong_state()  # as loaded: what start_sequence() returns the editor to
 
     @property
     def device(self) -> torch.device:
@@ -303,6 +304,14 @@ class Editor:
         """The unedited base model, as an :class:`EditedModel` with no patch."""
         return EditedModel(self.model, tokenizer=self.tokenizer)
 
+    def start_sequence(self) -> None:
+        """Forget what earlier edits left in the editor besides the weights (UltraEdit's running statistics): the
+        next edit starts a new sequence, as on the editor just loaded. Edits on the unedited model (``apply``
+        without ``on``, each group of ``python -m edit eval``, each request of a non-sequential ``edit``) call it;
+        an editor without such state is unaffected."""
+        if self._fresh_state:
+            self.alg.load_lifelong_state(self._fresh_state)
+
     def edit_patch(self, current: EditedModel, toks: List[EditTokens], requests: Sequence[EditRequest] = ()) -> Patch:
         """The patch of one update for ``toks`` (all of them together), computed on the model ``current``."""
         alg = self.alg.with_weights(current.weights)
@@ -344,6 +353,8 @@ class Editor:
         if not requests:
             raise EditRequestError("no edit requests given.")
         toks = [self.tokenize(r) for r in requests]
+        if on is None:
+            self.start_sequence()
         start = on.copy() if on is not None else self.base()
         if start.base is not self.model:
             raise PatchError("`on` must be an EditedModel of this editor's base model.")
@@ -421,7 +432,7 @@ class Editor:
         **options,
     ):
         """EasyEdit's ``editor.edit(...)``, with its argument names and meanings: returns ``(metrics, edited_model,
-        weights_copy)``; see :func:`fact_eval.easyedit_edit`, which also lists the EasyEdit options accepted with
+        weights_copy)``; see :func:`easyedit_api.easyedit_edit`, which also lists the EasyEdit options accepted with
         no effect here."""
         return easyedit_edit(
             self,

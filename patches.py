@@ -249,8 +249,10 @@ class EditedModel:
         return removed
 
     # -- running it ---------------------------------------------------------------------------------------
-    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **extra) -> torch.Tensor:
+        """The logits of the edited model; ``extra`` forward arguments (``position_ids``, ``logits_to_keep``) are
+        passed on."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False, **extra}
         return call_with_weights(self.base, self.weights, kwargs)
 
     def greedy(self, prompt: Sequence[int], n: int, eos: Optional[int] = None) -> List[int]:

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-from tqdm import tqdm
+
+from progress import progress_bar
 
 from .base import rng as _rng
 from .embedded import SPLITS, EmbeddedSet, Progress, json_list_text
@@ -197,20 +198,6 @@ def build_counterfact(params: dict, progress: Progress = lambda d, n: None, fact
 
 def build_zsre_mend(params: dict, progress: Progress = lambda d, n: None, facts=None) -> Dict[str, List[dict]]:
     return build(params, _zsre_mend_record, _SALT_LOC, progress, facts)
-
-
-def progress_bar(desc: str) -> Progress:
-    """A ``progress(done, total)`` that shows a tqdm bar, opened at the first call and closed at the last."""
-    bar: List[tqdm] = []
-
-    def progress(done: int, total: int) -> None:
-        if not bar:
-            bar.append(tqdm(total=total, desc=desc, unit="case", dynamic_ncols=True))
-        bar[0].update(done - bar[0].n)
-        if done >= total:
-            bar[0].close()
-
-    return progress
 
 
 def ensure_counterfact(cache_dir: str, data_cfg, seed: int, progress: Optional[Progress] = None, facts=None):

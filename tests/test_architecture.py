@@ -28,18 +28,23 @@ ALLOWED = {
     "blocks": set(),
     "signals": set(),
     "ranges": set(),
+    "progress": set(),
+    "fact_report": set(),
     "config_schema": {"algs", "errors", "ranges"},
     "distributed": {"errors"},
     "models": {"errors", "models"},
     "meta_loss": {"losses", "utils"},
     "editable_model": {"errors", "losses", "meta_loss"},
     "algs": {"algs", "editable_model", "errors", "losses", "meta_loss", "models", "ranges", "utils"},
-    "data_classes": {"data_classes", "errors", "losses", "utils"},
+    "data_classes": {"data_classes", "errors", "losses", "progress", "utils"},
     "memory": {"algs", "blocks"},
     "checkpoints": {"config_schema", "distributed", "errors", "models", "utils"},
     "patches": {"checkpoints", "editable_model", "errors", "utils"},
     "sequential": {"data_classes"},
-    "fact_eval": {"data_classes"},
+    "scoring": {"editable_model", "losses", "models", "utils"},
+    "fact_metrics": {"data_classes", "losses"},
+    "fact_eval": {"data_classes", "errors", "fact_metrics", "fact_report", "scoring"},
+    "easyedit_api": {"data_classes"},
     "train_state": {"checkpoints", "distributed", "errors", "utils"},
     "trainer": {
         "blocks",
@@ -72,22 +77,22 @@ ALLOWED = {
         "algs",
         "checkpoints",
         "data_classes",
+        "easyedit_api",
         "errors",
-        "fact_eval",
         "losses",
         "models",
         "patches",
         "sequential",
         "utils",
     },  # fmt: skip
-    "edit": {"data_classes", "editing", "errors", "fact_eval", "patches"},
+    "edit": {"data_classes", "editing", "errors", "fact_eval", "patches", "progress"},
 }
 # The tools on top may import any part of the project, but not each other's internals the other way round.
 TOOLS = {"scripts", "benchmarks"}
 # Generic modules: they know editors only through the contract (editable_model.EditableModel) and the registry.
 GENERIC = {"blocks", "trainer", "checkpoints", "patches", "memory", "distributed", "run", "edit", "reporting", "ranges",
            "config_schema", "sequential", "signals", "utils", "losses", "editable_model", "fact_eval",
-           "editing"}  # fmt: skip
+           "editing", "scoring", "fact_metrics", "fact_report", "easyedit_api", "progress"}  # fmt: skip
 # The registered editors (algs/<name>/), their classes and their settings classes, as the registry finds them.
 EDITOR_NAMES = tuple(EDITORS)
 EDITOR_CLASSES = tuple(m.EDITOR for m in EDITORS.values())

@@ -19,6 +19,8 @@ from test_baselines import SMALL_EFK
 from test_run import INNER, ROOT
 
 import fact_eval
+import fact_metrics
+import fact_report
 from algs import editor_class
 from config_schema import DataConfig
 from data_classes import DataError
@@ -176,12 +178,12 @@ def test_rewrite_equivalence_mixes_the_rewrite_prompt_into_the_edit_loss(tokeniz
 def test_n_gram_entropy_is_romes_weighted_mean():
     # "a b a b": bigrams ab, ba, ab (H = 0.918 bits), trigrams aba, bab (H = 1 bit)
     h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
-    assert fact_eval.n_gram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
-    assert fact_eval.n_gram_entropy("the the the the the") == 0.0  # one n-gram only
+    assert fact_metrics.n_gram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    assert fact_metrics.n_gram_entropy("the the the the the") == 0.0  # one n-gram only
 
 
 def test_tfidf_similarity_is_the_cosine_of_smoothed_tfidf_vectors():
-    tfidf = fact_eval.TfIdf(["apple banana", "apple cherry", "durian"])
+    tfidf = fact_metrics.TfIdf(["apple banana", "apple cherry", "durian"])
     assert tfidf.similarity("apple banana", "apple banana") == pytest.approx(1.0)
     assert tfidf.similarity("banana", "cherry durian") == 0.0
     # by hand: idf(apple) = ln(4/3) + 1, idf(banana) = idf(cherry) = ln(4/2) + 1
@@ -210,14 +212,14 @@ def test_case_summary_and_score_follow_the_papers_definitions():
         "rephrase_acc": [1.0, 0.0],
         "neighborhood_argmax": [[5, 7]],
     }
-    s = fact_eval.case_summary(pre, post)
+    s = fact_metrics.case_summary(pre, post)
     assert (s["pre_efficacy_score"], s["post_efficacy_score"]) == (0.0, 1.0)
     assert s["post_efficacy_magnitude"] == pytest.approx(math.exp(-0.5) - math.exp(-2.0))
     assert s["post_paraphrase_score"] == 0.5 and s["post_neighborhood_score"] == 0.0
     assert s["post_neighborhood_magnitude"] == pytest.approx(math.exp(-2.0) - math.exp(-0.5))
     assert s["post_rephrase_acc"] == 0.5 and s["post_locality"] == 0.5
     good = dict(s, post_neighborhood_score=1.0)
-    total = fact_eval.summarize([{"summary": s}, {"summary": good}])
+    total = fact_metrics.summarize([{"summary": s}, {"summary": good}])
     assert total["post_neighborhood_score"] == 0.5
     assert total["post_score"] == pytest.approx(3 / (1 / 1.0 + 1 / 0.5 + 1 / 0.5))  # harmonic mean of ES, PS, NS
     assert total["pre_score"] == 0.0 and total["n_cases"] == 2
@@ -269,12 +271,12 @@ def test_evaluate_in_every_mode_leaves_the_base_model_and_measures_each_case(tok
     assert single["post_efficacy_magnitude"] > single["pre_efficacy_magnitude"]
     gen = runs[2]["cases"][2]["post"]
     assert len(gen["text"]) == 1 and gen["text"][0].startswith(cases[2]["generation_prompts"][0])
-    assert gen["ngram_entropy"] == pytest.approx(fact_eval.n_gram_entropy(gen["text"][0]))
+    assert gen["ngram_entropy"] == pytest.approx(fact_metrics.n_gram_entropy(gen["text"][0]))
     # consistency: this case's text against its own reference texts, idf from every case's references
-    tfidf = fact_eval.TfIdf([t for c in cases for t in c["reference_texts"]])
+    tfidf = fact_metrics.TfIdf([t for c in cases for t in c["reference_texts"]])
     own = tfidf.similarity(gen["text"][0], " ".join(cases[2]["reference_texts"]))
     assert gen["reference_score"] == pytest.approx(own) and own > 0
-    table = fact_eval.summary_table(runs)
+    table = fact_report.summary_table(runs)
     assert table.splitlines()[2].startswith("| before |") and "after, sequential x3" in table
 
 
@@ -282,9 +284,9 @@ def test_generation_of_many_cases_at_once_gives_each_case_its_own_texts(tokenize
     editor = test_edit.editor_with_statistics("gpt2", tokenizer)
     cases = read_counterfact(FIXTURE)
     cases[1] = dict(cases[1], generation_prompts=cases[1]["generation_prompts"] + ["A much longer prompt about it"])
-    tfidf = fact_eval.TfIdf([t for c in cases for t in c["reference_texts"]])
-    together = fact_eval.generation_metrics(editor, editor.base(), cases, tfidf, 6, chunk=3)
-    alone = [fact_eval.generation_metrics(editor, editor.base(), [c], tfidf, 6)[0] for c in cases]
+    tfidf = fact_metrics.TfIdf([t for c in cases for t in c["reference_texts"]])
+    together = fact_metrics.generation_metrics(editor, editor.base(), cases, tfidf, 6, chunk=3)
+    alone = [fact_metrics.generation_metrics(editor, editor.base(), [c], tfidf, 6)[0] for c in cases]
     assert together == alone
     assert [len(r["text"]) for r in together] == [len(c["generation_prompts"]) for c in cases]
     assert all(r["text"][0].startswith(c["generation_prompts"][0]) for r, c in zip(together, cases))
@@ -307,13 +309,18 @@ def test_consistency_does_not_depend_on_which_cases_are_evaluated_given_the_corp
 def test_shared_pre_edit_metrics_give_the_runs_computed_alone(tokenizer):
     editor = test_edit.editor_with_statistics("gpt2", tokenizer)
     cases = read_counterfact(FIXTURE)
-    pre = fact_eval.pre_edit_metrics(editor, cases)
+    prepared = fact_eval.PreparedCases(editor, cases)
+    assert fact_eval.pre_edit_metrics(editor, cases) == prepared.pre
     for mode, n in (("single", 1), ("batched", 2)):
-        alone, shared = fact_eval.evaluate(editor, cases, mode, n), fact_eval.evaluate(editor, cases, mode, n, pre=pre)
-        assert alone["summary"] == shared["summary"]
-        assert [c["pre"] for c in alone["cases"]] == pre
-    with pytest.raises(ValueError, match="2 records for 3 cases"):
-        fact_eval.evaluate(editor, cases, "single", pre=pre[:2])
+        alone = fact_eval.evaluate(editor, cases, mode, n)
+        shared = fact_eval.evaluate(editor, cases, mode, n, prepared=prepared)
+        timing = ("edit_seconds", "edits_per_second", "eval_seconds")
+        assert {k: v for k, v in alone["summary"].items() if k not in timing} == {
+            k: v for k, v in shared["summary"].items() if k not in timing
+        }
+        assert [c["pre"] for c in alone["cases"]] == prepared.pre
+    with pytest.raises(ValueError, match="3 cases for 2 cases"):
+        fact_eval.evaluate(editor, cases[:2], "single", prepared=prepared)
 
 
 def test_the_eval_command_writes_one_report_per_group_size_and_a_plot(trained_run, tmp_path):

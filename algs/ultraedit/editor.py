@@ -133,6 +133,14 @@ class UltraEdit(EditableModel):
     # The lifelong statistics are not ``running_statistics()``: those are MEND-style count/mean/m2 buffers that
     # training fills and an archive must hold; these start empty in every fresh run and are updated by edits alone.
 
+    def lifelong_state(self) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.norms.state_dict().items()}
+
+    @torch.no_grad()
+    def load_lifelong_state(self, state: Dict[str, torch.Tensor]) -> None:
+        for key, value in self.norms.state_dict().items():  # in place: every editor of with_weights shares them
+            value.copy_(state[key])
+
     def low_rank_update(self, name: str):
         if name not in self.last_factors:
             return None
