@@ -56,6 +56,7 @@ from data_classes.requests import EditRequest, load_requests
 from editing import Editor, EditResult, format_table
 from errors import EditRequestError, PatchError, UserError
 from fact_eval import MODES, evaluate_dataset
+from fact_report import run_name
 from patches import EditedModel, Patch, check_output_dir, load_patches
 from progress import ProgressBars
 
@@ -241,6 +242,11 @@ def _cmd_eval(args) -> int:
         bars.close()
     print(f"{result['n_cases']} cases ({args.data}, {args.path or 'embedded'}, {args.split}); scores in percent")
     print(result["table"])
+    print(f"the unedited model: {result['prepare_seconds']:.0f} s")
+    for run in result["runs"]:
+        s = run["summary"]
+        times = f"edits {s['edit_seconds']:.0f} s, scoring {s['eval_seconds']:.0f} s"
+        print(f"{run_name(run)}: {times} ({s['n_cases']} cases)")
     if result["plot"]:
         print(f"plot: {result['plot']}")
     return 0

@@ -335,7 +335,7 @@ class EditTrainer:
         per_step = self.editor.batches_per_step
         n_batches = max(1, len(self.val_set) // self.config.data.n_edits // per_step)
         steps = min(steps or self.config.val_steps, n_batches)
-        saved = self.editor
+        saved, fresh = self.editor, {}
         if editor is not None:
             self.editor = editor
         try:
@@ -345,8 +345,10 @@ class EditTrainer:
             rank, world = self.dist.rank, self.dist.world_size
             mine = []  # (batch index, metrics) of the batches this rank evaluates: rank, rank+W, ...
             bar = tqdm(total=steps, desc=desc, leave=False, disable=self.config.silent or not self.dist.is_main)
+            fresh = self.editor.lifelong_state()  # each validation edit starts from it, and it is left as it was
             for i, batch in enumerate(gen):
                 if i % world == rank:
+                    self.editor.load_lifelong_state(fresh)
                     mine.append((i, self.edit_step(batch, training=False)))
                 if i % world == world - 1 or i == steps - 1:  # every rank is at the same point here
                     bar.update(min(world, i % world + 1))
@@ -360,6 +362,8 @@ class EditTrainer:
             stats["eval_time/elapsed"] = time.perf_counter() - start
             stats["eval_time/n_edits"] = steps * self.config.data.n_edits
         finally:
+            if fresh:
+                self.editor.load_lifelong_state(fresh)
             self.editor = saved
         return stats
 

@@ -85,7 +85,7 @@ ALLOWED = {
         "sequential",
         "utils",
     },  # fmt: skip
-    "edit": {"data_classes", "editing", "errors", "fact_eval", "patches", "progress"},
+    "edit": {"data_classes", "editing", "errors", "fact_eval", "fact_report", "patches", "progress"},
 }
 # The tools on top may import any part of the project, but not each other's internals the other way round.
 TOOLS = {"scripts", "benchmarks"}

@@ -9,6 +9,7 @@ import logging
 
 import pytest
 import test_edit
+import torch
 from conftest import make_config, tiny_gpt2
 from test_counterfact import FIXTURE
 
@@ -162,3 +163,19 @@ def test_the_eval_command_runs_sequential_updates_and_caps_the_cases_per_size(tr
     assert len(three["cases"]) == 3 and three["summary"]["retention_edits"] == 3
     bad = edit_cli("eval", "--archive", trained_run, "--path", FIXTURE, "--n", 3, "--n-edits", "5", "--mode", "batched")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--n 5" in bad.stderr
+
+
+def test_validation_edits_each_start_from_the_editors_statistics_and_leave_them(tmp_path):
+    from conftest import TINY, SyntheticEdits
+
+    from trainer import EditTrainer
+
+    cfg = make_config("gpt2", alg="ultraedit", eval_only=True, val_steps=4, **{"ultraedit.lr": 1e-2})
+    editor = UltraEdit(TINY["gpt2"][0](), cfg)
+    trainer = EditTrainer(lambda: editor, cfg, SyntheticEdits(8), SyntheticEdits(8, seed=1), str(tmp_path))
+    before = trainer.editor.lifelong_state()
+    first = trainer.validate(steps=4)
+    assert all(torch.equal(v, before[k]) for k, v in trainer.editor.lifelong_state().items())
+    again = trainer.validate(steps=4)
+    timing = ("eval_time/elapsed", "time/edit_val")
+    assert {k: v for k, v in first.items() if k not in timing} == {k: v for k, v in again.items() if k not in timing}
