@@ -127,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
         help="evaluate max(N, this) cases at group size N instead of all --n (a curve up to 10,000 without 10,000 "
         "single edits)",
     )
+    e.add_argument("--paraphrases", type=int, help="score at most this many paraphrase prompts per case (default: all)")
+    e.add_argument("--neighbors", type=int, help="score at most this many neighbourhood prompts a case (default: all)")
     e.add_argument("--generation", action="store_true", help="also fluency and consistency (greedy continuations)")
     e.add_argument("--gen-tokens", type=int, default=50, help="tokens generated per generation prompt")
     e.add_argument("--out", help="directory for one JSON per run (cases in pre/post layout) and summary.md")
@@ -213,6 +215,8 @@ def _cmd_eval(args) -> int:
         raise EditRequestError(f"--n-edits {args.n_edits!r}: expected comma-separated integers.") from None
     if not sizes or min(sizes) < 1 or args.n < 1 or args.edits_per_step < 1 or (args.cases_per_size or 1) < 1:
         raise EditRequestError("--n, --n-edits, --edits-per-step and --cases-per-size must be positive.")
+    if any(v is not None and v < 1 for v in (args.paraphrases, args.neighbors)):
+        raise EditRequestError("--paraphrases and --neighbors must be positive (leave them out to score all prompts).")
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -237,6 +241,8 @@ def _cmd_eval(args) -> int:
             edits_per_step=args.edits_per_step,
             cases_per_size=args.cases_per_size,
             progress=bars,
+            paraphrases=args.paraphrases,
+            neighbors=args.neighbors,
         )
     finally:
         bars.close()

@@ -62,7 +62,8 @@ Progress = Optional[Callable[[str, int, int], None]]  # (stage, done, total)
 
 class PreparedCases:
     """Cases with their scored rows and their records on the unedited model (``pre``): what every run on these
-    cases shares. ``progress(stage, done, total)`` is told how the unedited model's pass advances."""
+    cases shares. ``paraphrases`` / ``neighbors``: score at most that many of each case's paraphrase / neighbourhood
+    prompts (None: all). ``progress(stage, done, total)`` is told how the unedited model's pass advances."""
 
     def __init__(
         self,
@@ -72,6 +73,8 @@ class PreparedCases:
         gen_tokens: int = 50,
         reference_corpus: Optional[Sequence[str]] = None,
         progress: Progress = None,
+        paraphrases: Optional[int] = None,
+        neighbors: Optional[int] = None,
     ):
         self.editor, self.cases = editor, list(cases)
         self.generation, self.gen_tokens = generation, gen_tokens
@@ -81,7 +84,7 @@ class PreparedCases:
         self.tfidf = TfIdf(corpus) if generation else None
         rows, self.spans = [], []
         for case in self.cases:
-            case_rows_, index = case_rows(editor, case)
+            case_rows_, index = case_rows(editor, case, paraphrases, neighbors)
             self.spans.append((len(rows), index))
             rows += case_rows_
         self.scorer = RowScorer(editor, rows)
@@ -243,16 +246,21 @@ def evaluate_dataset(
     edits_per_step: int = 1,
     cases_per_size: Optional[int] = None,
     progress: Progress = None,
+    paraphrases: Optional[int] = None,
+    neighbors: Optional[int] = None,
 ) -> dict:
     """``python -m edit eval``: the first ``n`` cases of ``split`` (``train``, ``validation`` or ``all``) of the
     CounterFact-format set at ``path`` (a file or ``hf:<dataset id>``; default: the embedded set of the editor's
     configuration), evaluated with :func:`evaluate` once per ``(mode, n_edits)`` of ``plan``, all runs sharing one
     pass over the unedited model. ``cases_per_size``: a run of group size N evaluates the first max(N,
     cases_per_size) cases (rounded down to whole groups) instead of all ``n``, so that a curve from 1 to 10,000 edits
-    does not make 10,000 single edits. Consistency's inverse document frequencies come from the reference texts of
-    the whole data set, so that the figure does not depend on ``n`` or ``split``. ``out_dir``: one JSON per run
-    (``<mode>.json`` or ``<mode>-<n_edits>.json``, written as each run ends) and ``summary.md``; ``plot``: a PNG of
-    :func:`fact_report.plot_fact_curve` (with more than one run). Returns ``{"n_cases", "runs", "table", "plot"}``,
+    does not make 10,000 single edits. ``paraphrases`` / ``neighbors``: score at most that many paraphrase /
+    neighbourhood prompts per case (None: all), to size the scoring of many cases. Consistency's inverse document
+    frequencies come from the reference texts of the whole data set, so that the figure does not depend on ``n`` or
+    ``split``. ``out_dir``: one JSON per run (``<mode>.json``, ``<mode>-<n_edits>.json`` or
+    ``sequential-<n_edits>-by-<edits_per_step>.json``, written as each run ends) and ``summary.md``; ``plot``: a PNG
+    of :func:`fact_report.plot_fact_curve` (with more than one run). Returns ``{"n_cases", "runs", "table", "plot",
+    "prepare_seconds"}``,
     ``plot`` the file written or None."""
     data_cfg = editor.config.data.copy()
     data_cfg.path = path
@@ -275,7 +283,7 @@ def evaluate_dataset(
     cases = cases[: max(used(m, s) for m, s in plan)]
     corpus = [t for records in loaded.values() for c in records for t in c.get("reference_texts", [])]
     t0 = time.perf_counter()
-    prepared = PreparedCases(editor, cases, generation, gen_tokens, corpus, progress)
+    prepared = PreparedCases(editor, cases, generation, gen_tokens, corpus, progress, paraphrases, neighbors)
     prepare_seconds = time.perf_counter() - t0
     runs = []
     for mode, size in plan:

@@ -57,20 +57,26 @@ class TfIdf:
 
 
 # -- what is scored for a case, and its record ----------------------------------------------------------------
-def case_prompts(case: dict) -> Dict[str, List[str]]:
-    """The case's scored prompts by kind (:data:`PROMPT_KINDS`)."""
+def case_prompts(
+    case: dict, paraphrases: Optional[int] = None, neighbors: Optional[int] = None
+) -> Dict[str, List[str]]:
+    """The case's scored prompts by kind (:data:`PROMPT_KINDS`): the first ``paraphrases`` paraphrase prompts and
+    the first ``neighbors`` neighbourhood prompts (None: all)."""
     return {
         "rewrite_prompts": [case["prompt"].format(case["subject"])],
-        "paraphrase_prompts": list(case["paraphrase_prompts"]),
-        "neighborhood_prompts": list(case["neighborhood_prompts"]),
+        "paraphrase_prompts": list(case["paraphrase_prompts"])[:paraphrases],
+        "neighborhood_prompts": list(case["neighborhood_prompts"])[:neighbors],
     }
 
 
-def case_rows(editor, case: dict) -> Tuple[List[Row], List[Tuple[str, str]]]:
-    """The (prompt ids, target ids) rows of a case, each prompt with ``target_new`` then ``target_true``, and for
-    each row its (prompt kind, target) label, the order :func:`case_record` reads the scores in."""
+def case_rows(
+    editor, case: dict, paraphrases: Optional[int] = None, neighbors: Optional[int] = None
+) -> Tuple[List[Row], List[Tuple[str, str]]]:
+    """The (prompt ids, target ids) rows of a case (its prompts as :func:`case_prompts` chooses them), each prompt
+    with ``target_new`` then ``target_true``, and for each row its (prompt kind, target) label, the order
+    :func:`case_record` reads the scores in."""
     rows, index = [], []
-    for kind, prompts in case_prompts(case).items():
+    for kind, prompts in case_prompts(case, paraphrases, neighbors).items():
         for prompt in prompts:
             for which in ("target_new", "target_true"):
                 toks = editor.tokenize(EditRequest(prompt, case[which]))

@@ -153,7 +153,8 @@ def test_the_eval_command_runs_sequential_updates_and_caps_the_cases_per_size(tr
     out = tmp_path / "eval"
     proc = edit_cli(
         "eval", "--archive", trained_run, "--path", FIXTURE, "--split", "all", "--n", 3, "--mode", "sequential",
-        "--n-edits", "1,3", "--edits-per-step", 2, "--cases-per-size", 1, "--out", out,
+        "--n-edits", "1,3", "--edits-per-step", 2, "--cases-per-size", 1, "--out", out, "--paraphrases", 1,
+        "--neighbors", 2,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sequential x3 (2 per update)" in proc.stdout and "edits/s" in proc.stdout
@@ -161,6 +162,14 @@ def test_the_eval_command_runs_sequential_updates_and_caps_the_cases_per_size(tr
     assert len(one["cases"]) == 1  # max(1, --cases-per-size 1) cases at one edit per group
     three = json.loads((out / "sequential-3-by-2.json").read_text())
     assert len(three["cases"]) == 3 and three["summary"]["retention_edits"] == 3
+    given = {c["case_id"]: c for c in read_counterfact(FIXTURE)}
+    for case in three["cases"]:  # the first paraphrase and at most two neighbours of each case
+        source = given[case["case_id"]]
+        want = [1, min(2, len(source["neighborhood_prompts"]))]
+        for when in ("pre", "post"):
+            got = [len(case[when][f"{k}_prompts_probs"]) for k in ("paraphrase", "neighborhood")]
+            assert got == want
+    assert any(len(c["neighborhood_prompts"]) > 2 for c in given.values())  # the cap did cut one
     bad = edit_cli("eval", "--archive", trained_run, "--path", FIXTURE, "--n", 3, "--n-edits", "5", "--mode", "batched")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--n 5" in bad.stderr
 
