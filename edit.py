@@ -114,7 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     common(e)
     e.add_argument("--data", choices=("counterfact",), default="counterfact", help="the cases' format")
     e.add_argument("--path", help="counterfact.json, a JSONL file or hf:<dataset id> (default: the embedded set)")
-    e.add_argument("--split", choices=("validation", "train", "all"), default="validation")
+    e.add_argument(
+        "--split", choices=("validation", "train", "all"), default="validation", help="all: validation, then train"
+    )
     e.add_argument("--n", type=int, default=200, help="evaluate the first N cases")
     e.add_argument("--mode", default="single", help="single, batched, sequential, or several (batched,sequential)")
     e.add_argument("--n-edits", default="1", help="batched / sequential: comma-separated group sizes (1,10,100)")

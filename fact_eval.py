@@ -267,7 +267,7 @@ def evaluate_dataset(
     cache_dir = os.path.expanduser(cache_dir or editor.config.cache_dir)
     seed = editor.config.seed
     loaded = {part: load_split(data_cfg, part, seed, cache_dir)[0] for part in ("train", "validation")}
-    parts = ("train", "validation") if split == "all" else (split,)
+    parts = ("validation", "train") if split == "all" else (split,)  # held-out cases first
     cases = [c for part in parts for c in loaded[part]][:n]
     biggest = max((size for mode, size in plan if mode != "single"), default=1)
     if biggest > len(cases):

@@ -58,16 +58,20 @@ def cell(value, kind: str) -> str:
 
 
 def table(editors: Dict[str, List[dict]]) -> str:
-    head = "| editor | mode | edits | " + " | ".join(c[0] for c in COLUMNS) + " |"
+    head = "| editor | mode | edits (cases) | " + " | ".join(c[0] for c in COLUMNS) + " |"
     lines = [head, "|---" * (len(COLUMNS) + 3) + "|"]
     for name, runs in editors.items():
-        before = runs[0]["summary"]
-        pre = {"post_" + k[4:]: v for k, v in before.items() if k.startswith("pre_")}
-        lines.append(f"| {name}, before | | | " + " | ".join(cell(pre.get(k), kind) for _, k, kind in COLUMNS) + " |")
+        shown = set()
         for r in runs:
+            n = r["summary"]["n_cases"]
+            if n not in shown:  # the unedited model on the cases of this run (the first n of the split)
+                shown.add(n)
+                pre = {"post_" + k[4:]: v for k, v in r["summary"].items() if k.startswith("pre_")}
+                cells = " | ".join(cell(pre.get(k), kind) for _, k, kind in COLUMNS)
+                lines.append(f"| {name}, before ({n} cases) | | | {cells} |")
             mode = r["mode"] if r["mode"] != "sequential" else f"sequential, {r['edits_per_step']} per update"
             cells = " | ".join(cell(r["summary"].get(k), kind) for _, k, kind in COLUMNS)
-            lines.append(f"| {name} | {mode} | {r['n_edits']} | {cells} |")
+            lines.append(f"| {name} | {mode} | {r['n_edits']} ({n} cases) | {cells} |")
     return "\n".join(lines)
 
 

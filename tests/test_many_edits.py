@@ -170,6 +170,13 @@ def test_the_eval_command_runs_sequential_updates_and_caps_the_cases_per_size(tr
             got = [len(case[when][f"{k}_prompts_probs"]) for k in ("paraphrase", "neighborhood")]
             assert got == want
     assert any(len(c["neighborhood_prompts"]) > 2 for c in given.values())  # the cap did cut one
+    from benchmarks import many_edits
+
+    table, plot = tmp_path / "many.md", tmp_path / "many.png"
+    assert many_edits.main(["--run", f"tiny={out}", "--table", str(table), "--plot", str(plot)]) == 0
+    rows = table.read_text().splitlines()
+    assert any(r.startswith("| tiny | sequential, 2 per update | 3 (3 cases) |") for r in rows)
+    assert sum(r.startswith("| tiny, before") for r in rows) == 2 and plot.stat().st_size > 1000  # 1 and 3 cases
     bad = edit_cli("eval", "--archive", trained_run, "--path", FIXTURE, "--n", 3, "--n-edits", "5", "--mode", "batched")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--n 5" in bad.stderr
 
