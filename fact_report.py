@@ -31,26 +31,25 @@ RUN_COLUMNS = (
 )
 
 
+def _updates(run: dict) -> int:
+    """Edits per update of a sequential run that takes several updates per group; 0 otherwise."""
+    step = run.get("edits_per_step", 1)
+    return step if run["mode"] == "sequential" and 1 < step < run["n_edits"] else 0
+
+
 def run_name(run: dict) -> str:
-    """The file stem and row label of a run: ``single``, ``batched-100``, ``sequential-1000`` or
-    ``sequential-1000-by-100`` (100 edits per update)."""
+    """The file stem of a run: ``single``, ``batched-100``, ``sequential-1000`` or ``sequential-1000-by-100``
+    (100 edits per update)."""
     if run["mode"] == "single":
         return "single"
-    name = f"{run['mode']}-{run['n_edits']}"
-    step = run.get("edits_per_step", 1)
-    if run["mode"] == "sequential" and 1 < step < run["n_edits"]:
-        name += f"-by-{step}"
-    return name
+    return f"{run['mode']}-{run['n_edits']}" + (f"-by-{_updates(run)}" if _updates(run) else "")
 
 
 def _label(run: dict) -> str:
+    """The table's row label of a run: ``single``, ``batched x100``, ``sequential x1000 (100 per update)``."""
     if run["mode"] == "single":
         return "single"
-    label = f"{run['mode']} x{run['n_edits']}"
-    step = run.get("edits_per_step", 1)
-    if run["mode"] == "sequential" and 1 < step < run["n_edits"]:
-        label += f" ({step} per update)"
-    return label
+    return f"{run['mode']} x{run['n_edits']}" + (f" ({_updates(run)} per update)" if _updates(run) else "")
 
 
 def summary_table(runs: Sequence[dict]) -> str:
