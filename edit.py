@@ -19,7 +19,7 @@ From the shell (no Hydra: the configuration comes from the checkpoint)::
         [--mode batched|sequential] [--patch-out patches/] [--patch patches/ ...] [--overwrite]
     python -m edit eval-sequential --archive outputs/<run> --n 100 --checkpoints 1,10,100 [--plot seq.png]
     python -m edit eval --archive outputs/<run> [--path counterfact.json] --n 200 --mode single|batched|sequential \
-        [--n-edits 1,10,100] [--generation] [--out eval/] [--plot curve.png]
+        [--n-edits 1,10,100] [--generation] [--out eval/ [--layout run|rome]] [--plot curve.png]
 
 A request file has one JSON object per line:
 ``{"prompt": "...", "target": "...", "rephrases": ["..."], "watch": ["..."]}`` (rephrases and watch optional).
@@ -56,7 +56,7 @@ from data_classes.requests import EditRequest, load_requests
 from editing import Editor, EditResult, format_table
 from errors import EditRequestError, PatchError, UserError
 from fact_eval import MODES, evaluate_dataset
-from fact_report import run_name
+from fact_report import LAYOUTS, run_name
 from patches import EditedModel, Patch, check_output_dir, load_patches
 from progress import ProgressBars
 
@@ -134,6 +134,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--generation", action="store_true", help="also fluency and consistency (greedy continuations)")
     e.add_argument("--gen-tokens", type=int, default=50, help="tokens generated per generation prompt")
     e.add_argument("--out", help="directory for one JSON per run (cases in pre/post layout) and summary.md")
+    e.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="run",
+        help="--out's files: run (one JSON per run) or rome (a directory per run of ROME's case_<id>.json files, "
+        "which ROME's experiments/summarize.py reads)",
+    )
     e.add_argument("--plot", help="PNG of the scores against the group size")
     return p
 
@@ -219,6 +226,8 @@ def _cmd_eval(args) -> int:
         raise EditRequestError("--n, --n-edits, --edits-per-step and --cases-per-size must be positive.")
     if any(v is not None and v < 1 for v in (args.paraphrases, args.neighbors)):
         raise EditRequestError("--paraphrases and --neighbors must be positive (leave them out to score all prompts).")
+    if args.layout != "run" and not args.out:
+        raise EditRequestError(f"--layout {args.layout} says how --out's files are laid out: give --out DIR too.")
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -245,6 +254,7 @@ def _cmd_eval(args) -> int:
             progress=bars,
             paraphrases=args.paraphrases,
             neighbors=args.neighbors,
+            layout=args.layout,
         )
     finally:
         bars.close()

@@ -10,7 +10,8 @@ surface, which the command line (``edit.py``), the field's metrics (``fact_eval.
   :meth:`Editor.greedy` and :meth:`Editor.greedy_many` (greedy continuations);
 * editing: :meth:`Editor.edit_patch` (the patch of one update, :meth:`patches.Patch.from_edit`),
   :meth:`Editor.apply` (requests in, an :class:`EditResult` out), :meth:`Editor.apply_patches` (saved patches),
-  :meth:`Editor.edit` (EasyEdit's call) and :meth:`Editor.eval_sequential` (the sequential experiment).
+  :meth:`Editor.edit` and :meth:`Editor.batch_edit` (EasyEdit's calls, with :attr:`Editor.tok` and
+  :attr:`Editor.hparams`) and :meth:`Editor.eval_sequential` (the sequential experiment).
 
 Users import these names from ``edit`` (``from edit import Editor``), which re-exports them.
 """
@@ -26,11 +27,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+import easyedit_api
 from algs import ALGS, editor_class
 from checkpoints import check_base_model, checkpoint_path, config_from_meta, load_editor_state, read_checkpoint
 from data_classes.batches import prompt_target_batch
 from data_classes.requests import EditRequest, EditTokens
-from easyedit_api import easyedit_edit
 from errors import CheckpointError, EditRequestError, PatchError
 from losses import SequenceScore, kl_loc_loss, sequence_log_probs
 from models import get_model, get_tokenizer
@@ -155,6 +156,17 @@ class Editor:
     def device(self) -> torch.device:
         """Where the base model is."""
         return next(self.model.parameters()).device
+
+    @property
+    def tok(self):
+        """The tokenizer, under EasyEdit's name."""
+        return self.tokenizer
+
+    @property
+    def hparams(self):
+        """The training run's configuration, under EasyEdit's name (``hparams.data.n_edits``: the edits per update
+        of :meth:`batch_edit`)."""
+        return self.config
 
     @classmethod
     def from_archive(
@@ -424,27 +436,58 @@ class Editor:
         prompts,
         target_new,
         ground_truth=None,
-        subject=None,
+        target_neg=None,
         rephrase_prompts=None,
         locality_inputs: Optional[dict] = None,
         portability_inputs: Optional[dict] = None,
         sequential_edit: bool = False,
-        **options,
+        verbose: bool = True,
+        **kwargs,
     ):
-        """EasyEdit's ``editor.edit(...)``, with its argument names and meanings: returns ``(metrics, edited_model,
-        weights_copy)``; see :func:`easyedit_api.easyedit_edit`, which also lists the EasyEdit options accepted with
-        no effect here."""
-        return easyedit_edit(
+        """EasyEdit's ``editor.edit(...)``, its arguments in its order (``subject=``, ``test_generation=``,
+        ``keep_original_weight=`` ... as keywords): returns ``(metrics, edited_model, weights_copy)`` and prints
+        EasyEdit's summary; see :func:`easyedit_api.edit`."""
+        return easyedit_api.edit(
             self,
             prompts,
             target_new,
-            ground_truth=ground_truth,
-            subject=subject,
-            rephrase_prompts=rephrase_prompts,
-            locality_inputs=locality_inputs,
-            portability_inputs=portability_inputs,
-            sequential_edit=sequential_edit,
-            **options,
+            ground_truth,
+            target_neg,
+            rephrase_prompts,
+            locality_inputs,
+            portability_inputs,
+            sequential_edit,
+            verbose,
+            **kwargs,
+        )
+
+    def batch_edit(
+        self,
+        prompts,
+        target_new,
+        ground_truth=None,
+        target_neg=None,
+        rephrase_prompts=None,
+        locality_inputs: Optional[dict] = None,
+        portability_inputs: Optional[dict] = None,
+        sequential_edit: bool = False,
+        verbose: bool = True,
+        **kwargs,
+    ):
+        """EasyEdit's ``editor.batch_edit(...)``: ``hparams.data.n_edits`` requests per update; returns ``(metrics,
+        edited_model, weights_copy)``; see :func:`easyedit_api.batch_edit`."""
+        return easyedit_api.batch_edit(
+            self,
+            prompts,
+            target_new,
+            ground_truth,
+            target_neg,
+            rephrase_prompts,
+            locality_inputs,
+            portability_inputs,
+            sequential_edit,
+            verbose,
+            **kwargs,
         )
 
     def eval_sequential(self, **options) -> dict:

@@ -53,7 +53,7 @@ from data_classes.counterfact import load_split
 from data_classes.requests import EditRequest
 from errors import EditRequestError
 from fact_metrics import TfIdf, case_record, case_rows, case_summary, generation_metrics, summarize
-from fact_report import plot_fact_curve, run_name, summary_table
+from fact_report import LAYOUTS, plot_fact_curve, run_name, summary_table, write_rome_cases
 from scoring import RowScorer
 
 MODES = ("single", "batched", "sequential")
@@ -224,7 +224,10 @@ def evaluate(
 def _case_result(case: dict, seconds: float, pre: dict, post: dict) -> dict:
     return {
         "case_id": case["case_id"],
-        "requested_rewrite": {k: case[k] for k in ("prompt", "subject", "target_new", "target_true")},
+        "requested_rewrite": {
+            **{k: case[k] for k in ("prompt", "subject", "target_new", "target_true")},
+            "relation_id": case.get("relation_id", ""),
+        },
         "time": seconds,
         "pre": pre,
         "post": post,
@@ -248,6 +251,7 @@ def evaluate_dataset(
     progress: Progress = None,
     paraphrases: Optional[int] = None,
     neighbors: Optional[int] = None,
+    layout: str = "run",
 ) -> dict:
     """``python -m edit eval``: the first ``n`` cases of ``split`` (``train``, ``validation`` or ``all``) of the
     CounterFact-format set at ``path`` (a file or ``hf:<dataset id>``; default: the embedded set of the editor's
@@ -258,10 +262,14 @@ def evaluate_dataset(
     neighbourhood prompts per case (None: all), to size the scoring of many cases. Consistency's inverse document
     frequencies come from the reference texts of the whole data set, so that the figure does not depend on ``n`` or
     ``split``. ``out_dir``: one JSON per run (``<mode>.json``, ``<mode>-<n_edits>.json`` or
-    ``sequential-<n_edits>-by-<edits_per_step>.json``, written as each run ends) and ``summary.md``; ``plot``: a PNG
+    ``sequential-<n_edits>-by-<edits_per_step>.json``, written as each run ends; with ``layout="rome"`` a directory of
+    that name per run holding ROME's ``case_<id>.json`` files instead, :func:`fact_report.write_rome_cases`) and
+    ``summary.md``; ``plot``: a PNG
     of :func:`fact_report.plot_fact_curve` (with more than one run). Returns ``{"n_cases", "runs", "table", "plot",
     "prepare_seconds"}``,
     ``plot`` the file written or None."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: choose one of {', '.join(LAYOUTS)}.")
     data_cfg = editor.config.data.copy()
     data_cfg.path = path
     cache_dir = os.path.expanduser(cache_dir or editor.config.cache_dir)
@@ -293,6 +301,9 @@ def evaluate_dataset(
         runs.append(run)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
+            if layout == "rome":
+                write_rome_cases(run, os.path.join(out_dir, run_name(run)))
+                continue
             with open(os.path.join(out_dir, f"{run_name(run)}.json"), "w", encoding="utf-8") as f:
                 json.dump(run, f, indent=1, ensure_ascii=False)
     table = summary_table(runs)

@@ -1,9 +1,11 @@
-"""The tables and plots of ``python -m edit eval``: one markdown row per run, and the scores against the number of
-edits."""
+"""The tables, plots and files of ``python -m edit eval``: one markdown row per run, the scores against the number
+of edits, and the cases of a run as ROME's ``case_<id>.json`` files."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import json
+import os
+from typing import List, Sequence
 
 # (column label, summary key without its pre_/post_ prefix); a column is shown when any run has it.
 SUMMARY_COLUMNS = (
@@ -43,6 +45,39 @@ def run_name(run: dict) -> str:
     if run["mode"] == "single":
         return "single"
     return f"{run['mode']}-{run['n_edits']}" + (f"-by-{_updates(run)}" if _updates(run) else "")
+
+
+# The layouts of ``python -m edit eval --out``: one JSON per run, or a directory per run of ROME's case files.
+LAYOUTS = ("run", "rome")
+# The prompt kinds whose target NLLs ROME's summariser (experiments/summarize.py) reads from a case's pre / post.
+ROME_PROBS = ("rewrite_prompts_probs", "paraphrase_prompts_probs", "neighborhood_prompts_probs")
+
+
+def rome_case(case: dict) -> dict:
+    """A case of a run in ROME's ``case_<id>.json`` layout (what its experiments/evaluate.py writes): ``case_id``,
+    ``requested_rewrite`` with the targets as ``{"str": ...}``, ``time``, and ``pre`` / ``post`` with the per-prompt
+    ``target_new`` / ``target_true`` NLLs (prompt kinds with no prompt left out, as ROME's summariser would average
+    nothing) beside this project's own figures, which the summariser does not read."""
+    rewrite = dict(case["requested_rewrite"])
+    for key in ("target_new", "target_true"):
+        rewrite[key] = {"str": rewrite[key]}
+    out = {"case_id": case["case_id"], "requested_rewrite": rewrite, "time": case["time"]}
+    for when in ("pre", "post"):
+        out[when] = {k: v for k, v in case[when].items() if not (k in ROME_PROBS and not v)}
+    return out
+
+
+def write_rome_cases(run: dict, run_dir: str) -> List[str]:
+    """Write each case of ``run`` as ``<run_dir>/case_<id>.json`` (:func:`rome_case`), the files ROME's summariser
+    reads from each run directory of the directory it is given; returns the paths."""
+    os.makedirs(run_dir, exist_ok=True)
+    paths = []
+    for case in run["cases"]:
+        path = os.path.join(run_dir, f"case_{case['case_id']}.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(rome_case(case), f, indent=1, ensure_ascii=False)
+        paths.append(path)
+    return paths
 
 
 def _label(run: dict) -> str:

@@ -2,21 +2,22 @@
 
 An :class:`EditRequest` asks the model to continue ``prompt`` with ``target``; its ``rephrases`` are other phrasings on
 which the edit should hold too and its ``watch`` prompts unrelated ones whose behaviour should not change (both are
-checked, not trained on). A request file has one JSON object per line,
-``{"prompt": "...", "target": "...", "rephrases": ["..."], "watch": ["..."]}``; a malformed one raises
-:class:`errors.EditRequestError` naming the file and the line.
+checked, not trained on). Its optional ``subject`` names the part of the prompt the fact is about (what ROME-style
+editors locate; it must occur in the prompt). A request file has one JSON object per line,
+``{"prompt": "...", "target": "...", "rephrases": ["..."], "watch": ["..."], "subject": "..."}``; a malformed one
+raises :class:`errors.EditRequestError` naming the file and the line.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 from errors import EditRequestError
 
 from .base import read_jsonl
 
-REQUEST_KEYS = ("prompt", "target", "rephrases", "watch")
+REQUEST_KEYS = ("prompt", "target", "rephrases", "watch", "subject")
 
 
 @dataclass
@@ -25,12 +26,15 @@ class EditRequest:
 
     ``rephrases``: other phrasings of the prompt on which the edit should hold too (checked, not trained on).
     ``watch``: unrelated prompts whose behaviour should not change (checked).
+    ``subject``: the part of the prompt the fact is about (e.g. "Paris" in "Paris is the capital of"), for editors
+    that locate it; None when not given.
     """
 
     prompt: str
     target: str
     rephrases: List[str] = field(default_factory=list)
     watch: List[str] = field(default_factory=list)
+    subject: Optional[str] = None
 
     def __post_init__(self):
         self.validate()
@@ -50,6 +54,11 @@ class EditRequest:
             if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) and s.strip() for s in value):
                 raise EditRequestError(f"{at}'{key}' must be a list of non-empty strings, got {value!r}.")
             setattr(self, key, list(value))
+        if self.subject is not None:
+            if not isinstance(self.subject, str) or not self.subject.strip():
+                raise EditRequestError(f"{at}'subject' must be a non-empty string, got {self.subject!r}.")
+            if self.subject not in self.prompt:
+                raise EditRequestError(f"{at}'subject' {self.subject!r} does not occur in the prompt {self.prompt!r}.")
 
     @classmethod
     def from_dict(cls, obj, where: str = "") -> EditRequest:
@@ -63,7 +72,7 @@ class EditRequest:
         if unknown:
             raise EditRequestError(f"{at}unknown key(s) {unknown}; a request has the keys {list(REQUEST_KEYS)}.")
         try:
-            return cls(obj["prompt"], obj["target"], obj.get("rephrases", []), obj.get("watch", []))
+            return cls(obj["prompt"], obj["target"], obj.get("rephrases", []), obj.get("watch", []), obj.get("subject"))
         except EditRequestError as e:
             raise EditRequestError(f"{at}{e}") from None
 

@@ -44,7 +44,7 @@ ALLOWED = {
     "scoring": {"editable_model", "losses", "models", "utils"},
     "fact_metrics": {"data_classes", "losses"},
     "fact_eval": {"data_classes", "errors", "fact_metrics", "fact_report", "scoring"},
-    "easyedit_api": {"data_classes"},
+    "easyedit_api": {"data_classes", "fact_metrics"},
     "train_state": {"checkpoints", "distributed", "errors", "utils"},
     "trainer": {
         "blocks",

@@ -32,7 +32,6 @@ from data_classes.counterfact import (
     read_counterfact,
     split_by_subject,
 )
-from data_classes.requests import EditRequest
 from edit import Editor
 from editable_model import logits_of
 from evaluation import train_and_evaluate
@@ -358,57 +357,6 @@ def test_the_embedded_validation_cases_load_for_an_editor(tmp_path):
     assert cases and source.endswith("validation.json") and Path(source).is_file()
     again, _ = load_split(data_cfg(max_countries=40), "validation", seed=0, cache_dir=str(tmp_path))
     assert again == cases
-
-
-# -- the EasyEdit-shaped API -----------------------------------------------------------------------------------
-def test_the_easyedit_call_returns_its_metrics_layout(tokenizer):
-    editor = test_edit.editor_with_statistics("gpt2", tokenizer)
-    neighborhood = [("The old museum", "is"), ("North of the bridge", "the")]
-    before = {n: p.clone() for n, p in editor.model.named_parameters()}
-    metrics, edited, weights_copy = editor.edit(
-        prompts=["The river city is", "A winter festival"],
-        target_new=["castle", "harbour garden"],
-        ground_truth=["old", "museum"],
-        subject=["river city", "winter festival"],
-        rephrase_prompts=["The city is", "Winter festival"],
-        locality_inputs={
-            "neighborhood": {"prompt": [p for p, _ in neighborhood], "ground_truth": [t for _, t in neighborhood]}
-        },
-        portability_inputs={
-            "one_hop": {"prompt": ["The castle is in", "The garden is"], "ground_truth": ["town", "green"]}
-        },
-        keep_original_weight=True,
-    )  # fmt: skip
-    assert len(metrics) == 2 and [m["case_id"] for m in metrics] == [0, 1]
-    for m in metrics:
-        assert set(m["pre"]) >= {"rewrite_acc", "rephrase_acc", "portability", "locality"}
-        assert set(m["post"]["locality"]) == {"neighborhood_acc"}
-        # before the edit: the unedited model's argmax tokens on the neighborhood prompt and its ground truth
-        toks = editor.tokenize(EditRequest(*neighborhood[m["case_id"]]))
-        row = (toks.prompt, toks.target)
-        assert m["pre"]["locality"]["neighborhood"]["output"] == editor.score(editor.base(), [row])[0].argmax
-        assert set(m["post"]["portability"]) == {"one_hop_acc"}
-        assert m["requested_rewrite"]["ground_truth"] in ("old", "museum")
-    # after the last edit (its model is the one returned): the share of those tokens the edit left as they were
-    toks = editor.tokenize(EditRequest(*neighborhood[1]))
-    row = (toks.prompt, toks.target)
-    before_tokens = editor.score(editor.base(), [row])[0].argmax
-    after_tokens = editor.score(edited, [row])[0].argmax
-    same = sum(a == b for a, b in zip(after_tokens, before_tokens)) / len(before_tokens)
-    assert metrics[1]["post"]["locality"]["neighborhood_acc"] == [pytest.approx(same)]
-    assert set(weights_copy) == set(editor.inner_params)
-    for n, p in editor.model.named_parameters():
-        assert torch.equal(p, before[n]), n  # the base model is never changed
-        if n in weights_copy:
-            assert torch.equal(weights_copy[n], p)
-    assert len(edited.patches) == 1  # not sequential: the model of the last edit alone
-    _, sequential, _ = editor.edit(prompts=["The river city is", "A winter festival"], target_new=["castle", "harbour"],
-                                   sequential_edit=True)  # fmt: skip
-    assert len(sequential.patches) == 2
-    with pytest.raises(TypeError, match="unexpected keyword argument"):
-        editor.edit(prompts="The river city is", target_new="castle", keep_orignal_weight=True)
-    with pytest.raises(ValueError, match="target_new: 1 values for 2 prompts"):
-        editor.edit(prompts=["a", "b"], target_new=["c"])
 
 
 def test_the_counterfact_experiment_trains_and_its_editor_evaluates(workspace, tmp_path):
