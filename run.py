@@ -22,10 +22,10 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from algs import ALGS, editor_class
-from config_schema import check_command_line, register_configs, validate_config
+from config_schema import check_command_line, check_known_keys, register_configs, validate_config
 from data_classes import DATASETS, check_model_kind, dataset_class
 from errors import TrainingInterrupted, UserError
 
@@ -124,12 +124,28 @@ def main_job(cfg: DictConfig, run_dir: str) -> dict:
         distributed.shutdown()
 
 
+def infer_model(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with the model keys it leaves to inference (``+model=hf``: ``class_name: auto``, ``kind: auto``,
+    ``inner_params: []``, see config/model/hf.yaml) read from the model's config; ``cfg`` itself when it leaves none.
+    Unknown keys are refused first, so that a typo is reported before the model's config is read."""
+    check_known_keys(cfg)
+    inner = OmegaConf.select(cfg, "model.inner_params")
+    auto = "auto" in (OmegaConf.select(cfg, "model.class_name"), OmegaConf.select(cfg, "model.kind"))
+    if OmegaConf.select(cfg, "model.name") is None or not (auto or (inner is not None and len(inner) == 0)):
+        return cfg  # nothing to infer, or no model named: validate_config says what is missing
+    # Imported here: reading a model's config needs transformers, which a run of a model file loads later.
+    from models.architectures import infer_model_config
+
+    return OmegaConf.merge(cfg, {"model": infer_model_config(cfg.model, os.path.expanduser(cfg.cache_dir))})
+
+
 register_configs()
 
 
 @hydra.main(config_path="config", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
+        cfg = infer_model(cfg)  # +model=hf: the model's class, kind and edited weights, from its config
         validate_config(cfg, algs=ALGS, tasks=DATASETS)
         main_job(cfg, HydraConfig.get().runtime.output_dir)
     except UserError as e:

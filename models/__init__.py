@@ -19,7 +19,8 @@ The package, one job per file (each imports only files listed above it):
 * :mod:`models.embedded`: the embedded models and their conversion into the cache (:func:`resolve_model_dir`);
 * :mod:`models.classifier`: :class:`BertClassifier`;
 * :mod:`models.loading`: :func:`get_model` and :func:`get_tokenizer` (directories, the cache, the hub);
-* :mod:`models.inner_params`: :func:`check_inner_params`.
+* :mod:`models.inner_params`: :func:`check_inner_params`;
+* :mod:`models.architectures`: what ``+model=hf`` reads from a model's config (its class, kind and edited weights).
 """
 
 from errors import InnerParamsError, ModelLoadError
