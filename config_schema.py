@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import logging
 import os
 import typing
 from dataclasses import dataclass, field, make_dataclass
@@ -34,7 +35,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from algs import renamed_keys, settings_checks, settings_groups, settings_ranges
 from errors import ConfigError
-from ranges import BATCH, COUNT, LOSS_WEIGHT, TOKENS, Range
+from ranges import BATCH, COUNT, FASTEST_STEPS_PER_SECOND, LOSS_WEIGHT, MAX_PLAUSIBLE_STEPS, TOKENS, Range, duration
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -279,8 +282,18 @@ def check_command_line(args: Sequence[str]) -> None:
     command line to Hydra alone."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(a.startswith("-") for a in args):
         return
+    chosen: Dict[str, List[str]] = {}
     for arg in args:
         key = arg.split("=", 1)[0].lstrip("+~")
+        if "=" in arg and key in GROUPS:
+            value = arg.split("=", 1)[1]
+            if not arg.startswith(("+", "~")):
+                raise ConfigError(
+                    f"{arg}: a config group is chosen with a '+' ({key} has no file by default): use +{arg}."
+                )
+            chosen.setdefault(key, []).append(value)
+            if len(chosen[key]) > 1:
+                raise ConfigError(f"+{key}= is given {len(chosen[key])} times ({', '.join(chosen[key])}): give one.")
         if "=" in arg and key in RENAMED_KEYS:
             value = arg.split("=", 1)[1]
             raise ConfigError(
@@ -290,6 +303,10 @@ def check_command_line(args: Sequence[str]) -> None:
         if "=" in arg and not _is_group(key) and not key.startswith(("hydra.", "hydra/")):
             check_key(key, arg)
     check_known_keys(compose_config(args))
+
+
+# The config groups a command line chooses a file of (+alg=mend): the folders of config/.
+GROUPS = tuple(sorted(d for d in os.listdir(CONFIG_DIR) if os.path.isdir(os.path.join(CONFIG_DIR, d))))
 
 
 def _is_group(key: str) -> bool:
@@ -433,6 +450,29 @@ def check_ranges(cfg) -> None:
             raise ConfigError(rule.message(key, value))
 
 
+def check_schedule(cfg) -> None:
+    """Refuse a training schedule that cannot be meant: more steps than a year at the fastest rate any hardware
+    is assumed to reach (``ranges.MAX_PLAUSIBLE_STEPS``) with no ``max_time`` to stop it. Warn of an optimiser step
+    (every ``accumulate_bs`` steps) that training never reaches: the editor stays as initialised, which a smoke
+    test may want. An evaluation (``eval_only``) trains nothing."""
+    if cfg.eval_only:
+        return
+    if cfg.max_time is None and cfg.max_iters > MAX_PLAUSIBLE_STEPS:
+        raise ConfigError(
+            f"max_iters={cfg.max_iters}: expected at most {MAX_PLAUSIBLE_STEPS} with no max_time: even at "
+            f"{FASTEST_STEPS_PER_SECOND} steps/s (a step is about 1 s on 2 CPU cores) it would take "
+            f"{duration(cfg.max_iters / FASTEST_STEPS_PER_SECOND)}. Give a budget a run can reach, or bound it by "
+            f"the clock with max_time=<seconds>."
+        )
+    if cfg.accumulate_bs > cfg.max_iters:
+        LOG.warning(
+            "accumulate_bs=%d is above max_iters=%d: the editor takes an optimiser step every accumulate_bs training "
+            "steps, so this run never updates it (set accumulate_bs<=max_iters to train it).",
+            cfg.accumulate_bs,
+            cfg.max_iters,
+        )
+
+
 # Keys that an earlier version of the schema declared: a saved configuration (a checkpoint's) may still hold them.
 REMOVED_KEYS = ("eval.verbose",)
 # Keys that an earlier version spelled otherwise: old name -> new name (each editor's, from its RENAMED_KEYS).
@@ -526,3 +566,4 @@ def validate_config(cfg, algs=(), tasks=()) -> None:
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}: expected online, offline or disabled.")
     if cfg.model.kind not in MODEL_KINDS:
         raise ConfigError(f"model.kind={cfg.model.kind!r}: expected one of {', '.join(MODEL_KINDS)}.")
+    check_schedule(cfg)

@@ -70,3 +70,19 @@ COUNT = Range(1)
 BATCH = Range(1, 2**16, why="the rows of a batch go through the model at once")
 WIDTH = Range(1, 2**16, why="a layer of this width is allocated at once")
 TOKENS = Range(1, 2**17, why="no model this project runs has a longer context")
+
+# A training step (or an editor's fine-tuning step) runs the model forward and backward several times, one pass
+# after another: about 1 s on this project's 2-core CPU at distilGPT-2's shape (docs/benchmarks.md). No hardware is
+# assumed to run more than FASTEST_STEPS_PER_SECOND of them, so a step budget above a year at that rate (about 3.2
+# billion steps) is a typo, not a plan.
+FASTEST_STEPS_PER_SECOND = 100
+YEAR_SECONDS = 365 * 24 * 3600
+MAX_PLAUSIBLE_STEPS = FASTEST_STEPS_PER_SECOND * YEAR_SECONDS
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` in the largest unit that keeps it above 1: ``3.2 hours``, ``31,710 years``."""
+    for unit, size in (("years", YEAR_SECONDS), ("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:,.0f} {unit}" if seconds >= 100 * size else f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"

@@ -5,6 +5,7 @@ python -m run +alg=<editor> +experiment=gen +model=distilgpt2 data.n_edits=5 bat
 python -m run +alg=<editor> +experiment=gen +model=smollm2 eval_only=True archive=outputs/<run>
 python -m run +alg=<editor> +experiment=gen +model=smollm2 resume=outputs/<run>   # continue an interrupted run
 torchrun --nproc_per_node=4 -m run +alg=<editor> +experiment=gen +model=smollm2    # 4 processes (GPUs), DDP
+python -m run --help   # the config groups and their files, the frequently used keys, examples (see usage())
 
 (the editors and experiments: config/alg/ and config/experiment/; the README's commands run each of them.) An
 editor with nothing to train is evaluated directly.
@@ -24,8 +25,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from algs import ALGS, editor_class
-from config_schema import check_command_line, check_known_keys, register_configs, validate_config
+from algs import ALGS, check_shapes, editor_class, settings_help
+from config_schema import (
+    CONFIG_DIR,
+    GROUPS,
+    Config,
+    ModelConfig,
+    check_command_line,
+    check_known_keys,
+    register_configs,
+    validate_config,
+)
 from data_classes import DATASETS, check_model_kind, dataset_class
 from errors import TrainingInterrupted, UserError
 
@@ -47,6 +57,9 @@ def build(cfg: DictConfig):
     with distributed.local_main_first():  # under torchrun, one process per machine fills the model cache
         model = get_model(cfg.model, cache_dir)
     check_inner_params(model, list(cfg.model.inner_params))
+    shapes = {name: model.get_parameter(name).shape for name in cfg.model.inner_params}
+    for warning in check_shapes(cfg, shapes):  # the editor's settings against the edited weights (a rank, ...)
+        LOG.warning("%s", warning)
     tokenizer = get_tokenizer(cfg.model, cache_dir)
     model.to(device)
 
@@ -172,7 +185,115 @@ def _quiet_hydra_on_other_ranks(argv: list) -> list:
     return kept + ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
+# What python -m run --help says of each config group, and the keys of every run it lists with one line each (the
+# editors' frequently used keys come from their settings, algs.settings_help).
+GROUP_HELP = {
+    "alg": "the editor",
+    "experiment": "the task and its data",
+    "model": "the base model and the weights it edits",
+    "schedule": "a CPU demo schedule (+model=smollm2 and +model=minilm bring theirs)",
+}
+KEY_HELP = {
+    "data.n_edits": "edits applied at once per batch; the rest of the batch is locality examples",
+    "batch_size": "edits + locality examples per training batch",
+    "val_batch_size": "the same for validation",
+    "max_iters": "training steps at most",
+    "max_time": "training budget in seconds (null: none)",
+    "accumulate_bs": "training steps per optimiser step",
+    "log_interval": "steps between log lines",
+    "val_interval": "steps between validations (and best checkpoints)",
+    "val_steps": "validation edits",
+    "early_stop_patience": "steps without a better validation before training stops",
+    "cedit": "weight of the edit loss",
+    "cloc": "weight of the locality KL",
+    "seed": "random seed",
+    "device": "auto | cpu | cuda | cuda:N (auto: cuda when available)",
+    "eval_only": "evaluate the editor of archive= without training",
+    "archive": "a trained run directory or checkpoint to evaluate or start from",
+    "resume": "a run directory to continue after an interruption",
+    "results_dir": "where results.json goes (null: the run directory)",
+    "data.path": "directory of the original data files (null: the embedded set)",
+    "model.name": "hub id or local directory of the base model",
+    "model.inner_params": "the edited weights, e.g. [transformer.h.5.mlp.c_fc.weight]",
+    "model.dtype": "float32 | bfloat16 | float16: the base model's weights",
+    "wandb.enabled": "log to wandb (offline unless wandb.mode=online)",
+    "silent": "no progress bars",
+}
+EXAMPLES = (
+    "python -m run +alg=mend +experiment=gen +model=smollm2   # the embedded model: runs offline",
+    "python -m run +alg=mend +experiment=gen +model=distilgpt2 data.n_edits=5 batch_size=6 val_batch_size=6",
+    "python -m run +alg=mend +experiment=gen +model=smollm2 eval_only=True archive=outputs/<run>",
+)
+
+
+def _option_help(path: str) -> str:
+    """A config file's description: the first clause of its first comment (up to '. ', '; ' or ', ' outside
+    parentheses), and of that, what comes before a ': ' when it is longer than a line of the help holds."""
+    lines = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            text = line[1:].strip() if line.startswith("#") else ""
+            if text.startswith("@package"):
+                continue
+            if not text:
+                break
+            lines.append(text)
+    text = _clause(" ".join(lines), ".;,")
+    return _clause(text, ":") if len(text) > 100 else text
+
+
+def _clause(text: str, ends: str) -> str:
+    """``text`` up to the first of the characters ``ends`` followed by a space (or ending it), outside parentheses."""
+    depth = 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0 and char in ends and text[i + 1 : i + 2] in (" ", ""):
+            return text[:i]
+    return text
+
+
+def usage() -> str:
+    """The text of ``python -m run --help``: the config groups and their files, the frequently used keys with their
+    defaults (the schema's: a file of a group may change them), and example command lines."""
+    defaults = OmegaConf.structured(Config)
+    defaults.model = ModelConfig()  # its keys without a default (name, ...) are a model file's
+
+    def default(key: str) -> str:
+        parent, _, name = key.rpartition(".")
+        if OmegaConf.is_missing(OmegaConf.select(defaults, parent) if parent else defaults, name):
+            return "<per model>"
+        value = OmegaConf.select(defaults, key)
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    out = [
+        "Train an editor on a base model and evaluate it, or evaluate a trained one (docs/configuration.md).",
+        "",
+        "usage: python -m run +alg=<editor> +experiment=<experiment> +model=<model> [key=value ...]",
+        "",
+        "Config groups, each chosen with a '+' (+alg=mend, not alg=mend):",
+    ]
+    for group in GROUPS:
+        out.append(f"  +{group + '=<name>':<20}{GROUP_HELP.get(group, '')}".rstrip())
+        folder = os.path.join(CONFIG_DIR, group)
+        for name in sorted(f[: -len(".yaml")] for f in os.listdir(folder) if f.endswith(".yaml")):
+            out.append(f"    {name:<14}{_option_help(os.path.join(folder, name + '.yaml'))}")
+    rows = [(f"{key}={default(key)}", text) for key, text in {**KEY_HELP, **settings_help()}.items()]
+    width = max(len(key) for key, _ in rows) + 2
+    out += ["", "Frequently used keys (key=default; the files of a group may change the default):"]
+    out += [f"  {key:<{width}}{text}" for key, text in rows]
+    out += ["", "Examples:"] + [f"  {line}" for line in EXAMPLES]
+    out += [
+        "",
+        "Every key is typed and checked before anything loads: an unknown key is refused, with or without a '+'.",
+        "The whole configuration of a command line: add --cfg job. Hydra's own flags: --hydra-help.",
+    ]
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        print(usage())
+        sys.exit(0)
     sys.argv = _quiet_hydra_on_other_ranks(sys.argv)
     try:
         check_command_line(sys.argv[1:])  # a key or value Hydra refuses: one line and exit 2, not Hydra's report

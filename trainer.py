@@ -28,12 +28,15 @@ from editable_model import EditableModel
 from errors import NonFiniteLossError, TrainingInterrupted
 from memory import activation_checkpointing
 from meta_loss import StepContext, StepLosses
+from ranges import YEAR_SECONDS, duration
 from reporting import format_stats, init_wandb
 from signals import graceful_stop
 from train_state import Optimisers, RunCheckpoints, TrainState
 from utils import EarlyStopper, StatAverager, all_finite, seed_everything, to_device
 
 LOG = logging.getLogger(__name__)
+# Training steps timed before a schedule too long to finish is warned of (_warn_of_a_long_schedule).
+RATE_STEPS = 10
 
 
 class _StopRequested(Exception):
@@ -113,9 +116,12 @@ class EditTrainer:
                     stop = "early_stop"
                 gen = distributed.rank_stream(self._train_batches(), self.dist.rank, self.dist.world_size)
                 steps = grouped(gen, self.editor.batches_per_step)
+                first_step, first_time = state.step, time.perf_counter()
                 while not stop and state.step < cfg.max_iters and not self._stop_requested():
                     stop = self._train_step(next(steps), averager, start, interval)
                     bar.update(self.dist.world_size)
+                    if state.step - first_step == RATE_STEPS * self.dist.world_size:
+                        self._warn_of_a_long_schedule(state.step - first_step, time.perf_counter() - first_time)
                     if self._crossed(cfg.log_interval):
                         stats = averager.summary()
                         averager = StatAverager()
@@ -138,6 +144,22 @@ class EditTrainer:
                 self._interrupted()
         self.save_last()
         LOG.info("Training done: %d steps in %.0fs, %d skipped.", state.step, state.train_seconds, state.n_skipped)
+
+    def _warn_of_a_long_schedule(self, steps: int, seconds: float) -> None:
+        """After the first steps: a warning when the steps left to max_iters, at the rate of those steps, would take
+        over a year and no max_time bounds the run (only early stopping could end it sooner)."""
+        cfg = self.config
+        left = (cfg.max_iters - self.state.step) * seconds / steps
+        if cfg.max_time is None and self.dist.is_main and left > YEAR_SECONDS:
+            LOG.warning(
+                "max_iters=%d: at the %.3g steps/s of the first %d steps, the run would take %s unless early stopping "
+                "(early_stop_patience=%d) ends it; set max_time=<seconds> or a smaller max_iters.",
+                cfg.max_iters,
+                steps / seconds,
+                steps,
+                duration(left),
+                cfg.early_stop_patience,
+            )
 
     def _train_step(self, batch, averager: StatAverager, start: float, interval: int) -> Optional[str]:
         """One training step and what follows it; "early_stop" or "out_of_time" when training should stop."""

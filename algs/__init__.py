@@ -8,6 +8,9 @@ An editor is one folder and one YAML file, and nothing else names it (the regist
   its group ``<name>.*`` with their types and defaults; ``RANGES``, the range (``ranges.Range``) of each numeric
   key, by its name in the group; optionally ``check(cfg)``, the checks that span several keys (raise
   ``errors.ConfigError`` naming them), and ``RENAMED_KEYS``, the keys it spelled otherwise before (old -> new);
+  also optional: ``check_shapes(cfg, shapes)``, the checks of its settings against the shapes of the weights it edits
+  once the model is loaded (a rank above a layer's width), and ``HELP``, a one-line description of its frequently
+  used keys for ``python -m run --help``;
 - ``algs/<name>/editor.py``: the editor class, imported only by :func:`editor_class`;
 - ``config/alg/<name>.yaml``: ``alg: <name>`` and the settings it changes from the defaults.
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from types import ModuleType
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Sequence
 
 
 def _discover() -> Dict[str, ModuleType]:
@@ -64,3 +67,15 @@ def renamed_keys() -> Dict[str, str]:
 def settings_checks() -> Dict[str, Callable]:
     """name -> the editor's check of the keys of its group that span several keys (editors that have one)."""
     return {name: m.check for name, m in EDITORS.items() if hasattr(m, "check")}
+
+
+def check_shapes(cfg, shapes: Dict[str, Sequence[int]]) -> List[str]:
+    """The running editor's (``cfg.alg``) check of its settings against the shapes of the weights it edits (name ->
+    shape), once the model is loaded: raises a ConfigError naming the key, or returns warnings, one line each."""
+    check = getattr(EDITORS[cfg.alg], "check_shapes", None)
+    return list(check(cfg, {name: tuple(shape) for name, shape in shapes.items()})) if check else []
+
+
+def settings_help() -> Dict[str, str]:
+    """The one-line description of each editor's frequently used keys (its ``HELP``), by full name (``mend.lr``)."""
+    return {f"{name}.{key}": text for name, m in EDITORS.items() for key, text in getattr(m, "HELP", {}).items()}

@@ -54,6 +54,7 @@ ALLOWED = {
         "errors",
         "memory",
         "meta_loss",
+        "ranges",
         "reporting",
         "signals",
         "train_state",

@@ -28,3 +28,10 @@ RANGES = {
     **dict.fromkeys(("lstm_hidden", "condition_dim", "hidden_dim"), WIDTH),
     "max_scale": STEP,
 }
+
+# A one-line description of the frequently used keys, for python -m run --help.
+HELP = {
+    "lr": "Adam learning rate of the editor",
+    "lstm_hidden": "hidden size of each direction of the LSTM over the condition",
+    "hidden_dim": "hidden size of each weight's conditioned MLP",
+}

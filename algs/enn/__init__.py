@@ -38,6 +38,14 @@ RANGES = {
     "n_edit_steps": Range(1, 1024, why="every inner step is kept in memory for the backward pass"),
 }
 
+# A one-line description of the frequently used keys, for python -m run --help.
+HELP = {
+    "lr": "Adam learning rate of the trained base model (train_base=True)",
+    "edit_lr": "initial per-weight step size of the inner SGD steps",
+    "lr_lr": "Adam learning rate of those step sizes",
+    "n_edit_steps": "SGD steps on the edit loss per edit",
+}
+
 
 def check(cfg) -> None:
     """The checks of the group's values that a range cannot express."""

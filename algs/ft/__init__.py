@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ranges import BATCH, COUNT, LOSS_WEIGHT, STEP, Range
+from errors import ConfigError
+from ranges import BATCH, COUNT, FASTEST_STEPS_PER_SECOND, LOSS_WEIGHT, MAX_PLAUSIBLE_STEPS, STEP, Range, duration
 
 EDITOR = "FT"  # the editor's class in algs/ft/editor.py
 
@@ -48,3 +49,37 @@ RANGES = {
 
 # Keys that earlier versions spelled otherwise (old name -> new name).
 RENAMED_KEYS = {"ft.edit_lr": "ft.lr"}
+
+# A one-line description of the frequently used keys, for python -m run --help.
+HELP = {
+    "lr": "learning rate of the fine-tuning optimizer",
+    "max_edit_steps": "fine-tuning steps per edit at most (fewer once the target is the greedy prediction)",
+    "time_limit": "seconds per edit at most (null: no limit)",
+    "rank": "fine-tune a rank-r residual U V instead of a full one (null: full)",
+    "locality.enabled": "FT+KL: add the KL to the unedited model on locality batches",
+}
+
+
+def check(cfg) -> None:
+    """A step budget per edit beyond a year at the fastest step rate assumed (ranges.MAX_PLAUSIBLE_STEPS), with no
+    ft.time_limit to stop an edit whose target never becomes the greedy prediction."""
+    if cfg.ft.time_limit is None and cfg.ft.max_edit_steps > MAX_PLAUSIBLE_STEPS:
+        raise ConfigError(
+            f"ft.max_edit_steps={cfg.ft.max_edit_steps}: expected at most {MAX_PLAUSIBLE_STEPS} with no "
+            f"ft.time_limit: even at {FASTEST_STEPS_PER_SECOND} steps/s one edit could take "
+            f"{duration(cfg.ft.max_edit_steps / FASTEST_STEPS_PER_SECOND)}. Lower it, or bound each edit by the "
+            f"clock with ft.time_limit=<seconds>."
+        )
+
+
+def check_shapes(cfg, shapes) -> list:
+    """Refuse an ``ft.rank`` above the rank a residual of an edited weight (name -> shape) can have: U V would hold
+    more parameters than the full residual, with no more it can express."""
+    rank = cfg.ft.rank
+    for name, shape in shapes.items():
+        if rank is not None and rank > min(shape):
+            raise ConfigError(
+                f"ft.rank={rank}: expected at most {min(shape)}, the largest rank a residual of {name} "
+                f"({' x '.join(map(str, shape))}) can have; use a smaller ft.rank, or ft.rank=null for a full one."
+            )
+    return []

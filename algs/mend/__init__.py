@@ -19,8 +19,8 @@ class MendConfig:
     lr: float = 1e-6  # Adam learning rate of the editor MLPs
     lr_lr: float = 1e-4  # Adam learning rate of the learned per-weight edit step sizes
     edit_lr: float = 1e-4  # initial per-weight edit step size alpha_l
-    rank: int = 1920
-    n_hidden: int = 1
+    rank: int = 1920  # rank of each editor MLP's layers, capped at the MLP's width (check_shapes warns above it)
+    n_hidden: int = 1  # hidden layers of each editor MLP (each a low-rank residual layer)
     init: str = "id"  # id | xavier
     norm: bool = True
     combine: bool = True
@@ -38,8 +38,18 @@ SETTINGS = MendConfig
 # The range of every numeric key of the group, by its name in the group.
 RANGES = {
     **dict.fromkeys(("lr", "lr_lr", "edit_lr"), STEP),
-    "rank": Range(1, why="a larger rank is capped at each layer's width"),
+    "rank": Range(1, 2**16, why="no edited layer is that wide, and each editor MLP's rank is capped at its width"),
     "n_hidden": Range(0, 1024, why="every layer is allocated at once"),
+}
+
+# A one-line description of the frequently used keys, for python -m run --help.
+HELP = {
+    "lr": "Adam learning rate of the editor MLPs",
+    "edit_lr": "initial per-weight edit step size alpha",
+    "lr_lr": "Adam learning rate of the edit step sizes",
+    "rank": "rank of the editor MLPs' layers (capped at each MLP's width)",
+    "n_hidden": "hidden layers of each editor MLP",
+    "update_rule": "paper: W - alpha * g~; original: W + alpha * g~, the original code's rule",
 }
 
 # Keys that earlier versions spelled otherwise (old name -> new name): MEND's rates were at the top level.
@@ -63,3 +73,22 @@ def check(cfg) -> None:
         raise ConfigError(
             f"mend.update_rule={m.update_rule!r}: expected 'paper' (W - alpha * g) or 'original' (W + alpha * g)."
         )
+
+
+def check_shapes(cfg, shapes) -> list:
+    """A warning when ``mend.rank`` is above the width of every editor MLP the edited weights (name -> shape) get:
+    each MLP's rank is capped at its width, so the rank given does not act as set. The widest MLP takes both sides
+    of a weight with ``mend.combine``, the smaller side with ``mend.one_sided``, a side otherwise."""
+    m = cfg.mend
+    widths = {}
+    for name, shape in shapes.items():
+        rows, cols = shape[0], shape[-1]
+        widths[name] = rows + cols if m.combine else min(rows, cols) if m.one_sided else max(rows, cols)
+    if not widths or m.rank <= max(widths.values()):
+        return []
+    name = max(widths, key=widths.get)
+    return [
+        f"mend.rank={m.rank} is above the width of every editor MLP of this model (at most {widths[name]}, for "
+        f"{name} of shape {' x '.join(map(str, shapes[name]))}{' with mend.combine' if m.combine else ''}): each "
+        f"MLP's rank is capped at its width, so this run is the same as with mend.rank={widths[name]}."
+    ]

@@ -30,3 +30,10 @@ RANGES = {
     ),
     "chunk_size": BATCH,
 }
+
+# A one-line description of the frequently used keys, for python -m run --help.
+HELP = {
+    "lr": "scale of the target output shift",
+    "ridge": "lambda of the per-layer ridge solve",
+    "chunk_size": "edits per gradient pass and statistics update",
+}
