@@ -10,13 +10,16 @@ From Python::
     print(result.table())                                    # before/after figures per request
     result.save_pretrained("edited-model")                   # loads with AutoModelForCausalLM.from_pretrained
     result.save_patches("patches")                           # one compact patch per applied edit
+    editor.save_peft_adapter(result.model, "adapter")        # the same edit as a PEFT LoRA adapter
+    editor.save_pretrained("my-editor")                      # the editor itself, small; Editor.from_pretrained
     model = result.model                                     # an EditedModel: base + a stack of patches
     model.revert()                                           # drop the last patch: the weights before it, bit for bit
 
 From the shell (no Hydra: the configuration comes from the checkpoint)::
 
     python -m edit apply --archive outputs/<run> --requests requests.jsonl --out edited-model/ \
-        [--mode batched|sequential] [--patch-out patches/] [--patch patches/ ...] [--overwrite]
+        [--mode batched|sequential] [--patch-out patches/] [--patch patches/ ...] [--peft-out adapter/] [--overwrite]
+    python -m edit push --archive outputs/<run>|<saved editor> --repo <user>/<name> [--private] [--token T]
     python -m edit eval-sequential --archive outputs/<run> --n 100 --checkpoints 1,10,100 [--plot seq.png]
     python -m edit eval --archive outputs/<run> [--path counterfact.json] --n 200 --mode single|batched|sequential \
         [--n-edits 1,10,100] [--generation] [--out eval/ [--layout run|rome]] [--plot curve.png]
@@ -54,6 +57,7 @@ from typing import List, Optional
 
 from data_classes.requests import EditRequest, load_requests
 from editing import Editor, EditResult, format_table
+from editor_io import push
 from errors import EditRequestError, PatchError, UserError
 from fact_eval import MODES, evaluate_dataset
 from fact_report import LAYOUTS, run_name
@@ -97,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--mode", choices=("batched", "sequential"), default="batched")
     a.add_argument("--patch", action="append", default=[], help="saved patch file or directory, applied first")
     a.add_argument("--out", help="write the edited model here (loads with from_pretrained)")
-    a.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty directory")
+    a.add_argument("--peft-out", help="write the applied patches as a PEFT LoRA adapter of the base model here")
+    a.add_argument("--overwrite", action="store_true", help="allow --out / --peft-out to be a non-empty directory")
     a.add_argument("--patch-out", help="write the new patches here (patch-0000.safetensors, ...)")
     a.add_argument("--report", help="write the per-request figures as JSON here")
     a.add_argument("--watch-tokens", type=int, default=8, help="greedy tokens generated for watched prompts")
@@ -109,6 +114,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n-loc", type=int, default=20, help="locality passages for the perplexity drawdown")
     s.add_argument("--plot", default="sequential-edits.png", help="PNG written here")
     s.add_argument("--report", help="write the figures as JSON here")
+
+    u = sub.add_parser("push", help="upload an editor (a training run or a saved editor) to the HuggingFace hub")
+    u.add_argument("--archive", required=True, help="training run directory, checkpoint file or saved editor")
+    u.add_argument("--repo", required=True, help="the hub repository, <owner>/<name> (created if missing)")
+    u.add_argument("--private", action="store_true", help="create the repository private")
+    u.add_argument("--token", help="HuggingFace token (default: HF_TOKEN or the one of huggingface-cli login)")
+    u.add_argument("--message", default="", help="the commit message")
+    u.add_argument("-v", "--verbose", action="store_true", help="log progress")
 
     e = sub.add_parser("eval", help="the field's metrics on fact edits: CounterFact's scores, EasyEdit's accuracies")
     common(e)
@@ -155,6 +168,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _cmd_apply(args)
         if args.command == "eval":
             return _cmd_eval(args)
+        if args.command == "push":
+            return _cmd_push(args)
         return _cmd_eval_sequential(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -165,8 +180,9 @@ def _cmd_apply(args) -> int:
     if not args.requests and not args.patch:
         raise EditRequestError("nothing to apply: give --requests FILE and/or --patch PATH.")
     requests = load_requests(args.requests) if args.requests else []  # a bad file fails before any loading
-    if args.out:
-        check_output_dir(os.path.expanduser(args.out), args.overwrite)
+    for out in (args.out, args.peft_out):
+        if out:
+            check_output_dir(os.path.expanduser(out), args.overwrite)
     patches = load_patches(args.patch) if args.patch else []
     editor = Editor.from_archive(args.archive, args.device, args.cache_dir, args.model_name)
     model = editor.apply_patches(patches) if patches else None
@@ -187,6 +203,15 @@ def _cmd_apply(args) -> int:
         info = {"report": result.report} if result is not None else {}
         model.save_pretrained(args.out, editor.tokenizer, args.overwrite, info=info)
         print(f"wrote the edited model ({len(model.patches)} patch(es)) to {args.out}")
+    if args.peft_out:
+        editor.save_peft_adapter(model, args.peft_out, args.overwrite)
+        print(f"wrote the edit ({len(model.patches)} patch(es)) as a PEFT LoRA adapter to {args.peft_out}")
+    return 0
+
+
+def _cmd_push(args) -> int:
+    url = push(args.archive, args.repo, token=args.token, private=args.private, message=args.message)
+    print(f"uploaded {args.archive} to {url}")
     return 0
 
 

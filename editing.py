@@ -2,8 +2,10 @@
 surface, which the command line (``edit.py``), the field's metrics (``fact_eval.py``) and the sequential experiment
 (``sequential.py``) use and nothing else of it:
 
-* loading: :meth:`Editor.from_archive`; the base model (:attr:`Editor.model`, and :meth:`Editor.base`, the base
-  model as an :class:`patches.EditedModel` with no patch), its tokenizer, configuration and device;
+* loading: :meth:`Editor.from_archive` (a training run), :meth:`Editor.from_pretrained` (a saved editor, from a
+  directory or the hub; :meth:`Editor.save_pretrained` writes one, ``editor_io.py``); the base model
+  (:attr:`Editor.model`, and :meth:`Editor.base`, the base model as an :class:`patches.EditedModel` with no patch),
+  its tokenizer, configuration and device;
 * text and tokens: :meth:`Editor.encode`, :meth:`Editor.decode`, :meth:`Editor.tokenize` (a request),
   :meth:`Editor.batch` (prompt + target rows as a batch laid out as in training);
 * measuring: :meth:`Editor.score` (log p(target | prompt) per row, from :func:`losses.sequence_log_probs`),
@@ -11,7 +13,8 @@ surface, which the command line (``edit.py``), the field's metrics (``fact_eval.
 * editing: :meth:`Editor.edit_patch` (the patch of one update, :meth:`patches.Patch.from_edit`),
   :meth:`Editor.apply` (requests in, an :class:`EditResult` out), :meth:`Editor.apply_patches` (saved patches),
   :meth:`Editor.edit` and :meth:`Editor.batch_edit` (EasyEdit's calls, with :attr:`Editor.tok` and
-  :attr:`Editor.hparams`) and :meth:`Editor.eval_sequential` (the sequential experiment).
+  :attr:`Editor.hparams`) and :meth:`Editor.eval_sequential` (the sequential experiment);
+* sharing an edit: :meth:`Editor.save_peft_adapter` (the patches as a PEFT LoRA adapter, ``peft_export.py``).
 
 Users import these names from ``edit`` (``from edit import Editor``), which re-exports them.
 """
@@ -29,13 +32,23 @@ import torch
 
 import easyedit_api
 from algs import ALGS, editor_class
-from checkpoints import check_base_model, checkpoint_path, config_from_meta, load_editor_state, read_checkpoint
+from checkpoints import (
+    base_model_identity,
+    check_base_model,
+    checkpoint_meta,
+    checkpoint_path,
+    config_from_meta,
+    load_editor_state,
+    read_checkpoint,
+)
 from data_classes.batches import prompt_target_batch
 from data_classes.requests import EditRequest, EditTokens
+from editor_io import is_saved_editor, looks_like_hub_id, read_editor, run_results, write_editor
 from errors import CheckpointError, EditRequestError, PatchError
 from losses import SequenceScore, kl_loc_loss, sequence_log_probs
 from models import get_model, get_tokenizer
 from patches import EditedModel, Patch
+from peft_export import save_lora_adapter
 from sequential import eval_sequential
 from utils import resolve_device
 
@@ -179,15 +192,41 @@ class Editor:
         tokenizer=None,
         inner_params: Optional[Sequence[str]] = None,
     ) -> Editor:
-        """Load a training run's editor (a run directory or a checkpoint file) and its base model.
+        """Load a training run's editor (a run directory or a checkpoint file) and its base model; a saved editor
+        (a directory or hub id of :meth:`save_pretrained`) is loaded by :meth:`from_pretrained`.
 
         ``model_name`` loads the base model from another place (e.g. a directory it was moved to);
         ``model`` / ``tokenizer`` use objects already loaded. Either must be the model the editor was trained
         for: another class, other edited weights or other shapes raise :class:`errors.CheckpointError`.
         """
+        if is_saved_editor(archive) or looks_like_hub_id(archive):
+            return cls.from_pretrained(archive, device, cache_dir, model_name, model, tokenizer, inner_params)
         path = checkpoint_path(archive)
         ckpt = read_checkpoint(path)
-        meta = ckpt["meta"]
+        meta, state = ckpt["meta"], ckpt["editor"]
+        return cls._build(meta, state, path, device, cache_dir, model_name, model, tokenizer, inner_params)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str,
+        device: str = "cpu",
+        cache_dir: Optional[str] = None,
+        model_name: Optional[str] = None,
+        model: Optional[torch.nn.Module] = None,
+        tokenizer=None,
+        inner_params: Optional[Sequence[str]] = None,
+        revision: Optional[str] = None,
+    ) -> Editor:
+        """Load an editor written by :meth:`save_pretrained` (a directory, or a hub id fetched with
+        ``huggingface_hub``; offline, one not in the local cache raises :class:`errors.HubError`) and its base
+        model; the other arguments as in :meth:`from_archive`."""
+        s = read_editor(source, revision)
+        return cls._build(s.meta, s.state, s.path, device, cache_dir, model_name, model, tokenizer, inner_params)
+
+    @classmethod
+    def _build(cls, meta, state, path, device, cache_dir, model_name, model, tokenizer, inner_params) -> Editor:
+        """The editor of ``meta`` (a checkpoint's metadata) and ``state`` (its state dict) on its base model."""
         config = config_from_meta(meta, path)
         if config.alg not in ALGS:
             raise CheckpointError(f"{path}: holds a {config.alg!r} editor, which this program does not have.")
@@ -213,13 +252,13 @@ class Editor:
             tokenizer = get_tokenizer(config.model, cache_dir)
         model.to(resolve_device(device))
         alg = editor_class(config.alg)(model, config)
-        load_editor_state(alg, ckpt["editor"], path)
+        load_editor_state(alg, state, path)
         trained = alg.trained_base()
         if trained:  # trained with train_base: edits apply to the base model as the editor trained it
             if given:  # the caller's model stays as it is
                 model = copy.deepcopy(model)
                 alg = editor_class(config.alg)(model, config)
-                load_editor_state(alg, ckpt["editor"], path)
+                load_editor_state(alg, state, path)
                 trained = alg.trained_base()
             with torch.no_grad():
                 for name, w in trained.items():
@@ -237,6 +276,40 @@ class Editor:
                     f"samples): it was never trained. Train it first (python -m run ...) and pass that run."
                 )
         return cls(alg, tokenizer, config, meta, path)
+
+    # -- sharing ----------------------------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str, overwrite: bool = False) -> str:
+        """Write this editor as a small directory that :meth:`from_pretrained` loads (``editor_io.py``): its settings
+        and the base model's name and identity (``editor_config.json``), its parameters and statistics
+        (``editor.safetensors``; the statistics it starts each independent sequence from, as loaded, not what edits
+        since added to them) and a model card (``README.md``, with the training run's evaluation when the editor
+        came from a run directory). Not the base model's weights. A non-empty ``out_dir`` needs ``overwrite``."""
+        identity = self.meta.get("base_model") or base_model_identity(self.model, self.inner_params)
+        revision = getattr(getattr(self.model, "config", None), "_commit_hash", None)
+        if revision and "revision" not in identity:
+            identity = dict(identity, revision=revision)
+        meta = json.loads(checkpoint_meta(self.config, identity))
+        lifelong = self.alg.lifelong_state()
+        self.start_sequence()  # the state as loaded
+        try:
+            state = {k: v.detach().clone() for k, v in self.alg.state_dict().items()}
+        finally:
+            if lifelong:
+                self.alg.load_lifelong_state(lifelong)
+        evaluation = self.meta.get("evaluation") or (run_results(self.path) if os.path.isfile(self.path) else None)
+        return write_editor(out_dir, meta, state, evaluation, overwrite)
+
+    def save_peft_adapter(self, model: EditedModel, out_dir: str, overwrite: bool = False) -> str:
+        """Write the patches of ``model`` (e.g. ``EditResult.model``) as a PEFT LoRA adapter of the base model
+        (``peft_export.py``): ``PeftModel.from_pretrained(base, out_dir)`` runs the edited model, and its
+        ``merge_and_unload()`` is the model ``save_pretrained`` writes."""
+        if self.alg.trained_base():
+            raise PatchError(
+                f"{self.path}: this editor trained its base model (train_base), so its edits apply to weights that "
+                f"differ from {self.config.model.name}'s beyond the edited ones; an adapter of that model cannot "
+                f"hold them. Write the whole edited model instead (--out / EditResult.save_pretrained)."
+            )
+        return save_lora_adapter(model, out_dir, self.config.model.name, overwrite)
 
     # -- text, tokens and batches ---------------------------------------------------------------------------
     def encode(self, text: str) -> List[int]:

@@ -49,6 +49,10 @@ class PatchError(UserError, ValueError):
     """A patch cannot be read, or does not fit the base model it is applied to."""
 
 
+class HubError(UserError, RuntimeError):
+    """The HuggingFace hub cannot be used for a download or an upload (offline, no token, no such repository)."""
+
+
 class OutputExistsError(UserError, FileExistsError):
     """An output directory exists and is not empty (or is not a directory), and overwriting was not asked for."""
 

@@ -28,6 +28,7 @@ from errors import InnerParamsError, ModelLoadError
 from .classifier import BertClassifier, as_classifier
 from .embedded import EMBEDDED, EMBEDDED_PREFIX, resolve_model_dir
 from .inner_params import check_inner_params, edited_module_name
+from .loading import _hub_unreachable_reason as hub_unreachable_reason
 from .loading import get_model, get_tokenizer
 
 __all__ = [
@@ -41,5 +42,6 @@ __all__ = [
     "edited_module_name",
     "get_model",
     "get_tokenizer",
+    "hub_unreachable_reason",
     "resolve_model_dir",
 ]

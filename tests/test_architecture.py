@@ -40,6 +40,8 @@ ALLOWED = {
     "memory": {"algs", "blocks"},
     "checkpoints": {"config_schema", "distributed", "errors", "models", "utils"},
     "patches": {"checkpoints", "editable_model", "errors", "utils"},
+    "editor_io": {"checkpoints", "errors", "models", "patches", "reporting"},
+    "peft_export": {"errors", "models", "patches"},
     "sequential": {"data_classes"},
     "scoring": {"editable_model", "losses", "models", "utils"},
     "fact_metrics": {"data_classes", "losses"},
@@ -79,21 +81,24 @@ ALLOWED = {
         "checkpoints",
         "data_classes",
         "easyedit_api",
+        "editor_io",
         "errors",
         "losses",
         "models",
         "patches",
+        "peft_export",
         "sequential",
         "utils",
     },  # fmt: skip
-    "edit": {"data_classes", "editing", "errors", "fact_eval", "fact_report", "patches", "progress"},
+    "edit": {"data_classes", "editing", "editor_io", "errors", "fact_eval", "fact_report", "patches", "progress"},
 }
 # The tools on top may import any part of the project, but not each other's internals the other way round.
 TOOLS = {"scripts", "benchmarks"}
 # Generic modules: they know editors only through the contract (editable_model.EditableModel) and the registry.
 GENERIC = {"blocks", "trainer", "checkpoints", "patches", "memory", "distributed", "run", "edit", "reporting", "ranges",
            "config_schema", "sequential", "signals", "utils", "losses", "editable_model", "fact_eval",
-           "editing", "scoring", "fact_metrics", "fact_report", "easyedit_api", "progress"}  # fmt: skip
+           "editing", "scoring", "fact_metrics", "fact_report", "easyedit_api", "progress",
+           "editor_io", "peft_export"}  # fmt: skip
 # The registered editors (algs/<name>/), their classes and their settings classes, as the registry finds them.
 EDITOR_NAMES = tuple(EDITORS)
 EDITOR_CLASSES = tuple(m.EDITOR for m in EDITORS.values())
