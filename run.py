@@ -142,6 +142,8 @@ def infer_model(cfg: DictConfig) -> DictConfig:
     ``inner_params: []``, see config/model/hf.yaml) read from the model's config; ``cfg`` itself when it leaves none.
     Unknown keys are refused first, so that a typo is reported before the model's config is read."""
     check_known_keys(cfg)
+    if OmegaConf.is_missing(cfg, "model"):
+        return cfg  # no +model=: validate_config says how to choose one
     inner = OmegaConf.select(cfg, "model.inner_params")
     auto = "auto" in (OmegaConf.select(cfg, "model.class_name"), OmegaConf.select(cfg, "model.kind"))
     if OmegaConf.select(cfg, "model.name") is None or not (auto or (inner is not None and len(inner) == 0)):

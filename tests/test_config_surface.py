@@ -80,6 +80,13 @@ def test_a_mistyped_command_line_stops_in_one_line_before_torch_loads(override, 
     assert "torch" not in imported(proc.stderr)
 
 
+def test_a_command_line_without_a_model_says_how_to_choose_one():
+    proc = run_command("+alg=mend", "+experiment=gen", "hydra.run.dir=/nonexistent/never-made")
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, lines
+    assert lines[0].endswith("model has no value: set it with +model=<name> (a file of config/model/, e.g. smollm2).")
+
+
 def test_the_config_groups_still_take_their_plus():
     """'+' is how a group's file is chosen: every group (and Hydra's own, and a defaults entry's override) passes."""
     assert set(GROUPS) >= {"alg", "experiment", "model", "schedule"}
