@@ -89,9 +89,10 @@ def prepare_requests(
     subject=None,
 ) -> List[dict]:
     """EasyEdit's request dicts (what ``requested_rewrite`` holds): ``prompt``, ``target_new``, ``ground_truth``,
-    ``portability`` and ``locality`` (``{"<name>": {"prompt", "ground_truth"}}``), and when given ``target_neg``,
-    ``subject`` (it must occur in its prompt) and ``rephrase_prompt``. A mismatch of lengths is a ``ValueError``
-    naming the argument; a bad prompt, target or subject an :class:`errors.EditRequestError`."""
+    ``portability`` and ``locality`` (``{"<name>": {"prompt", "ground_truth"}}``), and when the argument is given
+    ``target_neg``, ``subject`` (it must occur in its prompt) and ``rephrase_prompt`` (None for a request without).
+    A mismatch of lengths is a ``ValueError`` naming the argument; a bad prompt, target or subject an
+    :class:`errors.EditRequestError`."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     n = len(prompts)
     if not n:
@@ -115,8 +116,8 @@ def prepare_requests(
             "portability": {k: v[i] for k, v in portability.items() if v[i] is not None},
             "locality": {k: v[i] for k, v in locality.items() if v[i] is not None},
         }
-        for key in ("target_neg", "subject", "rephrase_prompt"):
-            if columns[key][i] is not None:
+        for key, given in (("target_neg", target_neg), ("subject", subject), ("rephrase_prompt", rephrase_prompts)):
+            if given is not None:  # as EasyEdit: the key whenever the argument is given, None for a request without
                 request[key] = columns[key][i]
         requests.append(request)
     return requests
@@ -157,7 +158,7 @@ def quality(editor, model, request: dict, test_generation: bool = False) -> dict
             slots.append(slot)
 
     add(("rewrite",), request["prompt"], request["target_new"])
-    if "rephrase_prompt" in request:
+    if request.get("rephrase_prompt") is not None:
         add(("rephrase",), request["rephrase_prompt"], request["target_new"])
     for key, spec in request["locality"].items():
         add(("locality", key), spec["prompt"], spec["ground_truth"])

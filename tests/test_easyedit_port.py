@@ -214,6 +214,19 @@ def test_batch_edit_applies_hparams_n_edits_requests_per_update(editor):
     assert chained[2]["pre"]["rewrite_acc"] == [pytest.approx(score(editor, first, PROMPTS[2], TARGETS[2]).accuracy)]
 
 
+def test_prepared_requests_and_pre_metrics_can_be_given_and_saved(editor, tmp_path):
+    pre_file = tmp_path / "pre.json"
+    first, _, _ = editor.edit(PROMPTS[:2], TARGETS[:2], rephrase_prompts=["The city is", None], pre_file=str(pre_file))
+    assert json.loads(pre_file.read_text()) == [{"pre": m["pre"]} for m in first]
+    assert first[1]["requested_rewrite"]["rephrase_prompt"] is None and "rephrase_acc" not in first[1]["post"]
+    assert "target_neg" not in first[0]["requested_rewrite"]  # as EasyEdit: only the arguments given
+    requests = [m["requested_rewrite"] for m in first]
+    pre = [{"pre": {**m["pre"], "rewrite_acc": [0.5]}} for m in first]  # taken as given, not recomputed
+    again, _, _ = editor.edit(None, None, requests=requests, pre_edit=pre)
+    assert [m["pre"]["rewrite_acc"] for m in again] == [[0.5], [0.5]]
+    assert [m["post"] for m in again] == [m["post"] for m in first]
+
+
 def test_the_summary_averages_as_easyedit_does(capsys):
     metrics = [
         {"pre": {"rewrite_acc": [0.0], "locality": {"n_output": [[1]]}},
