@@ -1,7 +1,7 @@
 """EasyEdit's ``BaseEditor`` surface on this project's editors (:meth:`editing.Editor.edit` and
-:meth:`editing.Editor.batch_edit`), checked against EasyEdit's ``easyeditor/editors/editor.py``: its argument names,
-order and meanings, its request dicts (``requested_rewrite``), its metrics layout and its printed summary, so that an
-EasyEdit script runs with an editor trained here by changing its import and its constructor.
+:meth:`editing.Editor.batch_edit`), checked against EasyEdit's ``easyeditor/editors/editor.py`` (its commit 14cea82):
+its argument names, order and meanings, its request dicts (``requested_rewrite``), its metrics layout and its printed
+summary, so that an EasyEdit script runs with an editor trained here by changing its import and its constructor.
 
 Per request, before (``pre``) and after (``post``) the edit, as EasyEdit's teacher-forced evaluation computes them:
 
