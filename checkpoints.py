@@ -75,11 +75,15 @@ def weight_identity(model: torch.nn.Module, names: Iterable[str]) -> Dict[str, d
 
 def base_model_identity(model: torch.nn.Module, inner_params) -> dict:
     """What identifies the base model for an editor: its class, size, and the edited weights' shapes and hashes."""
-    return {
+    identity = {
         "class": type(model).__name__,
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "edited_weights": weight_identity(model, inner_params),
     }
+    revision = getattr(getattr(model, "config", None), "_commit_hash", None)  # the hub commit it was loaded from
+    if isinstance(revision, str) and revision:
+        identity["revision"] = revision
+    return identity
 
 
 @dataclass

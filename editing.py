@@ -285,9 +285,6 @@ class Editor:
         since added to them) and a model card (``README.md``, with the training run's evaluation when the editor
         came from a run directory). Not the base model's weights. A non-empty ``out_dir`` needs ``overwrite``."""
         identity = self.meta.get("base_model") or base_model_identity(self.model, self.inner_params)
-        revision = getattr(getattr(self.model, "config", None), "_commit_hash", None)
-        if revision and "revision" not in identity:
-            identity = dict(identity, revision=revision)
         meta = json.loads(checkpoint_meta(self.config, identity))
         lifelong = self.alg.lifelong_state()
         self.start_sequence()  # the state as loaded

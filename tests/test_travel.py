@@ -19,6 +19,7 @@ from test_edit import REQUESTS, editor_with_statistics, ids_of, save_archive, ti
 import edit
 import editor_io
 from algs import editor_class
+from checkpoints import base_model_identity
 from edit import Editor, EditRequest, PatchError
 from errors import CheckpointError, HubError
 
@@ -130,6 +131,15 @@ def test_the_model_card_holds_the_evaluation_table_and_the_base_model(tokenizer,
     loaded = Editor.from_pretrained(out, model=tiny_model("gpt2", len(tokenizer)), tokenizer=tokenizer)
     again = loaded.save_pretrained(str(tmp_path / "again"))
     assert "0.812" in open(os.path.join(again, "README.md"), encoding="utf-8").read()
+
+
+def test_the_base_models_revision_is_recorded_and_shown(tokenizer, tmp_path):  # noqa: F811
+    editor = editor_with_statistics("llama", tokenizer)
+    editor.model.config._commit_hash = "0123abcd"  # as transformers sets it on a model loaded from the hub
+    editor.meta["base_model"] = base_model_identity(editor.model, editor.inner_params)
+    assert editor.meta["base_model"]["revision"] == "0123abcd"
+    out = editor.save_pretrained(str(tmp_path / "editor"))
+    assert "- revision: `0123abcd`" in open(os.path.join(out, "README.md"), encoding="utf-8").read()
 
 
 def test_a_hub_id_that_cannot_be_fetched_is_one_clear_error(tmp_path, monkeypatch):
