@@ -18,7 +18,7 @@ their code computes.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -89,6 +89,63 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def longest_first_chunks(attention_mask: torch.Tensor, size: int) -> List[torch.Tensor]:
+    """The row indices of a batch in chunks of ``size``, the rows ordered by length, longest first (ties in their
+    order): how the authors' data loader (MALMEN's and UltraEdit's ``BaseDataset.collate_fn``) groups edits."""
+    lengths = attention_mask.sum(-1).tolist()
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [
+        torch.tensor(order[start : start + size], device=attention_mask.device) for start in range(0, len(order), size)
+    ]
+
+
+def chunked_factors(
+    editor: EditableModel, batch: dict, chunk_size: int, on_rows: Optional[Callable] = None
+) -> Tuple[Dict[str, List[torch.Tensor]], Dict[str, List[torch.Tensor]], float]:
+    """The keys k_i (the layer's inputs) and output gradients g_i = dL/dy_i of every edited weight of ``editor`` at
+    the target positions of ``batch``, one forward/backward pass per chunk of ``chunk_size`` edits (longest first),
+    L the chunk's mean target cross-entropy at the editor's current weights; and the mean of the chunks' losses.
+
+    Returns name -> a list of (rows, d_in) keys and of (rows, d_out) gradients, one entry per chunk, in float32.
+    ``on_rows(name, keys, grads)`` is called after each chunk for each weight in the order of ``inner_params``
+    (a running normalisation's update)."""
+    name_of = type(editor).__name__
+    names = editor.inner_params
+    modules = [module_name(n) for n in names]
+    labels = batch["labels"]
+    positions = target_positions(labels)
+    if not positions.any():
+        raise ValueError(f"{name_of}: the batch has no target tokens to edit towards.")
+    keys: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
+    grads: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
+    losses = []
+    for rows in longest_first_chunks(batch["attention_mask"], chunk_size):
+        chunk = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels")}
+        mask = positions[rows]
+        if not mask.any():
+            continue
+        with torch.enable_grad():
+            leaves = {n: editor.current_weight(n).detach().requires_grad_(True) for n in names}
+            with capture_calls(editor.model, modules) as calls:
+                loss = editor.loss_with(chunk, leaves)["nll"]
+            for n, m in zip(names, modules):
+                if len(calls[m]["out"]) != 1:
+                    n_calls = len(calls[m]["out"])
+                    raise RuntimeError(f"{name_of}: {n} is used {n_calls} times per forward pass, not once.")
+            outputs = [calls[m]["out"][0] for m in modules]
+            out_grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+        losses.append(loss.item())
+        for n, m, out, g in zip(names, modules, outputs, out_grads):
+            g = torch.zeros_like(out) if g is None else g
+            k_rows = calls[m]["x"][0][mask].float()
+            g_rows = g.detach()[mask].float()
+            if on_rows is not None:
+                on_rows(n, k_rows, g_rows)
+            keys[n].append(k_rows)
+            grads[n].append(g_rows)
+    return keys, grads, sum(losses) / len(losses)
+
+
 class UltraEdit(EditableModel):
     needs_training = False  # closed form: each edit is solved from the edit's own gradient factors
 
@@ -151,45 +208,11 @@ class UltraEdit(EditableModel):
     def _factors(self, batch: dict) -> Tuple[Dict[str, List[torch.Tensor]], Dict[str, List[torch.Tensor]], float]:
         """The keys and output gradients of every edited weight at the target positions, chunk by chunk, with the
         statistics updated after each chunk (in the order of ``inner_params``); and the mean edit loss."""
-        cfg = self.config.ultraedit
-        names = self.inner_params
-        modules = [module_name(n) for n in names]
-        labels = batch["labels"]
-        positions = target_positions(labels)
-        if not positions.any():
-            raise ValueError("UltraEdit: the batch has no target tokens to edit towards.")
-        # As the authors' data loader: the edits ordered by length, longest first (ties in their order), then cut
-        # into chunks of ultraedit.chunk_size, each its own forward/backward pass and mean loss.
-        lengths = batch["attention_mask"].sum(-1).tolist()
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        keys: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
-        grads: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
-        losses = []
-        for start in range(0, len(order), int(cfg.chunk_size)):
-            rows = torch.tensor(order[start : start + int(cfg.chunk_size)], device=labels.device)
-            chunk = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels")}
-            mask = positions[rows]
-            if not mask.any():
-                continue
-            with torch.enable_grad():
-                leaves = {n: self.current_weight(n).detach().requires_grad_(True) for n in names}
-                with capture_calls(self.model, modules) as calls:
-                    loss = self.loss_with(chunk, leaves)["nll"]
-                for n, m in zip(names, modules):
-                    if len(calls[m]["out"]) != 1:
-                        n_calls = len(calls[m]["out"])
-                        raise RuntimeError(f"UltraEdit: {n} is used {n_calls} times per forward pass, not once.")
-                outputs = [calls[m]["out"][0] for m in modules]
-                out_grads = torch.autograd.grad(loss, outputs, allow_unused=True)
-            losses.append(loss.item())
-            for n, m, out, g in zip(names, modules, outputs, out_grads):
-                g = torch.zeros_like(out) if g is None else g
-                k_rows = calls[m]["x"][0][mask].float()
-                g_rows = g.detach()[mask].float()
-                self.norm_of(n).update(torch.cat((k_rows, g_rows), -1))
-                keys[n].append(k_rows)
-                grads[n].append(g_rows)
-        return keys, grads, sum(losses) / len(losses)
+
+        def update(name: str, k_rows: torch.Tensor, g_rows: torch.Tensor) -> None:
+            self.norm_of(name).update(torch.cat((k_rows, g_rows), -1))
+
+        return chunked_factors(self, batch, int(self.config.ultraedit.chunk_size), update)
 
     def edit(self, batch: dict, condition: Optional[dict] = None, diagnostics: bool = False):
         cfg = self.config.ultraedit

@@ -1,0 +1,37 @@
+"""MALMEN's settings, the ``malmen`` group (``malmen.lr``, ``malmen.rank``, ...): their types and defaults, taken from
+the original code (ChenmienTan/malmen, ``config/editor/malmen.yaml`` and ``config/data/zsre.yaml``), and their
+ranges. Torch-free: read while the configuration is composed and validated, before anything loads. The editor itself
+is in ``editor.py``; what it computes is in docs/malmen.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ranges import BATCH, STEP, WIDTH, Range
+
+EDITOR = "MALMEN"  # the editor's class in algs/malmen/editor.py
+
+
+@dataclass
+class MalmenConfig:
+    # The original's values (config/editor/malmen.yaml unless said otherwise), the same for every model it runs.
+    lr: float = 1e-5  # Adam learning rate of the whole network, step sizes and ridges included (editor.meta_lr)
+    edit_lr: float = 1e-6  # initial learned step size of every edited weight (editor.lr)
+    log_ridge: float = 0.0  # initial learned lambda of every edited weight, ridge = e^lambda (nets.py: lamda = 0)
+    rank: int = 1920  # rank of each block's low-rank map (editor.rank), not capped at the width
+    n_blocks: int = 2  # residual blocks of the network (editor.n_blocks)
+    chunk_size: int = 32  # edits per language-model pass, and per normalisation update (data.batch_size)
+    net_chunk: int = 1024  # gradient rows per pass of the network (editor.batch_size)
+
+
+SETTINGS = MalmenConfig
+
+# The range of every numeric key of the group, by its name in the group.
+RANGES = {
+    **dict.fromkeys(("lr", "edit_lr"), STEP),
+    "log_ridge": Range(-30, 30, why="e^lambda beyond it under- or overflows the solve in float32"),
+    "rank": WIDTH,
+    "n_blocks": Range(0, 1024, why="every block is allocated at once"),
+    "chunk_size": BATCH,
+    "net_chunk": Range(1, 2**24, why="the rows of a chunk go through the network at once"),
+}
