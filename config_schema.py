@@ -294,6 +294,13 @@ def check_command_line(args: Sequence[str]) -> None:
             chosen.setdefault(key, []).append(value)
             if len(chosen[key]) > 1:
                 raise ConfigError(f"+{key}= is given {len(chosen[key])} times ({', '.join(chosen[key])}): give one.")
+            options = group_options(key)
+            if not arg.startswith("~") and value not in options:
+                close = difflib.get_close_matches(value, options, n=2, cutoff=0.5)
+                hint = f" Did you mean {' or '.join(f'+{key}={c}' for c in close)}?" if close else ""
+                raise ConfigError(
+                    f"{arg}: no file config/{key}/{value}.yaml; the options of +{key}= are {', '.join(options)}.{hint}"
+                )
         if "=" in arg and key in RENAMED_KEYS:
             value = arg.split("=", 1)[1]
             raise ConfigError(
@@ -307,6 +314,12 @@ def check_command_line(args: Sequence[str]) -> None:
 
 # The config groups a command line chooses a file of (+alg=mend): the folders of config/.
 GROUPS = tuple(sorted(d for d in os.listdir(CONFIG_DIR) if os.path.isdir(os.path.join(CONFIG_DIR, d))))
+
+
+def group_options(group: str) -> List[str]:
+    """The files of a config group (``alg``: efk, enn, ft, mend, ...), by the name ``+<group>=`` takes."""
+    folder = os.path.join(CONFIG_DIR, group)
+    return sorted(name[: -len(".yaml")] for name in os.listdir(folder) if name.endswith(".yaml"))
 
 
 def _is_group(key: str) -> bool:

@@ -33,6 +33,7 @@ from config_schema import (
     ModelConfig,
     check_command_line,
     check_known_keys,
+    group_options,
     register_configs,
     validate_config,
 )
@@ -276,9 +277,8 @@ def usage() -> str:
     ]
     for group in GROUPS:
         out.append(f"  +{group + '=<name>':<20}{GROUP_HELP.get(group, '')}".rstrip())
-        folder = os.path.join(CONFIG_DIR, group)
-        for name in sorted(f[: -len(".yaml")] for f in os.listdir(folder) if f.endswith(".yaml")):
-            out.append(f"    {name:<14}{_option_help(os.path.join(folder, name + '.yaml'))}")
+        for name in group_options(group):
+            out.append(f"    {name:<14}{_option_help(os.path.join(CONFIG_DIR, group, name + '.yaml'))}")
     rows = [(f"{key}={default(key)}", text) for key, text in {**KEY_HELP, **settings_help()}.items()]
     width = max(len(key) for key, _ in rows) + 2
     out += ["", "Frequently used keys (key=default; the files of a group may change the default):"]

@@ -97,6 +97,14 @@ def test_the_config_groups_still_take_their_plus():
     assert cfg.alg == "ft" and cfg.task == "qa" and cfg.max_iters == 400  # the schedule's
 
 
+def test_a_misspelt_file_of_a_group_is_refused_with_the_closest_names():
+    with pytest.raises(ConfigError) as refused:
+        check_command_line(["+alg=mend", "+experiment=gen", "+model=gpt2-xl"])
+    message = str(refused.value)
+    assert message.startswith("+model=gpt2-xl: no file config/model/gpt2-xl.yaml; the options of +model= are ")
+    assert "Did you mean +model=gpt2xl" in message and " distilgpt2, " in message
+
+
 def test_a_group_given_without_plus_gets_our_hint_not_hydras():
     with pytest.raises(ConfigError, match=r"^experiment=gen: a config group is chosen with a '\+' .* \+experiment=gen"):
         check_command_line(["+alg=mend", "experiment=gen", "+model=smollm2"])
