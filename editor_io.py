@@ -210,14 +210,18 @@ def editor_dir(source: str, revision: Optional[str] = None) -> str:
     reason = hub_unreachable_reason()
     if reason is not None:
         raise HubError(
-            f"{source}: not a local directory and not in the local HuggingFace cache, and the HuggingFace hub cannot "
-            f"be reached ({reason}); download it where the hub is reachable and pass its directory."
+            f"{source}: no such run, checkpoint or saved editor here, not in the local HuggingFace cache, and the "
+            f"HuggingFace hub cannot be reached ({reason}); download it where the hub is reachable and pass its "
+            f"directory."
         )
     try:
         return snapshot_download(source, revision=revision)
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise HubError(f"{source}: could not download it from the HuggingFace hub ({reason}).") from None
+        raise HubError(
+            f"{source}: no such run, checkpoint or saved editor here, and the HuggingFace hub does not give it as an "
+            f"editor ({reason})."
+        ) from None
 
 
 def read_editor(source: str, revision: Optional[str] = None) -> SavedEditor:

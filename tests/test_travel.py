@@ -147,6 +147,8 @@ def test_a_hub_id_that_cannot_be_fetched_is_one_clear_error(tmp_path, monkeypatc
     with pytest.raises(HubError, match="HuggingFace hub cannot be reached") as e:
         Editor.from_pretrained("nobody-here/no-such-editor")
     assert "\n" not in str(e.value) and "offline" in str(e.value)
+    with pytest.raises(HubError, match="no such run, checkpoint or saved editor here"):
+        Editor.from_archive("no-such-outputs/run")  # --archive: a missing relative path reads as a hub id too
     with pytest.raises(CheckpointError, match="no such directory"):
         Editor.from_pretrained(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
