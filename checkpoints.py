@@ -17,6 +17,9 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import re
+import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -37,16 +40,39 @@ LAST_NAME = "last.pt"  # the full training state at the latest checkpoint: what 
 
 # -- where ----------------------------------------------------------------------------------------------------
 def checkpoint_path(archive: str, name: str = BEST_NAME, key: str = "archive") -> str:
-    """``archive`` may be a checkpoint file or a run directory (its checkpoints/<name>)."""
+    """``archive`` may be a checkpoint file or a run directory (its checkpoints/<name>). A path that holds none says
+    what to pass instead."""
     path = os.path.expanduser(archive)
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoints", name)
     if not os.path.isfile(path):
-        raise CheckpointError(
-            f"{key}={archive!r}: no checkpoint found at {path}. Pass a checkpoint file or the run directory of a "
-            f"training run (it holds checkpoints/{name})."
-        )
+        raise CheckpointError(f"{key}={archive!r}: no checkpoint found at {path}. {_missing_hint(archive, name, key)}")
     return path
+
+
+def _missing_hint(archive: str, name: str, key: str) -> str:
+    """What to pass instead of ``archive``, which holds no checkpoint ``name``."""
+    given = os.path.expanduser(archive)
+    if os.path.isfile(os.path.join(given, name)):  # the checkpoints/ folder itself
+        return f"Pass the run directory {os.path.dirname(os.path.abspath(given))} or {os.path.join(given, name)}."
+    last = os.path.join(given, "checkpoints", LAST_NAME)
+    if name == BEST_NAME and os.path.isfile(last):
+        return (
+            f"The run stopped before its first validation wrote {name}: continue its training with "
+            f"python -m run resume={archive} (or pass {last}, the editor as it was then)."
+        )
+    if os.path.isdir(given):
+        runs = sorted(d for d in os.listdir(given) if os.path.isfile(os.path.join(given, d, "checkpoints", name)))
+        if runs:
+            shown = ", ".join(os.path.join(archive, d) for d in runs[:3]) + (", ..." if len(runs) > 3 else "")
+            return f"It holds the training runs {shown}: pass one of them."
+        return (
+            f"{archive} is a directory without checkpoints: pass the run directory of a training run or its "
+            f"checkpoints/{name}."
+        )
+    if not os.path.exists(given):
+        return f"No such file or directory: pass the run directory of a training run or its checkpoints/{name}."
+    return f"Pass a checkpoint file or the run directory of a training run (it holds checkpoints/{name})."
 
 
 def resume_run_dir(resume: str) -> str:
@@ -176,22 +202,68 @@ def _refuse_other_shapes(diff: IdentityDiff, where: str, given_name: str) -> Non
 
 # -- reading --------------------------------------------------------------------------------------------------
 def read_checkpoint(path: str, key: str = "archive") -> dict:
-    """Load a checkpoint file without executing code: tensors through weights_only, metadata as JSON."""
+    """Load a checkpoint file without executing code: tensors through weights_only, metadata as JSON. A file that
+    cannot be read is refused in one line that says what it is (empty, truncated, text, not a checkpoint, holding
+    code) and what to do."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupted, not a checkpoint, or holding code (refused by weights_only)
-        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise CheckpointError(
-            f"{key}: {path} could not be read as a checkpoint ({type(e).__name__}: {reason}). The file is "
-            f"truncated, corrupted, or not a checkpoint of this program; nothing in it was run."
-        ) from e
+        raise CheckpointError(f"{key}: {path} could not be read as a checkpoint: {_unreadable(path, e, key)}") from e
     if not isinstance(ckpt, dict) or "editor" not in ckpt or "meta" not in ckpt:
-        raise CheckpointError(f"{key}: {path} is not an editor checkpoint (no 'editor' and 'meta' entries).")
+        raise CheckpointError(
+            f"{key}: {path} is not an editor checkpoint (no 'editor' and 'meta' entries). Pass the run directory of "
+            f"a training run or its checkpoints/{BEST_NAME}."
+        )
     try:
         ckpt["meta"] = json.loads(ckpt["meta"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{key}: {path} has unreadable metadata ({e}).") from e
     return ckpt
+
+
+def _unreadable(path: str, error: Exception, key: str) -> str:
+    """Why ``path`` could not be loaded (torch's ``error``, whose own advice, e.g. weights_only=False, is wrong
+    here) and what to do, told from the file's first bytes."""
+    pass_instead = f"pass the run directory of a training run or its checkpoints/{BEST_NAME}"
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if size == 0:
+        return f"it is empty (0 bytes): its write or copy never happened; {_redo(path, key)}."
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        return f"it is truncated ({size} bytes, its end is missing: an interrupted copy or write); {_redo(path, key)}."
+    if head.startswith(b"PK\x03\x04"):
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if isinstance(error, pickle.UnpicklingError) and found:
+            return (
+                f"it holds a Python object ({found.group(1)}) that would run code when loaded, so it was not loaded "
+                f"and nothing in it was run; only checkpoints that python -m run wrote are read: {pass_instead}."
+            )
+        return f"it is corrupted ({type(error).__name__}); nothing in it was run; {_redo(path, key)}."
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and "\x00" not in text:
+        start = " ".join(text.split())[:40]
+        return f"it is a text file (it starts with {start!r}), not a checkpoint; {pass_instead}."
+    return f"it is not a file that torch.save wrote (nothing in it was run); {pass_instead}."
+
+
+def _redo(path: str, key: str) -> str:
+    """What to do about a damaged checkpoint file: copy it again, or use its run's other checkpoint."""
+    folder = os.path.dirname(os.path.abspath(path))
+    run_dir = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
+    name = os.path.basename(path)
+    if run_dir and name == LAST_NAME:
+        return (
+            f"copy it again if it was copied; otherwise the resume point is lost: train again (the run's {BEST_NAME}, "
+            f"if whole, still holds its best editor)"
+        )
+    last = os.path.join(folder, LAST_NAME)
+    if run_dir and name == BEST_NAME and os.path.isfile(last):
+        return f"copy it again if it was copied, or pass {last} (the editor at the run's last checkpoint)"
+    return "copy it again from where it came from, or train the editor again (python -m run)"
 
 
 def load_checkpoint(

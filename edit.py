@@ -42,8 +42,12 @@ requests in ``data_classes/requests.py``, patches and the stack in ``patches.py`
 EasyEdit-shaped :meth:`Editor.edit` in ``fact_eval.py``, the :class:`Editor` and its public surface in
 ``editing.py``; this module is the command line and re-exports the Python API.
 
+Every output path and the device are checked before anything loads: an output's directory must exist, and no file
+is replaced without ``--overwrite``. Progress bars (on a terminal) and a line on what is about to be built or sampled
+go to stderr; ``--quiet`` turns both off.
+
 Exit status of the command line: 0 done; 2 a clear error (bad request file, checkpoint or model that do not fit,
-output directory not empty), printed as one line.
+output that exists or has no directory, device not on this machine), printed as one line.
 """
 
 from __future__ import annotations
@@ -59,10 +63,12 @@ from data_classes.requests import EditRequest, load_requests
 from editing import Editor, EditResult, format_table
 from editor_io import push
 from errors import EditRequestError, PatchError, UserError
-from fact_eval import MODES, evaluate_dataset
+from fact_eval import MODES, evaluate_dataset, output_files
 from fact_report import LAYOUTS, run_name
-from patches import EditedModel, Patch, check_output_dir, load_patches
+from patches import EditedModel, Patch, load_patches
+from preflight import MAX_PROMPT_TOKENS, check_device, check_output_dir, check_output_file
 from progress import ProgressBars
+from utils import atomic_write_text
 
 # The Python API (names defined in the modules above are re-exported here, where users import them from).
 __all__ = [
@@ -90,10 +96,12 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(s):
         s.add_argument("--archive", required=True, help="training run directory or checkpoint file")
-        s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default: cpu)")
+        s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps or auto (default: cpu)")
         s.add_argument("--model-name", help="load the base model from here instead (e.g. a moved directory)")
         s.add_argument("--cache-dir", help="cache of embedded models and data (default: the run's cache_dir)")
         s.add_argument("-v", "--verbose", action="store_true", help="log progress")
+        s.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no status lines")
+        s.add_argument("--overwrite", action="store_true", help="allow replacing existing outputs")
 
     a = sub.add_parser("apply", help="apply edit requests and/or saved patches; print a before/after table")
     common(a)
@@ -102,12 +110,19 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--patch", action="append", default=[], help="saved patch file or directory, applied first")
     a.add_argument("--out", help="write the edited model here (loads with from_pretrained)")
     a.add_argument("--peft-out", help="write the applied patches as a PEFT LoRA adapter of the base model here")
-    a.add_argument("--overwrite", action="store_true", help="allow --out / --peft-out to be a non-empty directory")
-    a.add_argument("--patch-out", help="write the new patches here (patch-0000.safetensors, ...)")
+    a.add_argument("--patch-out", help="add the new patches to this directory (patch-0000.safetensors, ...)")
     a.add_argument("--report", help="write the per-request figures as JSON here")
     a.add_argument("--watch-tokens", type=int, default=8, help="greedy tokens generated for watched prompts")
+    a.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=MAX_PROMPT_TOKENS,
+        help=f"warn about longer prompts (default {MAX_PROMPT_TOKENS}); longer than the model's context is an error",
+    )
 
-    s = sub.add_parser("eval-sequential", help="sequential edits from the gen validation set: retention, drawdown")
+    s = sub.add_parser(
+        "eval-sequential", help="sequential edits from the validation data of the editor's task: retention, drawdown"
+    )
     common(s)
     s.add_argument("--n", type=int, default=100, help="number of sequential edits")
     s.add_argument("--checkpoints", default="1,10,100", help="comma-separated edit counts to evaluate at")
@@ -155,6 +170,12 @@ def _parser() -> argparse.ArgumentParser:
         "which ROME's experiments/summarize.py reads)",
     )
     e.add_argument("--plot", help="PNG of the scores against the group size")
+    e.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=MAX_PROMPT_TOKENS,
+        help=f"warn about cases with longer prompts (default {MAX_PROMPT_TOKENS})",
+    )
     return p
 
 
@@ -163,42 +184,62 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    quiet = getattr(args, "quiet", False)
+    say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
+        if getattr(args, "device", None):
+            check_device(args.device)  # before anything loads, as the outputs are (in each command)
         if args.command == "apply":
-            return _cmd_apply(args)
+            return _cmd_apply(args, say)
         if args.command == "eval":
-            return _cmd_eval(args)
+            return _cmd_eval(args, say)
         if args.command == "push":
             return _cmd_push(args)
-        return _cmd_eval_sequential(args)
+        return _cmd_eval_sequential(args, say)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _cmd_apply(args) -> int:
+def _cmd_apply(args, say) -> int:
     if not args.requests and not args.patch:
         raise EditRequestError("nothing to apply: give --requests FILE and/or --patch PATH.")
+    if args.max_prompt_tokens < 1:
+        raise EditRequestError("--max-prompt-tokens must be positive.")
+    # every output is checked before anything loads (the edit's work is not lost to a missing directory)
+    check_output_file(args.report, "--report", args.overwrite)
+    check_output_dir(args.out, "--out", args.overwrite)
+    check_output_dir(args.patch_out, "--patch-out", args.overwrite, writes=())  # numbered after the ones there
+    check_output_dir(args.peft_out, "--peft-out", args.overwrite)
     requests = load_requests(args.requests) if args.requests else []  # a bad file fails before any loading
-    for out in (args.out, args.peft_out):
-        if out:
-            check_output_dir(os.path.expanduser(out), args.overwrite)
     patches = load_patches(args.patch) if args.patch else []
+    say(f"loading the editor {args.archive} and its base model")
     editor = Editor.from_archive(args.archive, args.device, args.cache_dir, args.model_name)
     model = editor.apply_patches(patches) if patches else None
     if patches:
         print(f"applied {len(patches)} saved patch(es) from {', '.join(args.patch)}")
     result = None
     if requests:
-        result = editor.apply(requests, mode=args.mode, on=model, watch_tokens=args.watch_tokens)
+        bars = ProgressBars(disable=True if args.quiet else None)
+        try:
+            result = editor.apply(
+                requests,
+                mode=args.mode,
+                on=model,
+                watch_tokens=args.watch_tokens,
+                progress=bars,
+                max_prompt_tokens=args.max_prompt_tokens,
+            )
+        finally:
+            bars.close()
         model = result.model
         print(result.table())
         if args.patch_out:
             files = result.save_patches(args.patch_out)
             print(f"wrote {len(files)} patch(es) to {args.patch_out}")
         if args.report:
-            with open(args.report, "w", encoding="utf-8") as f:
-                json.dump({"mode": result.mode, "requests": result.report}, f, indent=1, ensure_ascii=False)
+            text = json.dumps({"mode": result.mode, "requests": result.report}, indent=1, ensure_ascii=False)
+            atomic_write_text(text + "\n", os.path.expanduser(args.report))
     if args.out:
         info = {"report": result.report} if result is not None else {}
         model.save_pretrained(args.out, editor.tokenizer, args.overwrite, info=info)
@@ -215,15 +256,30 @@ def _cmd_push(args) -> int:
     return 0
 
 
-def _cmd_eval_sequential(args) -> int:
+def _cmd_eval_sequential(args, say) -> int:
     try:
         checkpoints = [int(c) for c in args.checkpoints.split(",") if c.strip()]
     except ValueError:
         raise EditRequestError(f"--checkpoints {args.checkpoints!r}: expected comma-separated integers.") from None
+    if args.n < 1 or args.n_loc < 1:
+        raise EditRequestError("--n and --n-loc must be positive.")
+    check_output_file(args.plot, "--plot", args.overwrite)
+    check_output_file(args.report, "--report", args.overwrite)
+    say(f"loading the editor {args.archive} and its base model")
     editor = Editor.from_archive(args.archive, args.device, args.cache_dir, args.model_name)
-    result = editor.eval_sequential(
-        n=args.n, checkpoints=checkpoints, plot=args.plot, n_loc=args.n_loc, cache_dir=args.cache_dir
-    )
+    bars = ProgressBars(disable=True if args.quiet else None)
+    try:
+        result = editor.eval_sequential(
+            n=args.n,
+            checkpoints=checkpoints,
+            plot=args.plot,
+            n_loc=args.n_loc,
+            cache_dir=args.cache_dir,
+            progress=bars,
+            say=say,
+        )
+    finally:
+        bars.close()
     head = (
         f"{'edits':>6}  {'still hold':>10}  {'on rephrasing':>13}  {'held when applied':>17}  "
         f"{'ppl pre':>8}  {'ppl post':>8}  {'drawdown':>8}"
@@ -236,13 +292,13 @@ def _cmd_eval_sequential(args) -> int:
             f"{r['drawdown']:>8.3f}"
         )
     if args.report:
-        with open(args.report, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
-    print(f"plot: {result['plot']}")
+        atomic_write_text(json.dumps(result, indent=1) + "\n", os.path.expanduser(args.report))
+    if result.get("plot"):
+        print(f"plot: {result['plot']}")
     return 0
 
 
-def _cmd_eval(args) -> int:
+def _cmd_eval(args, say) -> int:
     try:
         sizes = [int(c) for c in args.n_edits.split(",") if c.strip()]
     except ValueError:
@@ -260,8 +316,13 @@ def _cmd_eval(args) -> int:
     plan = [(m, size) for m in modes for size in ([1] if m == "single" else sizes)]
     if max(sizes) > args.n and any(m != "single" for m in modes):
         raise EditRequestError(f"--n-edits {max(sizes)} needs at least as many cases: give --n {max(sizes)} or more.")
+    if args.max_prompt_tokens < 1:
+        raise EditRequestError("--max-prompt-tokens must be positive.")
+    check_output_dir(args.out, "--out", args.overwrite, writes=output_files(plan, args.edits_per_step, args.layout))
+    check_output_file(args.plot, "--plot", args.overwrite)
+    say(f"loading the editor {args.archive} and its base model")
     editor = Editor.from_archive(args.archive, args.device, args.cache_dir, args.model_name)
-    bars = ProgressBars()
+    bars = ProgressBars(disable=True if args.quiet else None)
     try:
         result = evaluate_dataset(
             editor,
@@ -280,11 +341,15 @@ def _cmd_eval(args) -> int:
             paraphrases=args.paraphrases,
             neighbors=args.neighbors,
             layout=args.layout,
+            say=say,
+            max_prompt_tokens=args.max_prompt_tokens,
         )
     finally:
         bars.close()
     print(f"{result['n_cases']} cases ({args.data}, {args.path or 'embedded'}, {args.split}); scores in percent")
     print(result["table"])
+    for line in result["warnings"]:
+        print(f"warning: {line}")
     print(f"the unedited model: {result['prepare_seconds']:.0f} s")
     for run in result["runs"]:
         s = run["summary"]

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -42,6 +42,7 @@ from checkpoints import (
     read_checkpoint,
 )
 from data_classes.batches import prompt_target_batch
+from data_classes.gen import context_length
 from data_classes.requests import EditRequest, EditTokens
 from editor_io import is_saved_editor, looks_like_hub_id, read_editor, run_results, write_editor
 from errors import CheckpointError, EditRequestError, PatchError
@@ -49,6 +50,8 @@ from losses import SequenceScore, kl_loc_loss, sequence_log_probs
 from models import get_model, get_tokenizer
 from patches import EditedModel, Patch
 from peft_export import save_lora_adapter
+from preflight import MAX_PROMPT_TOKENS, check_device, check_prompt_lengths
+from progress import ProgressBars
 from sequential import eval_sequential
 from utils import resolve_device
 
@@ -139,7 +142,8 @@ def format_table(report: List[dict], width: int = 32) -> str:
         summary += f", {sum(reph)}/{len(reph)} on the rephrasings"
     if watch:
         summary += f"; watched prompts whose greedy continuation changed: {sum(watch)}/{len(watch)}"
-    return "\n".join(lines + ["", summary])
+    warnings = [f"warning: request {i}: {w}" for i, r in enumerate(report, 1) for w in r.get("warnings", [])]
+    return "\n".join(lines + ["", summary] + warnings)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -199,6 +203,7 @@ class Editor:
         ``model`` / ``tokenizer`` use objects already loaded. Either must be the model the editor was trained
         for: another class, other edited weights or other shapes raise :class:`errors.CheckpointError`.
         """
+        check_device(device, "device")  # before the checkpoint and the model load
         if is_saved_editor(archive) or looks_like_hub_id(archive):
             return cls.from_pretrained(archive, device, cache_dir, model_name, model, tokenizer, inner_params)
         path = checkpoint_path(archive)
@@ -221,6 +226,7 @@ class Editor:
         """Load an editor written by :meth:`save_pretrained` (a directory, or a hub id fetched with
         ``huggingface_hub``; offline, one not in the local cache raises :class:`errors.HubError`) and its base
         model; the other arguments as in :meth:`from_archive`."""
+        check_device(device, "device")
         s = read_editor(source, revision)
         return cls._build(s.meta, s.state, s.path, device, cache_dir, model_name, model, tokenizer, inner_params)
 
@@ -360,15 +366,19 @@ class Editor:
             out += model.greedy_batch(prompts[s : s + chunk], n, self.tokenizer.eos_token_id, self.pad_id)
         return out
 
-    def _measure(self, model: EditedModel, toks: List[EditTokens], watch_tokens: int) -> List[dict]:
+    def _measure(self, model: EditedModel, toks: List[EditTokens], watch_tokens: int, tick=None) -> List[dict]:
         rows = [(t.prompt, t.target) for t in toks] + [(r, t.target) for t in toks for r in t.rephrases]
         scores = iter(self.score(model, rows))
         out = [{"prompt": next(scores)} for _ in toks]
-        for o, t in zip(out, toks):
+        for k, (o, t) in enumerate(zip(out, toks)):
+            if tick is not None:
+                tick(k)
             o["rephrases"] = [next(scores) for _ in t.rephrases]
             o["greedy"] = self.decode(self.greedy(model, t.prompt, len(t.target)))
             o["greedy_rephrases"] = [self.decode(self.greedy(model, r, len(t.target))) for r in t.rephrases]
             o["watch"] = [self.greedy(model, w, watch_tokens) for w in t.watch]
+        if tick is not None:
+            tick(len(toks))
         return out
 
     @torch.no_grad()
@@ -418,6 +428,8 @@ class Editor:
         mode: str = "batched",
         on: Optional[EditedModel] = None,
         watch_tokens: int = 8,
+        progress: Optional[Callable[[str, int, int], None]] = None,
+        max_prompt_tokens: int = MAX_PROMPT_TOKENS,
     ) -> EditResult:
         """Apply edit requests; returns the edited model, the patches and per-request figures.
 
@@ -425,6 +437,9 @@ class Editor:
         each computed on the model already edited by the previous ones. ``on``: an :class:`EditedModel` to edit
         further (it is left unchanged; the result holds its patches followed by the new ones).
         "before" figures are measured on ``on`` (default: the base model), "after" ones on the result.
+        ``progress(stage, done, total)``: told how the measuring and the edits advance (default: bars on a
+        terminal). A prompt longer than the model's context is refused before any work; one above
+        ``max_prompt_tokens``, and an edit that makes its own target less likely, get a warning in the report.
         """
         if mode not in ("batched", "sequential"):
             raise ValueError(f"mode={mode!r}: choose 'batched' (one update) or 'sequential' (one per request).")
@@ -435,23 +450,49 @@ class Editor:
         if not requests:
             raise EditRequestError("no edit requests given.")
         toks = [self.tokenize(r) for r in requests]
+        length_warnings = [self._length_warnings(i, t, watch_tokens, max_prompt_tokens) for i, t in enumerate(toks)]
+        bars = ProgressBars() if progress is None else None
+        tell = progress or bars
+
+        def ticker(stage):
+            return lambda k: tell(stage, k, len(toks))
+
         if on is None:
             self.start_sequence()
         start = on.copy() if on is not None else self.base()
         if start.base is not self.model:
             raise PatchError("`on` must be an EditedModel of this editor's base model.")
-        before = self._measure(start, toks, watch_tokens)
+        before = self._measure(start, toks, watch_tokens, ticker("measuring before the edit"))
         current = start.copy()
         patches = []
         groups = [list(range(len(toks)))] if mode == "batched" else [[i] for i in range(len(toks))]
-        for g in groups:
+        for n, g in enumerate(groups):
+            tell("edits", n, len(groups))
             patch = self.edit_patch(current, [toks[i] for i in g], [requests[i] for i in g])
             patch.meta["mode"] = mode
             current.push(patch)
             patches.append(patch)
-        after = self._measure(current, toks, watch_tokens)
+        tell("edits", len(groups), len(groups))
+        after = self._measure(current, toks, watch_tokens, ticker("measuring after the edit"))
+        if bars is not None:
+            bars.close()
         report = [self._report_row(r, t, b, a, start, current) for r, t, b, a in zip(requests, toks, before, after)]
+        for row, warnings in zip(report, length_warnings):
+            if row["logp_after"] < row["logp_before"]:
+                warnings.append(
+                    f"the edit made its own target less likely (log p {row['logp_before']:.2f} -> "
+                    f"{row['logp_after']:.2f})"
+                )
+            row["warnings"] = warnings
         return EditResult(current, patches, report, mode, self.tokenizer)
+
+    def _length_warnings(self, i: int, t: EditTokens, watch_tokens: int, limit: int) -> List[str]:
+        """Request ``i``'s texts with their targets, as the model reads them, checked against the context and
+        ``limit`` (:func:`preflight.check_prompt_lengths`)."""
+        texts = [("the prompt", len(t.prompt) + len(t.target))]
+        texts += [(f"rephrasing {k + 1}", len(r) + len(t.target)) for k, r in enumerate(t.rephrases)]
+        texts += [(f"watched prompt {k + 1}", len(w) + watch_tokens) for k, w in enumerate(t.watch)]
+        return check_prompt_lengths(texts, context_length(self.model), limit, where=f"request {i + 1}")
 
     def _report_row(self, req: EditRequest, t: EditTokens, b: dict, a: dict, start, current) -> dict:
         """One request's figures before (``b``, on ``start``) and after (``a``, on ``current``)."""

@@ -57,6 +57,14 @@ class OutputExistsError(UserError, FileExistsError):
     """An output directory exists and is not empty (or is not a directory), and overwriting was not asked for."""
 
 
+class OutputPathError(UserError, FileNotFoundError):
+    """An output's directory does not exist or cannot be written to, or a file was asked for where a directory is."""
+
+
+class DeviceError(UserError, RuntimeError):
+    """The device asked for is not on this machine (CUDA without a GPU, a GPU index beyond the count) or unknown."""
+
+
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM stopped training; a last checkpoint was written when saving is on. Not a user error:
     the entry point exits with 128 + the signal number."""

@@ -50,11 +50,14 @@ import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from data_classes.counterfact import load_split
+from data_classes.gen import context_length
 from data_classes.requests import EditRequest
 from errors import EditRequestError
 from fact_metrics import TfIdf, case_record, case_rows, case_summary, generation_metrics, summarize
-from fact_report import LAYOUTS, plot_fact_curve, run_name, summary_table, write_rome_cases
+from fact_report import LAYOUTS, plot_fact_curve, run_name, summary_table, warning_lines, write_rome_cases
+from preflight import MAX_PROMPT_TOKENS, check_prompt_lengths
 from scoring import RowScorer
+from utils import atomic_write_text
 
 MODES = ("single", "batched", "sequential")
 Progress = Optional[Callable[[str, int, int], None]]  # (stage, done, total)
@@ -63,7 +66,9 @@ Progress = Optional[Callable[[str, int, int], None]]  # (stage, done, total)
 class PreparedCases:
     """Cases with their scored rows and their records on the unedited model (``pre``): what every run on these
     cases shares. ``paraphrases`` / ``neighbors``: score at most that many of each case's paraphrase / neighbourhood
-    prompts (None: all). ``progress(stage, done, total)`` is told how the unedited model's pass advances."""
+    prompts (None: all). ``progress(stage, done, total)`` is told how the unedited model's pass advances. A prompt
+    longer than the model's context is refused before any scoring; ``warnings`` names the cases with prompts above
+    ``max_prompt_tokens``."""
 
     def __init__(
         self,
@@ -75,6 +80,7 @@ class PreparedCases:
         progress: Progress = None,
         paraphrases: Optional[int] = None,
         neighbors: Optional[int] = None,
+        max_prompt_tokens: int = MAX_PROMPT_TOKENS,
     ):
         self.editor, self.cases = editor, list(cases)
         self.generation, self.gen_tokens = generation, gen_tokens
@@ -87,6 +93,7 @@ class PreparedCases:
             case_rows_, index = case_rows(editor, case, paraphrases, neighbors)
             self.spans.append((len(rows), index))
             rows += case_rows_
+        self.warnings = self._check_lengths(rows, max_prompt_tokens)
         self.scorer = RowScorer(editor, rows)
         done = [0]
 
@@ -99,6 +106,19 @@ class PreparedCases:
         if generation:
             for record, gen in zip(self.pre, self.generations(editor.base(), range(len(self.cases)))):
                 record.update(gen)
+
+    def _check_lengths(self, rows, limit: int) -> List[str]:
+        """Refuse a case whose prompt and target do not fit the model's context; one warning line for the cases
+        with one longer than ``limit``."""
+        context, over = context_length(self.editor.model), []
+        for case, (start, index) in zip(self.cases, self.spans):
+            texts = [(kind[:-1].replace("_", " "), sum(map(len, rows[start + j]))) for j, (kind, _) in enumerate(index)]
+            if check_prompt_lengths(texts, context, limit, where=f"case {case['case_id']}"):
+                over.append(str(case["case_id"]))
+        if not over:
+            return []
+        shown = ", ".join(over[:5]) + (", ..." if len(over) > 5 else "")
+        return [f"{len(over)} case(s) have prompts above --max-prompt-tokens {limit} tokens (case ids {shown})"]
 
     def rows_of(self, cases: Sequence[int], kind: Optional[str] = None, which: Optional[str] = None) -> List[int]:
         """The row indices of ``cases``, optionally only one prompt kind and one target."""
@@ -206,6 +226,7 @@ def evaluate(
                 at_end.append(results[-1]["summary"]["post_efficacy_score"] == 1.0)
     summary = summarize(results)
     summary.update(
+        target_less_likely=sum(bool(r["warnings"]) for r in results),
         edit_seconds=edit_seconds,
         edits_per_second=len(cases) / edit_seconds if edit_seconds > 0 else None,
         eval_seconds=eval_seconds,
@@ -222,6 +243,10 @@ def evaluate(
 
 
 def _case_result(case: dict, seconds: float, pre: dict, post: dict) -> dict:
+    before, after = (r["rewrite_prompts_probs"][0]["target_new"] for r in (pre, post))  # NLL per token
+    warnings = []
+    if after > before:
+        warnings.append(f"the edit made its own target less likely (NLL per token {before:.2f} -> {after:.2f})")
     return {
         "case_id": case["case_id"],
         "requested_rewrite": {
@@ -232,6 +257,7 @@ def _case_result(case: dict, seconds: float, pre: dict, post: dict) -> dict:
         "pre": pre,
         "post": post,
         "summary": case_summary(pre, post),
+        "warnings": warnings,
     }
 
 
@@ -252,6 +278,8 @@ def evaluate_dataset(
     paraphrases: Optional[int] = None,
     neighbors: Optional[int] = None,
     layout: str = "run",
+    say: Callable[[str], None] = lambda line: None,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
 ) -> dict:
     """``python -m edit eval``: the first ``n`` cases of ``split`` (``train``, ``validation`` or ``all``) of the
     CounterFact-format set at ``path`` (a file or ``hf:<dataset id>``; default: the embedded set of the editor's
@@ -265,16 +293,19 @@ def evaluate_dataset(
     ``sequential-<n_edits>-by-<edits_per_step>.json``, written as each run ends; with ``layout="rome"`` a directory of
     that name per run holding ROME's ``case_<id>.json`` files instead, :func:`fact_report.write_rome_cases`) and
     ``summary.md``; ``plot``: a PNG
-    of :func:`fact_report.plot_fact_curve` (with more than one run). Returns ``{"n_cases", "runs", "table", "plot",
-    "prepare_seconds"}``,
-    ``plot`` the file written or None."""
+    of :func:`fact_report.plot_fact_curve` (with more than one run). ``say(line)`` is told what is about to be
+    read and scored; prompts longer than the model's context are refused before any scoring, and ``warnings`` lists
+    cases with prompts above ``max_prompt_tokens`` and edits that made their own target less likely. Returns
+    ``{"n_cases", "runs", "table", "warnings", "plot", "prepare_seconds"}``, ``plot`` the file written or None."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: choose one of {', '.join(LAYOUTS)}.")
     data_cfg = editor.config.data.copy()
     data_cfg.path = path
     cache_dir = os.path.expanduser(cache_dir or editor.config.cache_dir)
     seed = editor.config.seed
-    loaded = {part: load_split(data_cfg, part, seed, cache_dir)[0] for part in ("train", "validation")}
+    say(f"eval: reading {path or 'the embedded CounterFact set (built into the cache once)'}")
+    read = {part: load_split(data_cfg, part, seed, cache_dir) for part in ("train", "validation")}
+    loaded = {part: records for part, (records, _) in read.items()}
     parts = ("validation", "train") if split == "all" else (split,)  # held-out cases first
     cases = [c for part in parts for c in loaded[part]][:n]
     biggest = max((size for mode, size in plan if mode != "single"), default=1)
@@ -290,8 +321,13 @@ def evaluate_dataset(
 
     cases = cases[: max(used(m, s) for m, s in plan)]
     corpus = [t for records in loaded.values() for c in records for t in c.get("reference_texts", [])]
+    sources = ", ".join(sorted({read[part][1] for part in parts}))
+    runs_text = ", ".join(m if m == "single" else f"{m} x{size}" for m, size in plan)
+    say(f"eval: {len(cases)} cases of {sources}: the unedited model first, then {runs_text}")
     t0 = time.perf_counter()
-    prepared = PreparedCases(editor, cases, generation, gen_tokens, corpus, progress, paraphrases, neighbors)
+    prepared = PreparedCases(
+        editor, cases, generation, gen_tokens, corpus, progress, paraphrases, neighbors, max_prompt_tokens
+    )
     prepare_seconds = time.perf_counter() - t0
     runs = []
     for mode, size in plan:
@@ -304,17 +340,37 @@ def evaluate_dataset(
             if layout == "rome":
                 write_rome_cases(run, os.path.join(out_dir, run_name(run)))
                 continue
-            with open(os.path.join(out_dir, f"{run_name(run)}.json"), "w", encoding="utf-8") as f:
-                json.dump(run, f, indent=1, ensure_ascii=False)
+            text = json.dumps(run, indent=1, ensure_ascii=False)  # written as each run ends, through a temporary file
+            atomic_write_text(text, os.path.join(out_dir, f"{run_name(run)}.json"))
     table = summary_table(runs)
+    warnings = prepared.warnings + warning_lines(runs)
     if out_dir:
-        with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
-            f.write(table + "\n")
+        notes = "".join(f"\nwarning: {w}\n" for w in warnings)
+        atomic_write_text(table + "\n" + notes, os.path.join(out_dir, "summary.md"))
     drawn = None
     if plot and len(runs) > 1:
         plot_fact_curve(runs, plot)
         drawn = plot
-    return {"n_cases": len(cases), "runs": runs, "table": table, "plot": drawn, "prepare_seconds": prepare_seconds}
+    return {
+        "n_cases": len(cases),
+        "runs": runs,
+        "table": table,
+        "warnings": warnings,
+        "plot": drawn,
+        "prepare_seconds": prepare_seconds,
+    }
+
+
+def output_files(plan: Sequence[Tuple[str, int]], edits_per_step: int = 1, layout: str = "run") -> List[str]:
+    """What :func:`evaluate_dataset` writes into its ``out_dir`` for ``plan``: a JSON file a run (``layout="rome"``:
+    a directory of case files) and summary.md."""
+    names = []
+    for mode, size in plan:
+        size = 1 if mode == "single" else int(size)
+        step = size if mode == "batched" else min(int(edits_per_step), size) if mode == "sequential" else 1
+        name = run_name({"mode": mode, "n_edits": size, "edits_per_step": step})
+        names.append(f"{name}.json" if layout == "run" else name)
+    return names + ["summary.md"]
 
 
 def _subset(prepared: PreparedCases, k: int) -> PreparedCases:

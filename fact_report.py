@@ -111,6 +111,20 @@ def summary_table(runs: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def warning_lines(runs: Sequence[dict]) -> list:
+    """One line per run with edits that made their own target less likely (its NLL on the rewrite prompt rose)."""
+    lines = []
+    for r in runs:
+        bad = [str(c["case_id"]) for c in r.get("cases", []) if c.get("warnings")]
+        if bad:
+            shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+            lines.append(
+                f"after, {_label(r)}: {len(bad)} of {len(r['cases'])} edits made their own target less likely "
+                f"(case ids {shown})"
+            )
+    return lines
+
+
 CURVES = (
     ("efficacy", "post_efficacy_score", "C0"),
     ("paraphrase", "post_paraphrase_score", "C1"),

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from tqdm import tqdm
 
@@ -27,10 +27,12 @@ def progress_bar(desc: str, unit: str = "case") -> Progress:
 class ProgressBars:
     """A ``progress(stage, done, total)`` with one bar per stage ("unedited model", "edits", ...): a stage's bar
     starts over when its ``done`` goes back (the next run of a plan) and each is closed at its total or on
-    :meth:`close`. Bars are shown on a terminal only (tqdm's ``disable=None``)."""
+    :meth:`close`. Bars are shown on a terminal only (tqdm's ``disable=None``); ``disable=True`` shows none
+    (``--quiet``)."""
 
-    def __init__(self):
+    def __init__(self, disable: Optional[bool] = None):
         self.bars: Dict[str, tqdm] = {}
+        self.disable = disable
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         bar = self.bars.get(stage)
@@ -38,7 +40,9 @@ class ProgressBars:
             bar.close()
             bar = None
         if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=stage, dynamic_ncols=True, disable=None, leave=False)
+            bar = self.bars[stage] = tqdm(
+                total=total, desc=stage, dynamic_ncols=True, disable=self.disable, leave=False
+            )
         bar.update(done - bar.n)
 
     def close(self) -> None:

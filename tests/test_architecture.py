@@ -30,6 +30,7 @@ ALLOWED = {
     "ranges": set(),
     "progress": set(),
     "fact_report": set(),
+    "preflight": {"errors"},
     "config_schema": {"algs", "errors", "ranges"},
     "distributed": {"errors"},
     "models": {"errors", "models"},
@@ -42,10 +43,10 @@ ALLOWED = {
     "patches": {"checkpoints", "editable_model", "errors", "utils"},
     "editor_io": {"checkpoints", "errors", "models", "patches", "reporting"},
     "peft_export": {"errors", "models", "patches"},
-    "sequential": {"data_classes"},
+    "sequential": {"data_classes", "errors"},
     "scoring": {"editable_model", "losses", "models", "utils"},
     "fact_metrics": {"data_classes", "losses"},
-    "fact_eval": {"data_classes", "errors", "fact_metrics", "fact_report", "scoring"},
+    "fact_eval": {"data_classes", "errors", "fact_metrics", "fact_report", "preflight", "scoring", "utils"},
     "easyedit_api": {"data_classes", "fact_metrics"},
     "train_state": {"checkpoints", "distributed", "errors", "utils"},
     "trainer": {
@@ -87,10 +88,23 @@ ALLOWED = {
         "models",
         "patches",
         "peft_export",
+        "preflight",
+        "progress",
         "sequential",
         "utils",
     },  # fmt: skip
-    "edit": {"data_classes", "editing", "editor_io", "errors", "fact_eval", "fact_report", "patches", "progress"},
+    "edit": {
+        "data_classes",
+        "editing",
+        "editor_io",
+        "errors",
+        "fact_eval",
+        "fact_report",
+        "patches",
+        "preflight",
+        "progress",
+        "utils",
+    },  # fmt: skip
 }
 # The tools on top may import any part of the project, but not each other's internals the other way round.
 TOOLS = {"scripts", "benchmarks"}
@@ -98,7 +112,7 @@ TOOLS = {"scripts", "benchmarks"}
 GENERIC = {"blocks", "trainer", "checkpoints", "patches", "memory", "distributed", "run", "edit", "reporting", "ranges",
            "config_schema", "sequential", "signals", "utils", "losses", "editable_model", "fact_eval",
            "editing", "scoring", "fact_metrics", "fact_report", "easyedit_api", "progress",
-           "editor_io", "peft_export"}  # fmt: skip
+           "editor_io", "peft_export", "preflight"}  # fmt: skip
 # The registered editors (algs/<name>/), their classes and their settings classes, as the registry finds them.
 EDITOR_NAMES = tuple(EDITORS)
 EDITOR_CLASSES = tuple(m.EDITOR for m in EDITORS.values())
