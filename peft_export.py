@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
-from peft import LoraConfig
 from safetensors.torch import save_file
 
 from errors import PatchError
@@ -94,6 +93,9 @@ def save_lora_adapter(model: EditedModel, out_dir: str, base_name: str, overwrit
     """Write ``model``'s patches as a PEFT LoRA adapter of the base model ``base_name`` in ``out_dir``: the
     adapter's config and weights, ``edits.json`` (each patch's record: the requests, the base model's identity) and
     a short README. A non-empty ``out_dir`` needs ``overwrite``."""
+    # peft takes about 2 s to import (it loads much of transformers): only an export needs it, not every python -m edit
+    from peft import LoraConfig
+
     if not model.patches:
         raise PatchError("nothing to export as an adapter: the model has no patch.")
     out_dir = os.path.expanduser(out_dir)
