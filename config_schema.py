@@ -313,7 +313,9 @@ def check_command_line(args: Sequence[str]) -> None:
 
 
 # The config groups a command line chooses a file of (+alg=mend): the folders of config/.
-GROUPS = tuple(sorted(d for d in os.listdir(CONFIG_DIR) if os.path.isdir(os.path.join(CONFIG_DIR, d))))
+GROUPS = tuple(
+    sorted(d for d in os.listdir(CONFIG_DIR) if os.path.isdir(os.path.join(CONFIG_DIR, d)) and d[0] not in "._")
+)
 
 
 def group_options(group: str) -> List[str]:
