@@ -602,5 +602,13 @@ class Editor:
         )
 
     def eval_sequential(self, **options) -> dict:
-        """Apply edits from the gen set one after another: :func:`sequential.eval_sequential` with this editor."""
-        return eval_sequential(self, **options)
+        """Apply edits from the validation data of the editor's task one after another:
+        :func:`sequential.eval_sequential` with this editor (with progress bars on a terminal unless ``progress`` is
+        given)."""
+        if "progress" in options:
+            return eval_sequential(self, **options)
+        bars = ProgressBars()
+        try:
+            return eval_sequential(self, progress=bars, **options)
+        finally:
+            bars.close()

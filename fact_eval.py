@@ -56,6 +56,7 @@ from errors import EditRequestError
 from fact_metrics import TfIdf, case_record, case_rows, case_summary, generation_metrics, summarize
 from fact_report import LAYOUTS, plot_fact_curve, run_name, summary_table, warning_lines, write_rome_cases
 from preflight import MAX_PROMPT_TOKENS, check_prompt_lengths
+from progress import ProgressBars
 from scoring import RowScorer
 from utils import atomic_write_text
 
@@ -303,6 +304,8 @@ def evaluate_dataset(
     data_cfg.path = path
     cache_dir = os.path.expanduser(cache_dir or editor.config.cache_dir)
     seed = editor.config.seed
+    own_bars = ProgressBars() if progress is None else None  # bars on a terminal by default, as the command shows
+    progress = progress or own_bars
     say(f"eval: reading {path or 'the embedded CounterFact set (built into the cache once)'}")
     read = {part: load_split(data_cfg, part, seed, cache_dir) for part in ("train", "validation")}
     loaded = {part: records for part, (records, _) in read.items()}
@@ -347,6 +350,8 @@ def evaluate_dataset(
     if out_dir:
         notes = "".join(f"\nwarning: {w}\n" for w in warnings)
         atomic_write_text(table + "\n" + notes, os.path.join(out_dir, "summary.md"))
+    if own_bars is not None:
+        own_bars.close()
     drawn = None
     if plot and len(runs) > 1:
         plot_fact_curve(runs, plot)

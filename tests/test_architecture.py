@@ -46,7 +46,7 @@ ALLOWED = {
     "sequential": {"data_classes", "errors"},
     "scoring": {"editable_model", "losses", "models", "utils"},
     "fact_metrics": {"data_classes", "losses"},
-    "fact_eval": {"data_classes", "errors", "fact_metrics", "fact_report", "preflight", "scoring", "utils"},
+    "fact_eval": {"data_classes", "errors", "fact_metrics", "fact_report", "preflight", "progress", "scoring", "utils"},
     "easyedit_api": {"data_classes", "fact_metrics"},
     "train_state": {"checkpoints", "distributed", "errors", "utils"},
     "trainer": {

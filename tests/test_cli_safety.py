@@ -236,6 +236,29 @@ def test_apply_and_eval_sequential_report_their_progress(tokenizer):
     assert [d for d, _ in seen["edits"]] == [0, 1, 2, 3]
 
 
+def test_the_python_api_shows_progress_bars_by_default(tokenizer, monkeypatch, tmp_path):
+    import editing
+
+    editor = test_edit.editor_with_statistics("gpt2", tokenizer)
+    seen = {}
+    monkeypatch.setattr(editing, "eval_sequential", lambda editor, **options: seen.update(options) or {})
+    editor.eval_sequential(n=2)
+    assert isinstance(seen["progress"], ProgressBars)
+
+    calls = []
+
+    class Recorder:
+        def __call__(self, stage, done, total):
+            calls.append(stage)
+
+        def close(self):
+            calls.append("closed")
+
+    monkeypatch.setattr(fact_eval, "ProgressBars", Recorder)
+    fact_eval.evaluate_dataset(editor, [("single", 1)], path=str(FIXTURE), split="all", n=2, cache_dir=str(tmp_path))
+    assert {"unedited model", "edits"} <= set(calls) and calls[-1] == "closed"
+
+
 def test_progress_bars_show_unless_disabled(capsys):
     for disable, shown in ((False, True), (True, False)):
         bars = ProgressBars(disable=disable)
