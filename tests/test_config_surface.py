@@ -159,6 +159,14 @@ def test_mend_warns_of_a_rank_above_every_editor_mlps_width():
     assert "at most 768" in check_shapes(cfg, GPT2_SHAPES)[0]
 
 
+def test_malmen_warns_of_a_rank_above_every_networks_width():
+    cfg = compose_config(["+alg=malmen", *BASE[1:]])
+    assert check_shapes(cfg, GPT2_SHAPES) == []  # the original's 1920 on distilGPT-2: networks of width 3840
+    cfg.malmen.rank = 4000
+    (warning,) = check_shapes(cfg, GPT2_SHAPES)
+    assert warning.startswith("malmen.rank=4000 is above the width of every MALMEN network of this model (at most 3840")
+
+
 def test_ft_refuses_a_rank_above_what_a_residual_can_have():
     cfg = compose_config(["+alg=ft", *BASE[1:]])
     assert check_shapes(cfg, GPT2_SHAPES) == []  # full residual

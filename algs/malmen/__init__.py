@@ -35,3 +35,27 @@ RANGES = {
     "chunk_size": BATCH,
     "net_chunk": Range(1, 2**24, why="the rows of a chunk go through the network at once"),
 }
+
+# A one-line description of the frequently used keys, for python -m run --help.
+HELP = {
+    "lr": "Adam learning rate of the network, step sizes and ridges",
+    "edit_lr": "initial learned step size of every edited weight",
+    "rank": "rank of each block's low-rank map (not capped at the width)",
+    "n_blocks": "residual blocks of the network",
+}
+
+
+def check_shapes(cfg, shapes) -> list:
+    """A warning when ``malmen.rank`` is above the width of every network the edited weights (name -> shape) get
+    (the two sides of a weight added): each block's map A B is then full rank, held in more parameters than a full
+    map, as the original code allows."""
+    widths = {name: shape[0] + shape[-1] for name, shape in shapes.items()}
+    rank = cfg.malmen.rank
+    if not widths or rank <= max(widths.values()):
+        return []
+    name = max(widths, key=widths.get)
+    return [
+        f"malmen.rank={rank} is above the width of every MALMEN network of this model (at most {widths[name]}, for "
+        f"{name} of shape {' x '.join(map(str, shapes[name]))}): each block's map is full rank at any rank from "
+        f"{widths[name]} up, and larger ones only add parameters."
+    ]
