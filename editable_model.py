@@ -18,6 +18,8 @@ It may also override:
     ``outer_lr()``, as the original code's ENN does);
   - ``base_loss(loc_inputs, mask)``, an extra training loss on the locality inputs (ENN's ``train_base``);
   - ``attach_training_data(dataset)``, for editors that draw data at edit time (FT+KL);
+  - ``attach_text(tokenizer, second_moments)``, for editors that build prompts from the requests' text and need
+    key statistics (ROME, MEMIT, AlphaEdit);
   - the training step (``meta_loss.py``): ``meta_loss(batch, step) -> StepLosses``, the loss of one training or
     validation step (default: the edit, then cedit * L_edit + cloc * L_loc on the edited model, plus
     ``base_loss``); ``meta_backward(losses, backward)``, how that loss becomes gradients (default:
@@ -240,6 +242,12 @@ class EditableModel(nn.Module, ABC):
 
     def attach_training_data(self, dataset) -> None:
         """Give the editor the training set, for editors that draw batches at edit time. Default: unused."""
+
+    def attach_text(self, tokenizer, second_moments) -> None:
+        """Give the editor the tokenizer and ``second_moments(module_name, n_samples)``, the second moment of a
+        layer's inputs over the embedded corpus (``key_stats.SecondMoments``), for editors that build their own
+        prompts from the requests' text and weigh keys by those statistics (ROME, MEMIT, AlphaEdit; ``editing.Editor``
+        calls it). Default: unused."""
 
     def trained_base(self) -> Dict[str, torch.Tensor]:
         """The base model's parameters as this editor trained them (ENN's ``train_base``), by parameter name: the

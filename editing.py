@@ -46,6 +46,7 @@ from data_classes.gen import context_length
 from data_classes.requests import EditRequest, EditTokens
 from editor_io import is_saved_editor, looks_like_hub_id, read_editor, run_results, write_editor
 from errors import CheckpointError, EditRequestError, PatchError
+from key_stats import SecondMoments
 from losses import SequenceScore, kl_loc_loss, sequence_log_probs
 from models import get_model, get_tokenizer
 from patches import EditedModel, Patch
@@ -168,6 +169,8 @@ class Editor:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = 0 if pad is None else pad
         self._fresh_state = alg.lifelong_state()  # as loaded: what start_sequence() returns the editor to
+        # Editors that build prompts from text and weigh keys by corpus statistics (ROME, MEMIT, AlphaEdit).
+        alg.attach_text(tokenizer, SecondMoments(self.model, tokenizer, config.cache_dir, config.model.name))
 
     @property
     def device(self) -> torch.device:
@@ -409,7 +412,10 @@ class Editor:
         alg = self.alg.with_weights(current.weights)
         alg.eval()
         with torch.no_grad():
-            edited, _ = alg.edit(self.batch([(t.prompt, t.target) for t in toks]))
+            batch = self.batch([(t.prompt, t.target) for t in toks])
+            if len(requests) == len(toks):  # the text too, for editors that build their own prompts
+                batch["requests"] = [{"prompt": r.prompt, "subject": r.subject, "target": r.target} for r in requests]
+            edited, _ = alg.edit(batch)
         meta = {
             "model": self.config.model.name,
             "editor": self.path,

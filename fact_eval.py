@@ -161,7 +161,7 @@ def pre_edit_metrics(
 
 
 def _request(case: dict) -> EditRequest:
-    return EditRequest(case["prompt"].format(case["subject"]), case["target_new"])
+    return EditRequest(case["prompt"].format(case["subject"]), case["target_new"], subject=case["subject"])
 
 
 def evaluate(

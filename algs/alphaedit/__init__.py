@@ -1,0 +1,35 @@
+"""AlphaEdit's settings, the ``alphaedit`` group: the target vector's optimisation, the key statistics (see
+algs/locate/__init__.py), the null-space threshold and the ridge. Torch-free. The editor is in ``editor.py``; what it
+computes is in docs/locate_edit.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from algs.locate import RANGES as LOCATE_RANGES
+from algs.locate import TargetSettings, check_inner_params
+from ranges import Range
+
+EDITOR = "AlphaEdit"  # the editor's class in algs/alphaedit/editor.py
+
+
+@dataclass
+class AlphaEditConfig(TargetSettings):
+    # Null-space constrained knowledge editing (Fang et al., ICLR 2025). Defaults: jianghoucheng/AlphaEdit
+    # hparams/AlphaEdit/gpt2-xl.json (GPT-J's: v_num_grad_steps 25; Llama3-8B's: v_num_grad_steps 25, v_lr 0.1).
+    clamp_norm_factor: float = 0.75
+    nullspace_threshold: float = 2e-2  # eigenvalues of C below it span the preserved keys' null space
+    L2: float = 10.0  # the ridge added to the projected normal matrix (their L2)
+
+
+SETTINGS = AlphaEditConfig
+RANGES = {
+    **LOCATE_RANGES,
+    "nullspace_threshold": Range(0, 1e12, low_open=True, why="0 leaves no direction to write to"),
+    "L2": Range(0, 1e12, why="the ridge of the update's solve"),
+}
+
+
+def check(cfg) -> None:
+    if cfg.alg == "alphaedit":
+        check_inner_params(cfg, "alphaedit", one=False)

@@ -1,0 +1,33 @@
+"""MEMIT's settings, the ``memit`` group: the target vector's optimisation, the key statistics (see
+algs/locate/__init__.py) and the weight of the statistics in the update. Torch-free. The editor is in ``editor.py``;
+what it computes is in docs/locate_edit.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from algs.locate import RANGES as LOCATE_RANGES
+from algs.locate import TargetSettings, check_inner_params
+from ranges import Range
+
+EDITOR = "MEMIT"  # the editor's class in algs/memit/editor.py
+
+
+@dataclass
+class MEMITConfig(TargetSettings):
+    # Mass-editing memory in a transformer (Meng et al., 2023). Defaults: kmeng01/memit hparams/MEMIT/gpt2-xl.json
+    # (GPT-J's: v_num_grad_steps 25, mom2_update_weight 15000).
+    clamp_norm_factor: float = 0.75
+    mom2_update_weight: float = 20000.0  # lambda in (lambda C + K K^T)^-1 (their mom2_update_weight)
+
+
+SETTINGS = MEMITConfig
+RANGES = {
+    **LOCATE_RANGES,
+    "mom2_update_weight": Range(0, 1e12, why="the weight of the key statistics against the new keys"),
+}
+
+
+def check(cfg) -> None:
+    if cfg.alg == "memit":
+        check_inner_params(cfg, "memit", one=False)

