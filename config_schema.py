@@ -35,7 +35,18 @@ from omegaconf.errors import OmegaConfBaseException
 
 from algs import renamed_keys, settings_checks, settings_groups, settings_ranges
 from errors import ConfigError
-from ranges import BATCH, COUNT, FASTEST_STEPS_PER_SECOND, LOSS_WEIGHT, MAX_PLAUSIBLE_STEPS, TOKENS, Range, duration
+from ranges import (
+    BATCH,
+    COUNT,
+    FASTEST_STEPS_PER_SECOND,
+    LOSS_WEIGHT,
+    MAX_PLAUSIBLE_STEPS,
+    OPTIMISERS,
+    TOKENS,
+    Range,
+    duration,
+    optimiser_message,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -581,4 +592,6 @@ def validate_config(cfg, algs=(), tasks=()) -> None:
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}: expected online, offline or disabled.")
     if cfg.model.kind not in MODEL_KINDS:
         raise ConfigError(f"model.kind={cfg.model.kind!r}: expected one of {', '.join(MODEL_KINDS)}.")
+    if cfg.opt not in OPTIMISERS:
+        raise ConfigError(optimiser_message("opt", cfg.opt))
     check_schedule(cfg)

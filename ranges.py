@@ -1,5 +1,6 @@
 """The values a numeric key accepts: :class:`Range`, and the rules that groups of keys share (:data:`STEP`,
-:data:`WIDTH`, ...).
+:data:`WIDTH`, ...); the optimisers a key may name (:data:`OPTIMISERS`) and the step budget no run can mean
+(:data:`MAX_PLAUSIBLE_STEPS`).
 
 Torch-free and importing nothing of the project, so that the schema (``config_schema.py``) and each editor's
 settings (``algs/<name>/__init__.py``) can declare their keys' ranges before anything heavy loads.
@@ -70,6 +71,21 @@ COUNT = Range(1)
 BATCH = Range(1, 2**16, why="the rows of a batch go through the model at once")
 WIDTH = Range(1, 2**16, why="a layer of this width is allocated at once")
 TOKENS = Range(1, 2**17, why="no model this project runs has a longer context")
+
+# The optimisers of torch.optim that a key naming one (opt, ft.opt) may take: those that step without a closure on
+# dense gradients of parameters of any shape (not LBFGS, SparseAdam or Muon). tests/test_config_surface.py checks
+# that torch.optim has each of them.
+OPTIMISERS = ("ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop",
+              "Rprop", "SGD")  # fmt: skip
+
+
+def optimiser_message(key: str, value: str) -> str:
+    """The one-line refusal of a name that is not one of :data:`OPTIMISERS`, with the one meant if only the case
+    differs."""
+    same = [name for name in OPTIMISERS if name.lower() == str(value).lower()]
+    hint = f" Did you mean {key}={same[0]}? (the case matters)" if same else ""
+    return f"{key}={value!r}: expected an optimiser of torch.optim: {', '.join(OPTIMISERS)}.{hint}"
+
 
 # A training step (or an editor's fine-tuning step) runs the model forward and backward several times, one pass
 # after another: about 1 s on this project's 2-core CPU at distilGPT-2's shape (docs/benchmarks.md). No hardware is

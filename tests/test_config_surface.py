@@ -14,6 +14,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import TINY, SyntheticEdits, make_config
 from omegaconf import OmegaConf
 from test_run import ROOT, run_cli, workspace  # noqa: F401  (workspace is a fixture)
@@ -23,7 +24,7 @@ from algs import ALGS, check_shapes, settings_help
 from algs.mend.editor import MEND
 from config_schema import GROUPS, ConfigError, check_command_line, check_key, compose_config, validate_config
 from data_classes import DATASETS
-from ranges import MAX_PLAUSIBLE_STEPS
+from ranges import MAX_PLAUSIBLE_STEPS, OPTIMISERS
 from run import KEY_HELP, usage
 from trainer import EditTrainer
 
@@ -220,6 +221,17 @@ def test_the_training_loop_times_its_first_steps_and_warns(tmp_path, monkeypatch
         trainer.train()
     assert trainer.state.step == 12
     assert re.search(r"max_iters=1000000000: at the [0-9.]+ steps/s of the first 10 steps, the run would", caplog.text)
+
+
+def test_an_optimiser_torch_does_not_have_is_refused_before_anything_loads():
+    """opt=adam was an AttributeError traceback once the model and data had loaded (the trainer's getattr)."""
+    with pytest.raises(ConfigError, match=r"^opt='adam': expected an optimiser of torch.optim: .* opt=Adam\?"):
+        validated(BASE, opt="adam")
+    with pytest.raises(ConfigError, match=r"^ft.opt='RMSProp': expected .* Did you mean ft.opt=RMSprop\?"):
+        validated(BASE, **{"ft.opt": "RMSProp"})
+    for name in OPTIMISERS:  # each name the check takes is one torch.optim has
+        assert issubclass(getattr(torch.optim, name), torch.optim.Optimizer), name
+        validated(BASE, opt=name, **{"ft.opt": name})
 
 
 # -- --help ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,18 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from errors import ConfigError
-from ranges import BATCH, COUNT, FASTEST_STEPS_PER_SECOND, LOSS_WEIGHT, MAX_PLAUSIBLE_STEPS, STEP, Range, duration
+from ranges import (
+    BATCH,
+    COUNT,
+    FASTEST_STEPS_PER_SECOND,
+    LOSS_WEIGHT,
+    MAX_PLAUSIBLE_STEPS,
+    OPTIMISERS,
+    STEP,
+    Range,
+    duration,
+    optimiser_message,
+)
 
 EDITOR = "FT"  # the editor's class in algs/ft/editor.py
 
@@ -61,8 +72,11 @@ HELP = {
 
 
 def check(cfg) -> None:
-    """A step budget per edit beyond a year at the fastest step rate assumed (ranges.MAX_PLAUSIBLE_STEPS), with no
-    ft.time_limit to stop an edit whose target never becomes the greedy prediction."""
+    """ft.opt names an optimiser of torch.optim; a step budget per edit beyond a year at the fastest step rate assumed
+    (ranges.MAX_PLAUSIBLE_STEPS) needs ft.time_limit to stop an edit whose target never becomes the greedy
+    prediction."""
+    if cfg.ft.opt not in OPTIMISERS:
+        raise ConfigError(optimiser_message("ft.opt", cfg.ft.opt))
     if cfg.ft.time_limit is None and cfg.ft.max_edit_steps > MAX_PLAUSIBLE_STEPS:
         raise ConfigError(
             f"ft.max_edit_steps={cfg.ft.max_edit_steps}: expected at most {MAX_PLAUSIBLE_STEPS} with no "
