@@ -82,9 +82,11 @@ class EditResult:
         return self.model.save_pretrained(out_dir, self.tokenizer, overwrite, info={"report": self.report})
 
     def save_patches(self, out_dir: str) -> List[str]:
-        """Write each new patch as ``patch-NNNN.safetensors``, numbered after the ones already in ``out_dir``."""
+        """Write each new patch as ``patch-NNNN.safetensors``, numbered after the highest one already in ``out_dir``
+        (so that none is replaced, and file-name order stays the order they were applied in)."""
         os.makedirs(out_dir, exist_ok=True)
-        start = len([f for f in os.listdir(out_dir) if f.endswith(".safetensors")])
+        numbers = [f[6:-12] for f in os.listdir(out_dir) if f.startswith("patch-") and f.endswith(".safetensors")]
+        start = max((int(n) for n in numbers if n.isdigit()), default=-1) + 1
         return [p.save(os.path.join(out_dir, f"patch-{start + i:04d}.safetensors")) for i, p in enumerate(self.patches)]
 
     def table(self) -> str:

@@ -116,6 +116,22 @@ def test_apply_report_is_replaced_only_with_overwrite(trained_run, tmp_path):
     assert edit_cli(*args, "--overwrite").returncode == 0
 
 
+def test_new_patches_never_replace_saved_ones(tokenizer, tmp_path):
+    editor = test_edit.editor_with_statistics("gpt2", tokenizer)
+    result = editor.apply(test_edit.REQUESTS, mode="sequential")
+    first = result.save_patches(str(tmp_path))
+    assert [os.path.basename(f) for f in first] == [
+        "patch-0000.safetensors",
+        "patch-0001.safetensors",
+        "patch-0002.safetensors",
+    ]
+    os.remove(first[1])  # a gap: counting the files would name the next one patch-0002, the one still there
+    kept = (tmp_path / "patch-0002.safetensors").read_bytes()
+    again = result.save_patches(str(tmp_path))
+    assert [os.path.basename(f) for f in again][0] == "patch-0003.safetensors"
+    assert (tmp_path / "patch-0002.safetensors").read_bytes() == kept
+
+
 # -- checkpoints ----------------------------------------------------------------------------------------------------
 def _damaged(run_dir, tmp_path, damage):
     best = (run_dir / "checkpoints" / "best.pt").read_bytes()
