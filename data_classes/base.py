@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from hub import hub_unreachable_reason, offline_mode
 
 from . import DataError
 
@@ -52,14 +55,21 @@ def read_jsonl(path, error=DataError, hint: str = "") -> List[Tuple[int, str, ob
 
 def hub_rows(dataset_id: str, splits: Sequence[str], offline_hint: str) -> List[dict]:
     """The rows, as dicts, of the first of ``splits`` that a dataset on the HuggingFace hub has
-    (``datasets.load_dataset``). Without the ``datasets`` package, without the hub or without such a split: one
-    DataError that says what to do (``offline_hint``: the offline way)."""
+    (``datasets.load_dataset``; with HF_HUB_OFFLINE=1, from the local datasets cache). Without the ``datasets``
+    package, without the hub or without such a split: one DataError that says what to do (``offline_hint``: the
+    offline way), at once rather than after huggingface_hub's retries."""
     try:
-        import datasets  # optional: only a hub source needs it
+        import datasets  # imported on use: only a hub source needs it, and it takes a second to import
     except ImportError:
         raise DataError(
             f"data.path=hf:{dataset_id} needs the `datasets` package: pip install datasets (or {offline_hint})."
         ) from None
+    reason = None if offline_mode() else hub_unreachable_reason()
+    if reason is not None:
+        raise DataError(
+            f"data.path=hf:{dataset_id}: the HuggingFace hub could not be reached ({reason}). Offline, "
+            f"{offline_hint} (a dataset already in the local datasets cache loads with HF_HUB_OFFLINE=1)."
+        )
     try:
         found = datasets.load_dataset(dataset_id)
     except Exception as e:  # the hub, the network or the dataset: one message either way
@@ -73,6 +83,18 @@ def hub_rows(dataset_id: str, splits: Sequence[str], offline_hint: str) -> List[
     raise DataError(
         f"data.path=hf:{dataset_id} has the splits {sorted(found)}, none of {list(splits)}; {offline_hint}."
     )
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_id_hint(path) -> str:
+    """For a data path that does not exist and reads as a hub dataset id (``owner/name``): a sentence saying how to
+    load it from the hub; else ''."""
+    text = str(path)
+    if os.path.exists(os.path.expanduser(text)) or not _HUB_ID.fullmatch(text) or text.endswith((".json", ".jsonl")):
+        return ""
+    return f" For the dataset {text} on the HuggingFace hub, write hf:{text}."
 
 
 def rng(*entropy: int) -> np.random.Generator:

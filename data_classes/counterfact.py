@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import DataError
-from .base import hub_rows, normalise_split, read_jsonl
+from .base import hub_id_hint, hub_rows, normalise_split, read_jsonl
 from .base import rng as _rng
 from .embedded import EmbeddedSet, json_list_text
 from .facts import FACT_PACKAGES, RELATIONS, Fact, load_facts, split_countries
@@ -121,7 +121,9 @@ def read_counterfact(path) -> List[dict]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file (data.path); it must hold CounterFact records, {FORMAT_HINT}.") from None
+        raise DataError(
+            f"{path}: no such file (data.path); it must hold CounterFact records, {FORMAT_HINT}.{hub_id_hint(path)}"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot be read ({e}).") from None
     if text.lstrip().startswith("["):

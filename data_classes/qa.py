@@ -51,7 +51,7 @@ import torch
 from losses import IGNORE
 
 from . import DataError
-from .base import EditDataset, hub_rows, normalise_split, read_jsonl
+from .base import EditDataset, hub_id_hint, hub_rows, normalise_split, read_jsonl
 from .base import rng as _rng
 from .batches import pad_rows, prompt_target_batch
 from .embedded import EmbeddedSet
@@ -85,7 +85,10 @@ _SALT_ALT, _SALT_REPHRASE, _SALT_LOC, _SALT_TRAIN_ORDER, _SALT_EVAL_ORDER, _SALT
 
 def _find(directory: Path, names: Sequence[str], what: str, key: str) -> Path:
     if not directory.is_dir():
-        raise DataError(f"{key}={str(directory)!r} is not a directory; it must hold {' or '.join(names)} ({what}).")
+        raise DataError(
+            f"{key}={str(directory)!r} is not a directory; it must hold {' or '.join(names)} ({what})."
+            + (hub_id_hint(directory) if key == "data.path" else "")
+        )
     for name in names:
         if (directory / name).is_file():
             return directory / name

@@ -9,65 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Mapping
 
 import torch
 import transformers
-from huggingface_hub import constants as hf_constants
-from huggingface_hub.utils import get_session
 
 from errors import ModelLoadError
+from hub import hub_unreachable_reason as _hub_unreachable_reason  # under this name for models/__init__.py
 
 from .classifier import as_classifier
 from .common import _one_line, _quiet_progress_bars
 from .embedded import resolve_model_dir
 
 LOG = logging.getLogger("models")  # one logger for the package: its log lines name "models", whichever file writes
-
-_HUB_PROBE_TIMEOUT = 5.0
-
-
-def _offline_mode() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return True
-    if os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return True
-    try:
-        return bool(hf_constants.HF_HUB_OFFLINE)
-    except Exception:
-        return False
-
-
-_HUB_PROBE: dict[str, str | None] = {}
-
-
-def _hub_unreachable_reason() -> str | None:
-    """``None`` if the HuggingFace hub answers, else a one-line reason. Asked once per process.
-
-    huggingface_hub retries a failed request for about 25 s; one short request first lets an offline machine
-    fail at once.
-    """
-    if _offline_mode():
-        return "offline mode is on: HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set"
-    endpoint = hf_constants.ENDPOINT
-    if endpoint in _HUB_PROBE:
-        return _HUB_PROBE[endpoint]
-    result: list[str | None] = ["no answer within %.0f s" % (2 * _HUB_PROBE_TIMEOUT)]
-
-    def probe() -> None:
-        try:
-            get_session().head(endpoint, timeout=_HUB_PROBE_TIMEOUT)  # any HTTP answer means reachable
-            result[0] = None
-        except Exception as e:
-            result[0] = _one_line(e, 160)
-
-    # Name resolution ignores the timeout, so the probe runs in a thread that is abandoned if it hangs.
-    thread = threading.Thread(target=probe, name="hf-hub-probe", daemon=True)
-    thread.start()
-    thread.join(2 * _HUB_PROBE_TIMEOUT)
-    _HUB_PROBE[endpoint] = result[0]
-    return result[0]
 
 
 def _looks_like_path(name: str) -> bool:

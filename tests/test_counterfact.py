@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from test_baselines import SMALL_EFK
 from test_run import INNER, ROOT
 
+import data_classes.base
 import fact_eval
 import fact_metrics
 import fact_report
@@ -450,6 +451,7 @@ def test_a_fine_tuning_run_is_an_archive_the_eval_command_takes(tokenizer, tmp_p
 def test_counterfact_records_load_from_a_hub_dataset_id_or_say_what_to_do_offline(monkeypatch):
     from test_qa import fake_datasets
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the stand-in plays a dataset in the local cache; no probe of the hub
     rows = json.loads(FIXTURE.read_text())
     monkeypatch.setitem(sys.modules, "datasets", fake_datasets({"train": rows}))
     cfg = data_cfg(path="hf:someone/counterfact", val_fraction=0.34)
@@ -460,6 +462,33 @@ def test_counterfact_records_load_from_a_hub_dataset_id_or_say_what_to_do_offlin
     monkeypatch.setitem(sys.modules, "datasets", fake_datasets(ConnectionError("hub unreachable")))
     with pytest.raises(DataError, match=r"could not be loaded \(ConnectionError.*Offline, download ROME's counterfact"):
         load_split(cfg, "train", seed=0, cache_dir="unused")
+
+
+def test_an_unreachable_hub_fails_at_once_and_a_bare_hub_id_is_pointed_to_hf(monkeypatch, tmp_path):
+    """Without the hub (and without HF_HUB_OFFLINE) the dataset is not asked for: one line at once, not
+    huggingface_hub's 25 s of retries; a data.path that is no file but reads as a hub id says to write hf:<id>."""
+    from test_qa import fake_datasets
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(data_classes.base, "offline_mode", lambda: False)
+    monkeypatch.setattr(data_classes.base, "hub_unreachable_reason", lambda: "ConnectError: no route to host")
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets(AssertionError("load_dataset must not be called")))
+    cfg = data_cfg(path="hf:someone/counterfact")
+    with pytest.raises(DataError) as e:
+        load_split(cfg, "train", seed=0, cache_dir="unused")
+    assert str(e.value) == (
+        "data.path=hf:someone/counterfact: the HuggingFace hub could not be reached (ConnectError: no route to host). "
+        "Offline, download ROME's counterfact.json elsewhere and set data.path=<file>, or leave data.path unset "
+        "(embedded) (a dataset already in the local datasets cache loads with HF_HUB_OFFLINE=1)."
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"no such file.*For the dataset azhx/counterfact on the HuggingFace hub, "
+                                        r"write hf:azhx/counterfact\.$"):  # fmt: skip
+        load_split(data_cfg(path="azhx/counterfact"), "train", seed=0, cache_dir="unused")
+    with pytest.raises(DataError, match=r"no such file") as e:
+        load_split(data_cfg(path="data/counterfact.json"), "train", seed=0, cache_dir="unused")
+    assert "HuggingFace" not in str(e.value)  # a file name is not taken for a hub id
 
 
 def test_an_enn_archive_edits_the_base_model_as_enn_trained_it(tokenizer, tmp_path):

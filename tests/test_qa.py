@@ -609,6 +609,7 @@ def fake_datasets(splits):
 
 
 def test_zsre_mend_records_load_from_a_hub_dataset_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the stand-in plays a dataset in the local cache; no probe of the hub
     train = json.loads(open(os.path.join(ZSRE_MEND, "zsre_mend_train.json")).read())
     evals = json.loads(open(os.path.join(ZSRE_MEND, "zsre_mend_eval.json")).read())
     monkeypatch.setitem(sys.modules, "datasets", fake_datasets({"train": train, "test": evals}))
@@ -628,6 +629,7 @@ def test_zsre_mend_records_load_from_a_hub_dataset_id(tmp_path, monkeypatch):
 
 
 def test_a_hub_dataset_offline_or_without_datasets_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # load_dataset is asked (the local cache) and fails
     tok = word_tokenizer()
     cfg = data_cfg(path="hf:someone/zsre")
     monkeypatch.setitem(sys.modules, "datasets", fake_datasets(ConnectionError("hub unreachable")))
