@@ -49,9 +49,11 @@ class SecondMoments:
         self.show_progress = show_progress
         self._memory: Dict[Tuple[str, int], torch.Tensor] = {}
         self._passages: Optional[List[str]] = None
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or MAX_TOKENS
+        self.max_tokens = min(MAX_TOKENS, int(context))  # a passage's tokens beyond the model's context are cut
 
     def path(self, module_name: str, n_samples: int) -> Path:
-        return self.dir / f"{_safe(module_name)}-n{n_samples}-t{MAX_TOKENS}-{_safe(corpus_version())}.safetensors"
+        return self.dir / f"{_safe(module_name)}-n{n_samples}-t{self.max_tokens}-{_safe(corpus_version())}.safetensors"
 
     def __call__(self, module_name: str, n_samples: int) -> torch.Tensor:
         key = (module_name, int(n_samples))
@@ -88,18 +90,22 @@ class SecondMoments:
                 total.append(torch.zeros(k.shape[-1], k.shape[-1], dtype=torch.float64, device=k.device))
             total[0].addmm_(k.T, k)
             count[0] += k.shape[0]
+            raise _Reached  # the layers above and the output head are not needed
 
         progress = progress_bar(f"key statistics of {module_name}", unit="text") if self.show_progress else None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         handle = module.register_forward_hook(hook)
         try:
             for start in range(0, len(texts), BATCH):
-                rows = [self.tokenizer(t)["input_ids"][:MAX_TOKENS] for t in texts[start : start + BATCH]]
+                rows = [self.tokenizer(t)["input_ids"][: self.max_tokens] for t in texts[start : start + BATCH]]
                 width = max(len(r) for r in rows)
                 ids = torch.tensor([r + [pad or 0] * (width - len(r)) for r in rows], device=device)
                 mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
                 mask_now[:] = [mask.bool()]
-                self.model(input_ids=ids, attention_mask=mask)
+                try:
+                    self.model(input_ids=ids, attention_mask=mask)
+                except _Reached:
+                    pass
                 if progress:
                     progress(min(start + BATCH, len(texts)), len(texts))
         finally:
@@ -107,6 +113,10 @@ class SecondMoments:
         if not count[0]:
             raise ValueError(f"no corpus tokens reached {module_name}: the key statistics are empty.")
         return (total[0] / count[0]).float().cpu()
+
+
+class _Reached(Exception):
+    """Raised by the hook once the layer's inputs are recorded: the rest of the forward pass is skipped."""
 
 
 def _safe(name: str) -> str:

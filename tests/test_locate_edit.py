@@ -176,3 +176,23 @@ def test_edited_weights_must_be_mlp_output_projections():
     with pytest.raises(ConfigError, match="one layer"):
         settings_checks()["rome"](cfg)
     settings_checks()["memit"](make_config("gpt2", "memit", **{"model.inner_params": [S.weight_name(1)]}))
+
+
+def test_key_statistics_are_the_second_moment_of_the_corpus_keys_cached_on_disk(model, tokenizer, tmp_path):
+    from key_stats import SecondMoments, corpus_passages
+
+    module = "transformer.h.1.mlp.c_proj"
+    stats = SecondMoments(model, tokenizer, str(tmp_path), "tiny/gpt2", show_progress=False)
+    moment = stats(module, 5)
+    keys = []
+    handle = model.get_submodule(module).register_forward_hook(lambda m, i, o: keys.append(i[0][0]))
+    try:
+        for text in corpus_passages(tokenizer)[:5]:  # one passage at a time: no padding
+            model(input_ids=torch.tensor([tokenizer(text)["input_ids"][: stats.max_tokens]]))
+    finally:
+        handle.remove()
+    k = torch.cat(keys).double()
+    torch.testing.assert_close(moment, (k.T @ k / k.shape[0]).float(), rtol=1e-5, atol=1e-6)
+    assert stats.path(module, 5).exists() and not stats.path(module, 6).exists()
+    again = SecondMoments(model, tokenizer, str(tmp_path), "tiny/gpt2")  # a new instance reads the file
+    torch.testing.assert_close(again(module, 5), moment, rtol=0, atol=0)
