@@ -345,3 +345,33 @@ def test_python_m_run_trains_it_and_python_m_edit_applies_many_requests_in_one_p
     assert result.model.weights
     for name, w in result.model.weights.items():  # the patch is the editor's one edit of the three
         torch.testing.assert_close(w, direct.weights[name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_chunked_locality_and_rephrasing_figures_are_those_of_the_whole_batch():
+    """``meta_loss`` never holds the whole batch's logits: its figures, merged over chunks of 2, are those of one pass
+    over the batch (the locality inputs before and after the edit, the rephrasings after it)."""
+    editor, batch, _, _ = golden_setup(**{"malmen.chunk_size": 2})
+    editor.train()
+    editor.edit(batch["edit_inner"])  # statistics to standardise with
+    editor.eval()
+    losses = editor.meta_loss(batch, StepContext(training=False))
+    loc = {k: batch["loc"][k] for k in ("input_ids", "attention_mask")}
+    edited = editor.with_weights(losses.saved["leaves"])
+    with torch.no_grad():
+        expected = {
+            "pre": editor.edit_loss_fn(editor(**loc), batch["loc"]["labels"]),
+            "post": editor.edit_loss_fn(edited(**loc), batch["loc"]["labels"]),
+            "edit": edited.loss_with(batch["edit_outer"], {}),
+            "edit_pre": editor.loss_with(batch["edit_outer"], {}),
+        }
+        kl = kl_loc_loss(editor(**loc), edited(**loc), loc["attention_mask"])
+    got = {
+        "pre": editor.loc_loss_fn(losses.pre_loc_logits, batch["loc"]["labels"]),
+        "post": editor.loc_loss_fn(losses.post_loc_logits.detach(), batch["loc"]["labels"]),
+        "edit": losses.post_edit,
+        "edit_pre": losses.pre_edit,
+    }
+    for part, metrics in expected.items():
+        for key in ("nll", "acc", "acc_tok", "prob", "nll_sum", "n_tokens"):
+            torch.testing.assert_close(got[part][key].float(), metrics[key].float(), rtol=1e-5, atol=1e-6, msg=f"{part} {key}")
+    torch.testing.assert_close(losses.loc, kl, rtol=1e-5, atol=1e-7)

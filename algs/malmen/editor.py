@@ -24,6 +24,7 @@ the network in chunks of rows (``malmen.net_chunk``). tests/test_malmen.py holds
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -34,7 +35,7 @@ from torch.profiler import record_function
 from algs.ultraedit.editor import chunked_factors, longest_first_chunks, ridge_update
 from editable_model import EditableModel
 from errors import ConfigError
-from losses import kl_loc_loss
+from losses import IGNORE, kl_loc_loss
 from meta_loss import StepContext, StepLosses
 from models import edited_module_name as module_name
 from models.inner_params import weight_layout
@@ -140,6 +141,23 @@ def _merge_metrics(parts: List[Tuple[dict, int]]) -> Dict[str, torch.Tensor]:
     }
 
 
+def _targeted(labels: torch.Tensor) -> int:
+    """The rows of a causal-LM batch with a target the loss reads (labels after the first position)."""
+    return int((labels[:, 1:] != IGNORE).any(-1).sum())
+
+
+class LocalityMetrics:
+    """In ``StepLosses.pre_loc_logits`` / ``post_loc_logits``: the figures the trainer reads from the locality
+    logits (``loc_loss_fn``), computed chunk by chunk in ``meta_loss``, so that the logits of a whole batch of
+    hundreds of locality inputs (B x T x vocabulary, twice) are never held at once."""
+
+    def __init__(self, metrics: Dict[str, torch.Tensor]):
+        self.metrics = metrics
+
+    def detach(self) -> LocalityMetrics:
+        return self
+
+
 class MALMEN(EditableModel):
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -172,6 +190,12 @@ class MALMEN(EditableModel):
         # Set on the editor that edit() returns: name -> (K, A), the update K^T A as low-rank factors, for the
         # weights whose update had fewer positions than inputs.
         self.last_factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def loc_loss_fn(self, logits, labels: torch.Tensor) -> dict:
+        """The locality figures: those ``meta_loss`` computed (:class:`LocalityMetrics`), or of logits."""
+        if isinstance(logits, LocalityMetrics):
+            return logits.metrics
+        return self.edit_loss_fn(logits, labels)
 
     def with_weights(self, weights: Dict[str, torch.Tensor]) -> MALMEN:
         edited = MALMEN(self.model, self.config, weights=weights, net=self.net)
@@ -272,14 +296,14 @@ class MALMEN(EditableModel):
             if step.training:
                 torch.autograd.backward(loss, inputs=targets)
 
-        outer, loc = batch["edit_outer"], batch["loc"]
+        outer, loc, lower = batch["edit_outer"], batch["loc"], step.lower
         trained = torch.zeros(())
         post_parts, pre_parts = [], []
         with torch.set_grad_enabled(step.training), step.checkpointing(self.model):
             with record_function("step/post_edit_equivalence"):
                 for rows in longest_first_chunks(outer["attention_mask"], size):
                     chunk = {k: v[rows] for k, v in outer.items() if isinstance(v, torch.Tensor)}
-                    n_seq = int((chunk["labels"] != -100).any(-1).sum())
+                    n_seq = _targeted(chunk["labels"])
                     metrics = edited.loss_with(chunk, {})
                     backward(cfg.cedit * metrics["nll"])
                     trained = trained + cfg.cedit * metrics["nll"].detach()
@@ -288,22 +312,25 @@ class MALMEN(EditableModel):
                         pre_parts.append((self.loss_with(chunk, {}), n_seq))
             with record_function("step/post_edit_locality"):
                 mask = loc.get("decoder_attention_mask", loc["attention_mask"])
-                pre_loc_logits, post_loc_logits, kl_sum = None, None, torch.zeros(())
+                pre_parts_loc, post_parts_loc, kl_sum = [], [], torch.zeros(())
                 for rows in longest_first_chunks(loc["attention_mask"], size):
                     chunk = model_inputs({k: v[rows] for k, v in loc.items() if isinstance(v, torch.Tensor)})
-                    with torch.no_grad():
+                    # The blocks below the edits run once for both passes (the trainer's LowerBlocks, if any).
+                    with torch.no_grad(), lower.record() if lower else contextlib.nullcontext():
                         pre = self(**chunk)
-                    post = edited(**chunk)
+                    with lower.replay(leaves) if lower else contextlib.nullcontext():
+                        post = edited(**chunk)
                     kl = kl_loc_loss(pre, post, mask[rows])
                     backward(cfg.cloc * kl)
                     trained = trained + cfg.cloc * kl.detach()
                     kl_sum = kl_sum + kl.detach() * mask[rows].sum()
-                    if pre_loc_logits is None:
-                        shape = (loc["input_ids"].shape[0],) + tuple(pre.shape[1:])
-                        pre_loc_logits = pre.new_empty(shape)
-                        post_loc_logits = pre.new_empty(shape)
-                    pre_loc_logits[rows] = pre
-                    post_loc_logits[rows] = post.detach()
+                    if "labels" in loc:  # the drawdown's figures, chunk by chunk
+                        labels, n_seq = loc["labels"][rows], _targeted(loc["labels"][rows])
+                        with torch.no_grad():
+                            pre_parts_loc.append((self.edit_loss_fn(pre, labels), n_seq))
+                            post_parts_loc.append((self.edit_loss_fn(post.detach(), labels), n_seq))
+        if lower:
+            lower.clear()
         post_edit = _merge_metrics(post_parts)
         l_edit, l_loc = post_edit["nll"], kl_sum / mask.sum().clamp(min=1)
         total_edit = cfg.cedit * l_edit + cfg.cloc * l_loc
@@ -315,8 +342,8 @@ class MALMEN(EditableModel):
             edit=l_edit,
             loc=l_loc,
             post_edit=post_edit,
-            pre_loc_logits=pre_loc_logits,
-            post_loc_logits=post_loc_logits,
+            pre_loc_logits=LocalityMetrics(_merge_metrics(pre_parts_loc) if pre_parts_loc else {}),
+            post_loc_logits=LocalityMetrics(_merge_metrics(post_parts_loc) if post_parts_loc else {}),
             pre_edit=None if step.training else _merge_metrics(pre_parts),
             info={"loss/edit_inner": inner_loss, "malmen/positions": float(keys[self.inner_params[0]].shape[0])},
             edit_time=edit_time,
