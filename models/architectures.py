@@ -114,7 +114,8 @@ def infer_model_config(model_cfg, cache_dir: str) -> Dict[str, Any]:
         raise ModelLoadError(
             f"model.name={name!r} is a {model_type!r} model, whose class and edited weights +model=hf cannot infer "
             f"(it knows {', '.join(sorted(ARCHITECTURES))}). Set model.class_name, model.kind and model.inner_params "
-            f"on the command line, or write config/model/<name>.yaml (see docs/configuration.md, 'Your own model')."
+            f"on the command line, or write config/model/<name>.yaml (docs/experiments.md, 'Using your own model or "
+            f"data')."
         )
     filled: Dict[str, Any] = {}
     if model_cfg.class_name == AUTO:
