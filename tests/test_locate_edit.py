@@ -196,3 +196,28 @@ def test_key_statistics_are_the_second_moment_of_the_corpus_keys_cached_on_disk(
     assert stats.path(module, 5).exists() and not stats.path(module, 6).exists()
     again = SecondMoments(model, tokenizer, str(tmp_path), "tiny/gpt2")  # a new instance reads the file
     torch.testing.assert_close(again(module, 5), moment, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("alg", ["rome", "alphaedit"])
+def test_editor_applies_requests_with_a_subject_single_batched_and_sequential(alg, model, tokenizer, tmp_path):
+    from editing import Editor
+
+    layers = S.LAYERS[-1:] if alg == "rome" else S.LAYERS
+    cfg = make_config(
+        "gpt2", alg, cache_dir=str(tmp_path), **{"model.inner_params": [S.weight_name(i) for i in layers]},
+        **{f"{alg}.mom2_n_samples": 8, f"{alg}.v_num_grad_steps": 5, f"{alg}.v_lr": 0.1},
+    )  # fmt: skip
+    editor = Editor(editor_class(alg)(model, cfg), tokenizer, cfg, {}, "test")
+    requests = [EditRequest(r["prompt"].format(r["subject"]), r["target"], subject=r["subject"]) for r in S.REQUESTS]
+    for mode in ("batched", "sequential"):
+        result = editor.apply(requests[:2], mode=mode)
+        assert len(result.patches) == (1 if mode == "batched" else 2)
+        assert set(result.patches[0].names) == set(cfg.model.inner_params)
+        assert all(result.patches[0].delta(n).abs().max() > 0 for n in cfg.model.inner_params)
+        assert all(r["logp_after"] != r["logp_before"] for r in result.report)
+    assert list((tmp_path / "key_stats").rglob("*.safetensors"))  # the statistics went to the cache
+    metrics, _, _ = editor.edit([r.prompt for r in requests], [r.target for r in requests],
+                                subject=[r.subject for r in requests], sequential_edit=True, verbose=False)  # fmt: skip
+    assert len(metrics) == 3
+    with pytest.raises(EditRequestError, match="'subject'"):
+        editor.apply([EditRequest("Paris is in", "Italy")])

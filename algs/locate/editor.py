@@ -144,7 +144,8 @@ class LocateEditor(EditableModel):
         if rows is None:
             raise EditRequestError(
                 f"alg={self.config.alg} needs each request's text and 'subject' (the words the fact is about); this "
-                f"batch has token ids only. Edit through python -m edit / Editor with requests that give 'subject'."
+                f"batch has token ids only. Edit through python -m edit / Editor with requests that give 'subject' "
+                f"(python -m run +alg={self.config.alg} writes the archive for it with eval.final_eval=false)."
             )
         out = []
         for i, r in enumerate(rows):
