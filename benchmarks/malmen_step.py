@@ -2,7 +2,7 @@
 peak memory. MALMEN's point is that a meta-step of hundreds of edits fits in a few GB (docs/malmen.md).
 
     python -m benchmarks.malmen_step --alg malmen --n-edits 512          # one meta-step of 512 edits
-    python -m benchmarks.malmen_step --alg mend --n-edits 1 --steps 5    # MEND's step of one edit, for the time per edit
+    python -m benchmarks.malmen_step --alg mend --n-edits 1 --steps 5    # MEND's one-edit step, for the time per edit
     python -m benchmarks.malmen_step --alg malmen --n-edits 512 malmen.rank=960   # any run override after the flags
 
 The run configuration is ``python -m run +alg=<alg> +experiment=counterfact +model=smollm2 data.facts=large`` with

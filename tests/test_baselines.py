@@ -42,7 +42,7 @@ def _snapshot(model):
 
 
 def test_every_editor_is_registered_and_has_a_config():
-    assert set(ALGS) == {"mend", "efk", "enn", "ft", "ultraedit", "malmen"}
+    assert set(ALGS) == {"mend", "efk", "enn", "ft", "ultraedit", "malmen", "rome", "memit", "alphaedit"}
     for name in ALGS:
         cfg = make_config("llama", alg=name)
         validate_config(cfg, algs=ALGS, tasks=["gen"])

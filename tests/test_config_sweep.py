@@ -79,6 +79,13 @@ ACCEPTED = {
     ("ft.locality.cedit", "0"): "FT+KL on the locality KL alone (test_accepted_ft_values_edit)",
     ("data.sample_temperature", "0"): "greedy targets (test_accepted_sample_temperatures_sample)",
     ("data.sample_temperature", "1e30"): "uniform sampling (test_accepted_sample_temperatures_sample)",
+    ("malmen.log_ridge", "0"): "the original's default, a ridge of e^0 = 1 (tests/test_malmen.py's golden values)",
+    ("malmen.log_ridge", "-1"): "a starting ridge of e^-1: any finite log-ridge is a positive ridge",
+    **{
+        (f"{alg}.{key}", "0"): f"{alg} without the {what} (test_locate_edit.py::test_zero_kl_and_weight_decay_edit)"
+        for alg in ("rome", "memit", "alphaedit")
+        for key, what in (("kl_factor", "KL term"), ("v_weight_decay", "weight decay of the target vector"))
+    },
 }
 
 
@@ -119,8 +126,11 @@ def test_every_shipped_config_passes():
             continue
         cfg = compose_config(["+alg=mend", f"+experiment={first_task[kind]}", f"+model={name[: -len('.yaml')]}"])
         validate_config(cfg, algs=ALGS, tasks=DATASETS)
+    # the locate-then-edit editors write to MLP output projections only, which every run names (docs/locate_edit.md)
+    locate = {"rome", "memit", "alphaedit"}
     for alg in ALGS:
-        validate_config(compose_config([f"+alg={alg}", *BASE[1:]]), algs=ALGS, tasks=DATASETS)
+        extra = ["model.inner_params=[model.layers.12.mlp.down_proj.weight]"] if alg in locate else []
+        validate_config(compose_config([f"+alg={alg}", *BASE[1:], *extra]), algs=ALGS, tasks=DATASETS)
 
 
 @pytest.mark.parametrize("key, text", CASES, ids=[f"{k}={t if t != HUGE_INT else '1e30int'}" for k, t in CASES])

@@ -126,6 +126,16 @@ def test_a_changed_update_misses_the_originals(alg, key, model, tokenizer):
     assert misses(alg, run_turns(editor, alg)) > 0.1
 
 
+@pytest.mark.parametrize("alg", ["rome", "memit", "alphaedit"])
+def test_zero_kl_and_weight_decay_edit(alg, model, tokenizer):
+    """kl_factor=0 and v_weight_decay=0 (accepted by the ranges) drop their terms and still give a finite update."""
+    editor = make_editor(alg, model, tokenizer, kl_factor=0.0, v_weight_decay=0.0)
+    turns = run_turns(editor, alg)
+    for name, w in turns[-1].items():
+        assert torch.isfinite(w).all()
+        assert not torch.equal(w, model.get_parameter(name))
+
+
 def test_rome_applies_a_batch_one_request_after_another(model, tokenizer):
     editor = make_editor("rome", model, tokenizer)
     edited, _ = editor.edit({"requests": [as_request(r) for r in S.REQUESTS]})

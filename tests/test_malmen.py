@@ -373,5 +373,7 @@ def test_the_chunked_locality_and_rephrasing_figures_are_those_of_the_whole_batc
     }
     for part, metrics in expected.items():
         for key in ("nll", "acc", "acc_tok", "prob", "nll_sum", "n_tokens"):
-            torch.testing.assert_close(got[part][key].float(), metrics[key].float(), rtol=1e-5, atol=1e-6, msg=f"{part} {key}")
+            torch.testing.assert_close(
+                got[part][key].float(), metrics[key].float(), rtol=1e-5, atol=1e-6, msg=f"{part} {key}"
+            )
     torch.testing.assert_close(losses.loc, kl, rtol=1e-5, atol=1e-7)

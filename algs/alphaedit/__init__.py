@@ -26,7 +26,7 @@ SETTINGS = AlphaEditConfig
 RANGES = {
     **LOCATE_RANGES,
     "nullspace_threshold": Range(0, 1e12, low_open=True, why="0 leaves no direction to write to"),
-    "L2": Range(0, 1e12, why="the ridge of the update's solve"),
+    "L2": Range(0, 1e12, low_open=True, why="0 leaves the projected solve singular"),
 }
 
 

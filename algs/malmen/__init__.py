@@ -31,7 +31,7 @@ RANGES = {
     **dict.fromkeys(("lr", "edit_lr"), STEP),
     "log_ridge": Range(-30, 30, why="e^lambda beyond it under- or overflows the solve in float32"),
     "rank": WIDTH,
-    "n_blocks": Range(0, 1024, why="every block is allocated at once"),
+    "n_blocks": Range(1, 1024, why="a network needs a block; every block is allocated at once"),
     "chunk_size": BATCH,
     "net_chunk": Range(1, 2**24, why="the rows of a chunk go through the network at once"),
 }

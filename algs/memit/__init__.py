@@ -24,7 +24,7 @@ class MEMITConfig(TargetSettings):
 SETTINGS = MEMITConfig
 RANGES = {
     **LOCATE_RANGES,
-    "mom2_update_weight": Range(0, 1e12, why="the weight of the key statistics against the new keys"),
+    "mom2_update_weight": Range(0, 1e12, low_open=True, why="0 drops the key statistics and leaves the solve singular"),
 }
 
 
