@@ -38,9 +38,20 @@ from config_schema import (
     validate_config,
 )
 from data_classes import DATASETS, check_model_kind, dataset_class
-from errors import TrainingInterrupted, UserError
+from errors import ConfigError, TrainingInterrupted, UserError
 
 LOG = logging.getLogger("run")
+
+
+def run_device(name: str):
+    """The torch device ``device=<name>`` asks for; one this machine lacks (``cuda`` without CUDA) is a
+    :class:`errors.ConfigError` naming the key, checked before any model or data loads."""
+    from utils import resolve_device  # torch: imported after the configuration is checked
+
+    try:
+        return resolve_device(name)
+    except RuntimeError as e:  # CUDA asked for where there is none, or a name torch does not know
+        raise ConfigError(f"device={name}: {e}".replace(f"device={name!r} was asked for but ", "")) from None
 
 
 def build(cfg: DictConfig):
@@ -48,9 +59,9 @@ def build(cfg: DictConfig):
     # Imported here, as in main_job: a configuration error is reported before torch and transformers load.
     import distributed
     from models import check_inner_params, get_model, get_tokenizer
-    from utils import resolve_device, seed_everything
+    from utils import seed_everything
 
-    device = distributed.local_device(resolve_device(cfg.device))
+    device = distributed.local_device(run_device(cfg.device))
     seed_everything(cfg.seed)
     cache_dir = os.path.expanduser(cfg.cache_dir)
 
@@ -109,10 +120,9 @@ def main_job(cfg: DictConfig, run_dir: str) -> dict:
     from evaluation import train_and_evaluate
     from memory import log_estimate
     from trainer import EditTrainer
-    from utils import resolve_device
 
     # Under torchrun: join the other processes; every rank works in rank 0's run directory.
-    dist_env = distributed.init(cfg, distributed.local_device(resolve_device(cfg.device)))
+    dist_env = distributed.init(cfg, distributed.local_device(run_device(cfg.device)))
     distributed.check_world_size(cfg, dist_env.world_size)
     run_dir = distributed.broadcast_object(run_dir)
 

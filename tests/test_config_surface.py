@@ -277,3 +277,14 @@ def test_the_example_of_data_n_edits_alone_says_how_to_fix_it():
     with pytest.raises(ConfigError, match=r"e.g. data.n_edits=5 batch_size=6 val_batch_size=6"):
         validated([*BASE, "data.n_edits=5"])
     validated([*BASE, "data.n_edits=5", "batch_size=6", "val_batch_size=6"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_one_line_before_the_model_loads(workspace):  # noqa: F811
+    proc = run_cli(workspace, "device=cuda", run_dir=workspace["root"] / "no-cuda")
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in lines if "device=cuda" in line]
+    assert errors and "CUDA is not available" in errors[0] and "device=cpu" in errors[0]
+    assert not any("Loaded" in line for line in lines)  # refused before the base model loads
