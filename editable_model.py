@@ -113,6 +113,8 @@ class EditableModel(nn.Module, ABC):
     #: The batches one training step draws: above 1, :meth:`meta_loss` gets a list of them (a meta-step over a
     #: sequence of edits applied one after another).
     batches_per_step: int = 1
+    #: True: the editor edits causal language models only (check_config refuses another model.kind)
+    causal_lm_only: bool = False
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -125,6 +127,11 @@ class EditableModel(nn.Module, ABC):
             raise ConfigError(
                 f"train_base=True: alg={cfg.alg} cannot train the base model (it has no base loss); set "
                 f"train_base=False, or use an editor that trains the base (see the baselines in docs/results.md)."
+            )
+        if cls.causal_lm_only and cfg.model.kind != "causal_lm":
+            raise ConfigError(
+                f"alg={cfg.alg} edits causal language models only (model.kind={cfg.model.kind}); choose a causal LM "
+                f"(+model=smollm2, +model=gpt2, ...)."
             )
 
     def __init__(self, model: nn.Module, config, weights: Optional[Dict[str, torch.Tensor]] = None):

@@ -75,11 +75,7 @@ class LocateEditor(EditableModel):
     template_lengths: Tuple[Tuple[int, int], ...] = ()
     per_start = False
 
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        super().check_config(cfg)
-        if cfg.model.kind != "causal_lm":
-            raise ConfigError(f"alg={cfg.alg} edits causal language models only (model.kind={cfg.model.kind}).")
+    causal_lm_only = True
 
     def __init__(self, model: nn.Module, config, weights=None, shared: Optional[Shared] = None):
         super().__init__(model, config, weights)

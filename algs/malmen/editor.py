@@ -34,7 +34,6 @@ from torch.profiler import record_function
 
 from algs.ultraedit.editor import chunked_factors, longest_first_chunks, ridge_update
 from editable_model import EditableModel
-from errors import ConfigError
 from losses import IGNORE, kl_loc_loss
 from meta_loss import StepContext, StepLosses
 from models import edited_module_name as module_name
@@ -159,14 +158,7 @@ class LocalityMetrics:
 
 
 class MALMEN(EditableModel):
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        super().check_config(cfg)
-        if cfg.model.kind != "causal_lm":
-            raise ConfigError(
-                f"alg=malmen edits causal language models only (model.kind={cfg.model.kind}); choose a causal LM "
-                f"(+model=smollm2, +model=gpt2, ...)."
-            )
+    causal_lm_only = True
 
     def __init__(self, model: nn.Module, config, weights=None, net: Optional[nn.ModuleDict] = None):
         super().__init__(model, config, weights)

@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 
 from editable_model import EditableModel
-from errors import ConfigError
 from losses import IGNORE
 from models import edited_module_name as module_name
 from models.inner_params import capture_calls, weight_layout
@@ -149,14 +148,7 @@ def chunked_factors(
 class UltraEdit(EditableModel):
     needs_training = False  # closed form: each edit is solved from the edit's own gradient factors
 
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        super().check_config(cfg)
-        if cfg.model.kind != "causal_lm":
-            raise ConfigError(
-                f"alg=ultraedit edits causal language models only (model.kind={cfg.model.kind}); choose a causal LM "
-                f"(+model=smollm2, +model=gpt2, ...)."
-            )
+    causal_lm_only = True
 
     def __init__(self, model: nn.Module, config, weights=None, norms: Optional[nn.ModuleDict] = None):
         super().__init__(model, config, weights)
