@@ -6,7 +6,9 @@
 * :func:`optimise_target`: the vector that, written at the subject's last token in a module's output, makes the
   model predict the target (ROME's ``compute_v`` loop, MEMIT's and AlphaEdit's ``compute_z``): Adam on a delta, the
   target's NLL over the context templates + ``kl_factor`` * KL on "<subject> is a" + ``v_weight_decay`` *
-  |delta| / |v_init|^2, delta clamped to ``clamp_norm_factor`` * |v_init|;
+  |delta| / |v_init|^2, delta clamped to ``clamp_norm_factor`` * |v_init|; the logits computed only where the
+  loss reads them and the blocks below the delta replayed after the first pass (the same numbers, 1.5x faster on
+  SmolLM2);
 * :func:`sample_context_templates`: the short prefixes the originals generate once from the model.
 
 Every hook is registered for one forward pass and removed in a ``finally``; nothing is left on the model.
@@ -15,13 +17,14 @@ Every hook is registered for one forward pass and removed in a ``finally``; noth
 from __future__ import annotations
 
 import unicodedata
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from editable_model import logits_of, output_with_weights
+from models.replay import capture_block_output, first_edited_block, output_layer_at, replaying
 
 from .text import encode_batch, subject_last_index, target_ids
 
@@ -95,14 +98,22 @@ def optimise_target(
     kl_prompts = ["{} is a"]
     prompts = rewriting + kl_prompts
     ids, mask = encode_batch(tokenizer, [p.format(request.subject) for p in prompts], device)
-    labels = torch.full((len(rewriting), ids.shape[1]), -100, device=device)
-    for i in range(len(rewriting)):
-        end = int(mask[i].sum())
-        labels[i, end - len(tgt) : end] = torch.tensor(tgt, device=device)
     lookup = [subject_last_index(tokenizer, p, request.subject) for p in prompts]
+    # The logits the loss reads: rewriting row i at the len(tgt) positions that predict the target's tokens (the
+    # last len(tgt) of the row), the KL row at its subject's last token. Only those are computed (the output layer
+    # runs on them alone): the numbers the originals read from their full logits.
+    n_rows, n_tgt = len(rewriting), len(tgt)
+    ends = mask.sum(1).tolist()
+    rows = [i for i in range(n_rows) for _ in range(n_tgt)] + [n_rows]
+    cols = [ends[i] - n_tgt + j for i in range(n_rows) for j in range(n_tgt)] + [lookup[-1]]
+    rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+    tgt_t = torch.tensor(tgt, device=device).expand(n_rows, n_tgt)
+    # The blocks before the one the delta is written in compute the same thing at every step: after the first
+    # pass they replay its output (models/replay.py) instead of computing it again.
+    located = first_edited_block(model, [module + ".weight"])
 
     delta = torch.zeros(model.config.hidden_size, device=device, requires_grad=True)
-    state: Dict[str, Optional[torch.Tensor]] = {"init": None}
+    state: Dict[str, Optional[torch.Tensor]] = {"init": None, "lower": None}
 
     def add_delta(_module, _inputs, output):
         hidden = _hidden(output)
@@ -113,21 +124,34 @@ def optimise_target(
             hidden[i, idx, :] = hidden[i, idx, :] + delta
         return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
+    def picked_logits(first: bool) -> torch.Tensor:
+        """(n_rows * n_tgt + 1, vocab): the logits at (rows, cols)."""
+        records = None
+        with ExitStack() as stack:
+            stack.enter_context(hooked(model, module, add_delta))
+            cut = stack.enter_context(output_layer_at(model, rows_t, cols_t))
+            if located is not None and first:
+                records = stack.enter_context(capture_block_output(*located))
+            elif state["lower"] is not None:
+                stack.enter_context(replaying(*located, lambda: state["lower"], state["as_tuple"]))
+            logits = logits_of(run(model, weights, ids, mask))
+        if records and records[0] is not None:
+            state["lower"], state["as_tuple"] = records[0]
+        return logits[0] if cut else logits[rows_t, cols_t]
+
     opt = torch.optim.Adam([delta], lr=float(settings.v_lr))
     kl_init = None
     steps = int(settings.v_num_grad_steps)
     with torch.enable_grad():
         for it in range(steps):
             opt.zero_grad()
-            with hooked(model, module, add_delta):
-                logits = logits_of(run(model, weights, ids, mask))
-            kl_logits = torch.stack([logits[i - len(kl_prompts), idx, :] for i, idx in enumerate(lookup[-1:])])
-            kl_log_probs = F.log_softmax(kl_logits, dim=1)
+            logits = picked_logits(first=it == 0)
+            kl_log_probs = F.log_softmax(logits[-1:], dim=1)
             if kl_init is None:
                 kl_init = kl_log_probs.detach().clone()
-            log_probs = torch.log_softmax(logits[: len(rewriting)], dim=2)
-            picked = torch.gather(log_probs, 2, torch.where(labels != -100, labels, 0).unsqueeze(2)).squeeze(2)
-            nll = (-(picked * (labels != -100).float()).sum(1) / len(tgt)).mean()
+            log_probs = torch.log_softmax(logits[:-1].view(n_rows, n_tgt, -1), dim=2)
+            picked = torch.gather(log_probs, 2, tgt_t.unsqueeze(2)).squeeze(2)
+            nll = (-picked.sum(1) / n_tgt).mean()
             kl = float(settings.kl_factor) * F.kl_div(kl_init, kl_log_probs, log_target=True, reduction="batchmean")
             decay = float(settings.v_weight_decay) * (torch.norm(delta) / torch.norm(state["init"]) ** 2)
             loss = nll + kl + decay
