@@ -18,7 +18,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -56,45 +56,64 @@ class SecondMoments:
         return self.dir / f"{_safe(module_name)}-n{n_samples}-t{self.max_tokens}-{_safe(corpus_version())}.safetensors"
 
     def __call__(self, module_name: str, n_samples: int) -> torch.Tensor:
-        key = (module_name, int(n_samples))
-        if key not in self._memory:
-            path = self.path(*key)
+        self.prefetch([module_name], n_samples)
+        return self._memory[(module_name, int(n_samples))]
+
+    def prefetch(self, module_names: Sequence[str], n_samples: int) -> None:
+        """Load or compute the statistics of every module of ``module_names``; those not cached on disk are computed
+        together, in one pass over the corpus that stops at the deepest of them."""
+        n_samples = int(n_samples)
+        missing = []
+        for name in dict.fromkeys(module_names):
+            if (name, n_samples) in self._memory:
+                continue
+            path = self.path(name, n_samples)
             if path.exists():
-                moment = load_file(str(path))["mom2"]
+                self._memory[(name, n_samples)] = load_file(str(path))["mom2"]
             else:
-                moment = self.compute(*key)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                save_file({"mom2": moment.contiguous()}, str(tmp))
-                os.replace(tmp, path)
-                LOG.info("Wrote the key statistics of %s to %s", module_name, path)
-            self._memory[key] = moment
-        return self._memory[key]
+                missing.append(name)
+        if not missing:
+            return
+        for name, moment in zip(missing, self.compute(missing, n_samples)):
+            path = self.path(name, n_samples)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"mom2": moment.contiguous()}, str(tmp))
+            os.replace(tmp, path)
+            LOG.info("Wrote the key statistics of %s to %s", name, path)
+            self._memory[(name, n_samples)] = moment
 
     @torch.no_grad()
-    def compute(self, module_name: str, n_samples: int) -> torch.Tensor:
+    def compute(self, module_names: Sequence[str], n_samples: int) -> List[torch.Tensor]:
+        """The second moments of ``module_names``' inputs, in their order, from one pass per batch of passages."""
         if self._passages is None:
             self._passages = corpus_passages(self.tokenizer)
         texts = self._passages[:n_samples]
         if len(texts) < n_samples:
             LOG.warning("The embedded corpus has %d passages; the key statistics use all of them.", len(texts))
-        module = self.model.get_submodule(module_name)
         device = next(self.model.parameters()).device
-        total: List[torch.Tensor] = []  # [sum of k k^T (float64)], set at the first batch
-        count = [0]
+        totals: Dict[str, torch.Tensor] = {}  # sum of k k^T (float64) per module, set at the first batch
+        count = dict.fromkeys(module_names, 0)
         mask_now: List[torch.Tensor] = []
+        seen: set = set()
 
-        def hook(_module, inputs, _output):
-            k = inputs[0][mask_now[0]].double()  # (tokens, d_in), padding removed
-            if not total:
-                total.append(torch.zeros(k.shape[-1], k.shape[-1], dtype=torch.float64, device=k.device))
-            total[0].addmm_(k.T, k)
-            count[0] += k.shape[0]
-            raise _Reached  # the layers above and the output head are not needed
+        def hook_for(name: str):
+            def hook(_module, inputs, _output):
+                k = inputs[0][mask_now[0]].double()  # (tokens, d_in), padding removed
+                if name not in totals:
+                    totals[name] = torch.zeros(k.shape[-1], k.shape[-1], dtype=torch.float64, device=k.device)
+                totals[name].addmm_(k.T, k)
+                count[name] += k.shape[0]
+                seen.add(name)
+                if len(seen) == len(count):
+                    raise _Reached  # the layers above and the output head are not needed
 
-        progress = progress_bar(f"key statistics of {module_name}", unit="text") if self.show_progress else None
+            return hook
+
+        label = module_names[0] if len(module_names) == 1 else f"{len(module_names)} layers"
+        progress = progress_bar(f"key statistics of {label}", unit="text") if self.show_progress else None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        handle = module.register_forward_hook(hook)
+        handles = [self.model.get_submodule(n).register_forward_hook(hook_for(n)) for n in count]
         try:
             for start in range(0, len(texts), BATCH):
                 rows = [self.tokenizer(t)["input_ids"][: self.max_tokens] for t in texts[start : start + BATCH]]
@@ -102,6 +121,7 @@ class SecondMoments:
                 ids = torch.tensor([r + [pad or 0] * (width - len(r)) for r in rows], device=device)
                 mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
                 mask_now[:] = [mask.bool()]
+                seen.clear()
                 try:
                     self.model(input_ids=ids, attention_mask=mask)
                 except _Reached:
@@ -109,10 +129,12 @@ class SecondMoments:
                 if progress:
                     progress(min(start + BATCH, len(texts)), len(texts))
         finally:
-            handle.remove()
-        if not count[0]:
-            raise ValueError(f"no corpus tokens reached {module_name}: the key statistics are empty.")
-        return (total[0] / count[0]).float().cpu()
+            for handle in handles:
+                handle.remove()
+        empty = [n for n, c in count.items() if not c]
+        if empty:
+            raise ValueError(f"no corpus tokens reached {empty[0]}: the key statistics are empty.")
+        return [(totals[n] / count[n]).float().cpu() for n in module_names]
 
 
 class _Reached(Exception):

@@ -208,6 +208,26 @@ def test_key_statistics_are_the_second_moment_of_the_corpus_keys_cached_on_disk(
     torch.testing.assert_close(again(module, 5), moment, rtol=0, atol=0)
 
 
+def test_key_statistics_of_several_layers_in_one_pass_equal_each_layers_own(model, tokenizer, tmp_path):
+    from key_stats import SecondMoments
+
+    modules = ["transformer.h.0.mlp.c_proj", "transformer.h.2.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
+    together = SecondMoments(model, tokenizer, str(tmp_path / "together"), "tiny/gpt2", show_progress=False)
+    calls = []
+    original = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        together.prefetch(modules, 5)
+        passes = len(calls)
+        for module in modules:
+            alone = SecondMoments(model, tokenizer, str(tmp_path / module), "tiny/gpt2", show_progress=False)
+            torch.testing.assert_close(together(module, 5), alone(module, 5), rtol=1e-6, atol=1e-7)
+            assert together.path(module, 5).exists()
+    finally:
+        del model.forward
+    assert passes == (len(calls) - passes) / len(modules)  # the three in as many passes as each alone
+
+
 @pytest.mark.parametrize("alg", ["rome", "alphaedit"])
 def test_editor_applies_requests_with_a_subject_single_batched_and_sequential(alg, model, tokenizer, tmp_path):
     from editing import Editor

@@ -167,6 +167,9 @@ class LocateEditor(EditableModel):
         if self.shared.second_moments is None:
             self.tokenizer  # noqa: B018  (the same message: no text tools attached)
         n = int(self.settings.mom2_n_samples)
+        prefetch = getattr(self.shared.second_moments, "prefetch", None)
+        if prefetch is not None:  # every edited layer's statistics in one pass over the corpus
+            prefetch([each.rewrite for each in self.layers], n)
         return self.shared.second_moments(layer.rewrite, n).to(self.current_weight(layer.weight).device)
 
     def derived(self, layer: Layer, kind: str, make) -> torch.Tensor:
