@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 from torch.profiler import record_function
 
 from algs.ultraedit.editor import chunked_factors, longest_first_chunks, ridge_update
@@ -159,10 +160,14 @@ class LocalityMetrics:
 
 class MALMEN(EditableModel):
     causal_lm_only = True
+    #: The config group of the editor's settings (an editor built on this one, RLEdit, reads its own).
+    settings_group = "malmen"
+    #: False: the normalisation's statistics are updated by training edits only; True: by every edit (RLEdit's).
+    stats_while_editing = False
 
     def __init__(self, model: nn.Module, config, weights=None, net: Optional[nn.ModuleDict] = None):
         super().__init__(model, config, weights)
-        cfg = config.malmen
+        cfg = self.settings
         self.layout = {n: weight_layout(model.get_submodule(module_name(n)), n, "MALMEN") for n in self.inner_params}
         # Which network serves each weight (one per shape) and the weight's index within it, in the order of
         # inner_params (the original's name2idx).
@@ -189,8 +194,13 @@ class MALMEN(EditableModel):
             return logits.metrics
         return self.edit_loss_fn(logits, labels)
 
+    @property
+    def settings(self):
+        """The editor's settings group (``malmen.*``; ``rledit.*`` for RLEdit)."""
+        return getattr(self.config, self.settings_group)
+
     def with_weights(self, weights: Dict[str, torch.Tensor]) -> MALMEN:
-        edited = MALMEN(self.model, self.config, weights=weights, net=self.net)
+        edited = type(self)(self.model, self.config, weights=weights, net=self.net)
         edited.train(self.training)
         return edited
 
@@ -198,7 +208,7 @@ class MALMEN(EditableModel):
         return list(self.net.parameters())
 
     def outer_lr(self) -> float:
-        return float(self.config.malmen.lr)
+        return float(self.settings.lr)
 
     def step_size_lr(self) -> Optional[float]:
         return None  # the step sizes and ridges train with the network, as the original's single Adam
@@ -224,16 +234,16 @@ class MALMEN(EditableModel):
         the statistics updated after each chunk in training mode; and the mean edit loss."""
 
         def update(name: str, k_rows: torch.Tensor, g_rows: torch.Tensor) -> None:
-            if self.training:
+            if self.training or self.stats_while_editing:
                 self._net(name)[0].normalizer.update(torch.cat((k_rows, g_rows), -1))
 
-        keys, grads, loss = chunked_factors(self, batch, int(self.config.malmen.chunk_size), update)
+        keys, grads, loss = chunked_factors(self, batch, int(self.settings.chunk_size), update)
         return {n: torch.cat(k) for n, k in keys.items()}, {n: torch.cat(g) for n, g in grads.items()}, loss
 
     def _shifts(self, name: str, keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """The targets V (N x d_out) of one weight, in chunks of ``malmen.net_chunk`` rows."""
         net, idx = self._net(name)
-        step = int(self.config.malmen.net_chunk)
+        step = int(self.settings.net_chunk)
         return torch.cat([net.shifts(keys[s : s + step], grads[s : s + step], idx) for s in range(0, len(keys), step)])
 
     def _updates(self, keys: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor]):
@@ -266,6 +276,59 @@ class MALMEN(EditableModel):
         return edited, {"loss/edit_inner": loss, "malmen/positions": float(n_positions)}
 
     # -- training in stages ------------------------------------------------------------------------------------
+    def _detached_edit(self, batch: dict, training: bool):
+        """The edit of ``batch`` (an ``edit_inner``) as training makes it: the factors chunk by chunk, the update solved
+        without a graph, and the edited weights as leaves that the meta-loss is back-propagated to (``meta_backward``
+        takes their gradient on into the network). Returns (leaves, what ``_network_gradients`` needs, the edit
+        loss)."""
+        keys, grads, inner_loss = self._factors(batch)
+        updates, _ = self._updates(keys, grads)
+        leaves = {n: w.detach().requires_grad_(training) for n, w in self._edited_weights(updates).items()}
+        return leaves, {"keys": keys, "grads": grads, "updates": updates, "leaves": leaves}, inner_loss
+
+    def _rephrasing_losses(self, edited: MALMEN, outer: dict, weight: float, backward: Callable, reference=None):
+        """The edited model's loss on the rephrasings ``outer``, chunk by chunk (``chunk_size`` examples, longest
+        first): each chunk's ``weight * cedit * (its mean NLL)`` handed to ``backward`` at once. Returns the sum of
+        those losses, the chunks' metrics, and those of ``reference`` (the model before the edit) when given."""
+        scale = weight * self.config.cedit
+        trained, post_parts, pre_parts = torch.zeros(()), [], []
+        for rows in longest_first_chunks(outer["attention_mask"], int(self.settings.chunk_size)):
+            chunk = {k: v[rows] for k, v in outer.items() if isinstance(v, torch.Tensor)}
+            n_seq = _targeted(chunk["labels"])
+            metrics = edited.loss_with(chunk, {})
+            backward(scale * metrics["nll"])
+            trained = trained + scale * metrics["nll"].detach()
+            post_parts.append(({k: v.detach() for k, v in metrics.items()}, n_seq))
+            if reference is not None:
+                pre_parts.append((reference.loss_with(chunk, {}), n_seq))
+        return trained, post_parts, pre_parts
+
+    def _locality_losses(self, reference: MALMEN, edited: MALMEN, loc: dict, weight: float, backward, lower):
+        """The KL from ``reference`` (the model before the edit) to ``edited`` on the locality inputs ``loc``, chunk
+        by chunk: each chunk's ``weight * cloc * (its mean KL)`` handed to ``backward`` at once. Returns the sum of
+        those losses, the KL summed over the positions, and the chunks' figures before and after (for the
+        drawdown)."""
+        scale = weight * self.config.cloc
+        mask = loc.get("decoder_attention_mask", loc["attention_mask"])
+        trained, kl_sum, pre_parts, post_parts = torch.zeros(()), torch.zeros(()), [], []
+        for rows in longest_first_chunks(loc["attention_mask"], int(self.settings.chunk_size)):
+            chunk = model_inputs({k: v[rows] for k, v in loc.items() if isinstance(v, torch.Tensor)})
+            # The blocks below the edits run once for both passes (the trainer's LowerBlocks, if any).
+            with torch.no_grad(), lower.record() if lower else contextlib.nullcontext():
+                pre = reference(**chunk)
+            with lower.replay(edited.weights) if lower else contextlib.nullcontext():
+                post = edited(**chunk)
+            kl = kl_loc_loss(pre, post, mask[rows])
+            backward(scale * kl)
+            trained = trained + scale * kl.detach()
+            kl_sum = kl_sum + kl.detach() * mask[rows].sum()
+            if "labels" in loc:  # the drawdown's figures, chunk by chunk
+                labels, n_seq = loc["labels"][rows], _targeted(loc["labels"][rows])
+                with torch.no_grad():
+                    pre_parts.append((self.edit_loss_fn(pre, labels), n_seq))
+                    post_parts.append((self.edit_loss_fn(post.detach(), labels), n_seq))
+        return trained, kl_sum, pre_parts, post_parts
+
     def meta_loss(self, batch: dict, step: StepContext) -> StepLosses:
         """One meta-step, as the original's ``BaseEditor.train``: the factors of the edits (``edit_inner``) chunk by
         chunk, the update solved and applied detached, then the edited model's loss on the rephrasings
@@ -274,12 +337,9 @@ class MALMEN(EditableModel):
         the original's: the sum over chunks of cedit * (the chunk's mean NLL) + cloc * (the chunk's mean KL); the
         logged ``edit`` and ``loc`` are the means over all tokens, as for every other editor."""
         cfg = self.config
-        size = int(cfg.malmen.chunk_size)
         start = time.perf_counter()
         with record_function("step/edit"):
-            keys, grads, inner_loss = self._factors(batch["edit_inner"])
-            updates, _ = self._updates(keys, grads)
-            leaves = {n: w.detach().requires_grad_(step.training) for n, w in self._edited_weights(updates).items()}
+            leaves, saved, inner_loss = self._detached_edit(batch["edit_inner"], step.training)
             edited = self.with_weights(leaves)
         edit_time = time.perf_counter() - start
         targets = [leaves[n] for n in self.inner_params]
@@ -288,67 +348,44 @@ class MALMEN(EditableModel):
             if step.training:
                 torch.autograd.backward(loss, inputs=targets)
 
-        outer, loc, lower = batch["edit_outer"], batch["loc"], step.lower
-        trained = torch.zeros(())
-        post_parts, pre_parts = [], []
-        with torch.set_grad_enabled(step.training), step.checkpointing(self.model):
-            with record_function("step/post_edit_equivalence"):
-                for rows in longest_first_chunks(outer["attention_mask"], size):
-                    chunk = {k: v[rows] for k, v in outer.items() if isinstance(v, torch.Tensor)}
-                    n_seq = _targeted(chunk["labels"])
-                    metrics = edited.loss_with(chunk, {})
-                    backward(cfg.cedit * metrics["nll"])
-                    trained = trained + cfg.cedit * metrics["nll"].detach()
-                    post_parts.append(({k: v.detach() for k, v in metrics.items()}, n_seq))
-                    if not step.training:
-                        pre_parts.append((self.loss_with(chunk, {}), n_seq))
-            with record_function("step/post_edit_locality"):
-                mask = loc.get("decoder_attention_mask", loc["attention_mask"])
-                pre_parts_loc, post_parts_loc, kl_sum = [], [], torch.zeros(())
-                for rows in longest_first_chunks(loc["attention_mask"], size):
-                    chunk = model_inputs({k: v[rows] for k, v in loc.items() if isinstance(v, torch.Tensor)})
-                    # The blocks below the edits run once for both passes (the trainer's LowerBlocks, if any).
-                    with torch.no_grad(), lower.record() if lower else contextlib.nullcontext():
-                        pre = self(**chunk)
-                    with lower.replay(leaves) if lower else contextlib.nullcontext():
-                        post = edited(**chunk)
-                    kl = kl_loc_loss(pre, post, mask[rows])
-                    backward(cfg.cloc * kl)
-                    trained = trained + cfg.cloc * kl.detach()
-                    kl_sum = kl_sum + kl.detach() * mask[rows].sum()
-                    if "labels" in loc:  # the drawdown's figures, chunk by chunk
-                        labels, n_seq = loc["labels"][rows], _targeted(loc["labels"][rows])
-                        with torch.no_grad():
-                            pre_parts_loc.append((self.edit_loss_fn(pre, labels), n_seq))
-                            post_parts_loc.append((self.edit_loss_fn(post.detach(), labels), n_seq))
-        if lower:
-            lower.clear()
+        outer, loc = batch["edit_outer"], batch["loc"]
+        try:
+            with torch.set_grad_enabled(step.training), step.checkpointing(self.model):
+                with record_function("step/post_edit_equivalence"):
+                    reference = None if step.training else self
+                    trained, post_parts, pre_parts = self._rephrasing_losses(edited, outer, 1.0, backward, reference)
+                with record_function("step/post_edit_locality"):
+                    trained_loc, kl_sum, pre_loc, post_loc = self._locality_losses(
+                        self, edited, loc, 1.0, backward, step.lower
+                    )
+        finally:
+            if step.lower:
+                step.lower.clear()
+        mask = loc.get("decoder_attention_mask", loc["attention_mask"])
         post_edit = _merge_metrics(post_parts)
         l_edit, l_loc = post_edit["nll"], kl_sum / mask.sum().clamp(min=1)
         total_edit = cfg.cedit * l_edit + cfg.cloc * l_loc
-        saved = {"keys": keys, "grads": grads, "updates": updates, "leaves": leaves}
         return StepLosses(
-            loss=trained,
+            loss=trained + trained_loc,
             total=total_edit,
             total_edit=total_edit,
             edit=l_edit,
             loc=l_loc,
             post_edit=post_edit,
-            pre_loc_logits=LocalityMetrics(_merge_metrics(pre_parts_loc) if pre_parts_loc else {}),
-            post_loc_logits=LocalityMetrics(_merge_metrics(post_parts_loc) if post_parts_loc else {}),
+            pre_loc_logits=LocalityMetrics(_merge_metrics(pre_loc) if pre_loc else {}),
+            post_loc_logits=LocalityMetrics(_merge_metrics(post_loc) if post_loc else {}),
             pre_edit=None if step.training else _merge_metrics(pre_parts),
-            info={"loss/edit_inner": inner_loss, "malmen/positions": float(keys[self.inner_params[0]].shape[0])},
+            info={"loss/edit_inner": inner_loss, "malmen/positions": float(len(saved["keys"][self.inner_params[0]]))},
             edit_time=edit_time,
             saved=saved,
         )
 
-    def meta_backward(self, losses: StepLosses, backward: Callable[[torch.Tensor], None]) -> None:
-        """The gradient G of the meta-loss at the edited weights (accumulated by ``meta_loss``) taken through the
-        least-squares solve by hand, as the original's ``update_hypernet``: with A = K^T K + e^lambda I,
-        dL/dlambda = -e^lambda <A^-1 G, dW> and dL/dV = K A^-1 G, then from V into the network, ``malmen.net_chunk``
-        rows at a time (each chunk's graph freed before the next). The trainer gets the sum as one surrogate
-        loss, sum_p <p, dL/dp>, whose gradient is exactly dL/dp."""
-        saved = losses.saved
+    def _network_gradients(self, saved: dict, extra: Optional[Dict[str, torch.Tensor]] = None) -> Dict[int, Tensor]:
+        """The gradient of the meta-loss with respect to the network's parameters (by ``id``), from the gradient G at
+        the edited weights that the meta-loss left on the leaves of ``_detached_edit`` (plus ``extra``, by weight
+        name, in the leaves' layout), taken through the least-squares solve by hand, as the original's
+        ``update_hypernet``: with A = K^T K + e^lambda I, dL/dlambda = -e^lambda <A^-1 G, dW> and dL/dV = K A^-1 G,
+        then from V into the network, ``net_chunk`` rows at a time (each chunk's graph freed before the next)."""
         params = self.outer_parameters()
         total: Dict[int, torch.Tensor] = {}
 
@@ -357,13 +394,15 @@ class MALMEN(EditableModel):
                 if g is not None:
                     total[id(p)] = total[id(p)] + g if id(p) in total else g
 
-        step = int(self.config.malmen.net_chunk)
+        step = int(self.settings.net_chunk)
         with torch.enable_grad():
             for name in self.inner_params:
                 net, idx = self._net(name)
                 keys, grads, delta = saved["keys"][name], saved["grads"][name], saved["updates"][name]
                 leaf = saved["leaves"][name]
                 grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                if extra is not None and name in extra:
+                    grad = grad + extra[name]
                 grad = (grad if self.layout[name][0] else grad.T).float()
                 with torch.no_grad():
                     ridge = net.lamda(idx).exp()
@@ -375,5 +414,17 @@ class MALMEN(EditableModel):
                 for s in range(0, len(keys), step):
                     values = net.shifts(keys[s : s + step], grads[s : s + step], idx)
                     add((values_grad[s : s + step] * values).sum())
-        surrogate = sum((p * total[id(p)]).sum() for p in params if id(p) in total)
-        backward(surrogate if torch.is_tensor(surrogate) else losses.loss.new_zeros(()).requires_grad_(True))
+        return total
+
+    def meta_backward(self, losses: StepLosses, backward: Callable[[torch.Tensor], None]) -> None:
+        """The gradient G of the meta-loss at the edited weights (accumulated by ``meta_loss``) taken into the network
+        (``_network_gradients``); the trainer gets it as one surrogate loss, sum_p <p, dL/dp>, whose gradient is
+        exactly dL/dp."""
+        backward(surrogate_loss(self.outer_parameters(), self._network_gradients(losses.saved), losses.loss))
+
+
+def surrogate_loss(params: List[nn.Parameter], grads: Dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """sum_p <p, g_p> over the parameters with a gradient in ``grads`` (by ``id``): a loss whose gradient is exactly
+    ``grads``, for the trainer's backward (a zero loss with a graph when there is none)."""
+    surrogate = sum((p * grads[id(p)]).sum() for p in params if id(p) in grads)
+    return surrogate if torch.is_tensor(surrogate) else like.new_zeros(()).requires_grad_(True)
