@@ -42,7 +42,7 @@ def _snapshot(model):
 
 
 def test_every_editor_is_registered_and_has_a_config():
-    assert set(ALGS) == {"mend", "efk", "enn", "ft", "ultraedit", "malmen", "rome", "memit", "alphaedit"}
+    assert set(ALGS) == {"mend", "efk", "enn", "ft", "ultraedit", "malmen", "rledit", "rome", "memit", "alphaedit"}
     locate = {"rome", "memit", "alphaedit"}  # they write to MLP output projections only (docs/locate_edit.md)
     for name in ALGS:
         cfg = make_config("llama", alg=name)

@@ -81,6 +81,10 @@ ACCEPTED = {
     ("data.sample_temperature", "1e30"): "uniform sampling (test_accepted_sample_temperatures_sample)",
     ("malmen.log_ridge", "0"): "the original's default, a ridge of e^0 = 1 (tests/test_malmen.py's golden values)",
     ("malmen.log_ridge", "-1"): "a starting ridge of e^-1: any finite log-ridge is a positive ridge",
+    ("rledit.log_ridge", "0"): "the original's default, a ridge of e^0 = 1 (tests/test_rledit.py's golden values)",
+    ("rledit.log_ridge", "-1"): "a starting ridge of e^-1: any finite log-ridge is a positive ridge",
+    ("rledit.time_decay", "0"): "each batch's loss alone (test_rledit.py::test_a_decay_of_zero_counts_each_batch...)",
+    ("rledit.reg_coef", "0"): "no penalty (test_rledit.py::test_the_penalty_changes_no_gradient_as_in_the_orig...)",
     **{
         (f"{alg}.{key}", "0"): f"{alg} without the {what} (test_locate_edit.py::test_zero_kl_and_weight_decay_edit)"
         for alg in ("rome", "memit", "alphaedit")
@@ -89,7 +93,7 @@ ACCEPTED = {
 }
 
 # Keys whose negative values mean something: -1 is not the "unset" or "off" it would be for a count or a rate.
-SIGNED_KEYS = {"malmen.log_ridge"}  # the log of the ridge: every finite value is a positive ridge
+SIGNED_KEYS = {"malmen.log_ridge", "rledit.log_ridge"}  # the log of the ridge: every finite value is a positive ridge
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +133,9 @@ def test_every_shipped_config_passes():
             continue
         cfg = compose_config(["+alg=mend", f"+experiment={first_task[kind]}", f"+model={name[: -len('.yaml')]}"])
         validate_config(cfg, algs=ALGS, tasks=DATASETS)
-    # the locate-then-edit editors write to MLP output projections only, which every run names (docs/locate_edit.md)
-    locate = {"rome", "memit", "alphaedit"}
+    # every editor on SmolLM2 (the locate-then-edit editors on the blocks of its locate block, docs/locate_edit.md)
     for alg in ALGS:
-        extra = ["model.inner_params=[model.layers.12.mlp.down_proj.weight]"] if alg in locate else []
-        validate_config(compose_config([f"+alg={alg}", *BASE[1:], *extra]), algs=ALGS, tasks=DATASETS)
+        validate_config(compose_config([f"+alg={alg}", *BASE[1:]]), algs=ALGS, tasks=DATASETS)
 
 
 @pytest.mark.parametrize("key, text", CASES, ids=[f"{k}={t if t != HUGE_INT else '1e30int'}" for k, t in CASES])

@@ -49,13 +49,17 @@ def check_shapes(cfg, shapes) -> list:
     """A warning when ``malmen.rank`` is above the width of every network the edited weights (name -> shape) get
     (the two sides of a weight added): each block's map A B is then full rank, held in more parameters than a full
     map, as the original code allows."""
+    return rank_warnings("malmen", "MALMEN", cfg.malmen.rank, shapes)
+
+
+def rank_warnings(group: str, editor: str, rank: int, shapes) -> list:
+    """The warning of ``check_shapes`` for the key ``<group>.rank`` of an editor built on MALMEN's network."""
     widths = {name: shape[0] + shape[-1] for name, shape in shapes.items()}
-    rank = cfg.malmen.rank
     if not widths or rank <= max(widths.values()):
         return []
     name = max(widths, key=widths.get)
     return [
-        f"malmen.rank={rank} is above the width of every MALMEN network of this model (at most {widths[name]}, for "
-        f"{name} of shape {' x '.join(map(str, shapes[name]))}): each block's map is full rank at any rank from "
+        f"{group}.rank={rank} is above the width of every {editor} network of this model (at most {widths[name]}, "
+        f"for {name} of shape {' x '.join(map(str, shapes[name]))}): each block's map is full rank at any rank from "
         f"{widths[name]} up, and larger ones only add parameters."
     ]

@@ -72,8 +72,8 @@ def base_model() -> torch.nn.Module:
     return model
 
 
-def make_edits(vocab: int) -> list:
-    """N_EDITS (prompt, target, rephrasing, unrelated input) token-id lists, seeded."""
+def make_edits(vocab: int, n: int = N_EDITS) -> list:
+    """``n`` (prompt, target, rephrasing, unrelated input) token-id lists, seeded."""
     g = torch.Generator().manual_seed(SEED)
 
     def ids(lo, hi):
@@ -82,7 +82,7 @@ def make_edits(vocab: int) -> list:
 
     return [
         {"prompt": ids(3, 7), "target": ids(2, 5), "rephrase": ids(3, 7), "unrelated": ids(4, 9)}
-        for _ in range(N_EDITS)
+        for _ in range(n)
     ]
 
 
