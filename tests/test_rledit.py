@@ -13,20 +13,27 @@ examples, must give the same numbers to float32 rounding.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY, SyntheticEdits, make_config
 from safetensors.torch import load_file
+from test_run import run_cli
+from test_run import workspace as workspace  # noqa: F401  (the fixture: a tiny GPT-2 on disk and a gen data set)
 from test_ultraedit import golden_model
 
+import utils
+from algs import check_shapes
 from algs.rledit.editor import RLEdit
 from algs.ultraedit.editor import longest_first_chunks
 from config_schema import ModelConfig, config_for
 from data_classes.batches import pad_rows, prompt_target_batch
+from edit import Editor
 from losses import kl_loc_loss
 from meta_loss import StepContext
+from trainer import EditTrainer
 
 GOLDEN = Path(__file__).parent / "golden"
 META = json.loads((GOLDEN / "rledit-gpt2.json").read_text())
@@ -315,3 +322,99 @@ def test_a_decay_of_zero_counts_each_batch_alone():
         random_editor("llama", grad_clip=1e30, **{"rledit.back_depth": 1}), sequence_batches("llama")
     )
     assert relative_error(zero, alone) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# As an editor of this project
+# ------------------------------------------------------------------------------------------------
+TRAIN_SETTINGS = {
+    "rledit.rank": 4,
+    "rledit.chunk_size": 2,
+    "rledit.edit_lr": 1e-3,
+    "rledit.seq_len": 2,
+    "rledit.back_depth": 2,
+    "accumulate_bs": 1,  # as config/alg/rledit.yaml
+    "grad_clip": 1.0,
+    "cedit": 1.0,
+    "cloc": 0.6,
+    "data.n_edits": 3,
+    "batch_size": 6,
+    "val_batch_size": 6,
+    "max_iters": 3,
+    "val_interval": 100,
+    "val_steps": 2,
+    "log_interval": 1,
+    "eval.compare_untrained": False,
+}
+
+
+def make_trainer(model, run_dir, **overrides) -> EditTrainer:
+    cfg = make_config("llama", alg="rledit", **{**TRAIN_SETTINGS, **overrides})
+    utils.seed_everything(cfg.seed)
+    return EditTrainer(
+        lambda: RLEdit(model, cfg), cfg, SyntheticEdits(48, seed=0), SyntheticEdits(16, seed=1), str(run_dir)
+    )
+
+
+def test_it_trains_over_sequences_checkpoints_and_resumes_through_the_trainer(tmp_path):
+    """Three training steps of two batches each through the unchanged trainer: six batches drawn, one optimiser
+    step per sequence; the resumed run continues from last.pt with the same network and statistics."""
+    model = TINY["llama"][0]()
+    trainer = make_trainer(model, tmp_path / "a")
+    assert trainer.editor.batches_per_step == 2
+    before = [p.detach().clone() for p in trainer.editor.outer_parameters()]
+    trainer.train()
+    after = list(trainer.editor.outer_parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    assert all(m.count.item() > 0 for m in trainer.editor.running_statistics().values())
+    last = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
+    assert last["step"] == 3 and last["trainer"]["batches_drawn"] == 6
+    assert trainer.opt.state_dict()["state"][0]["step"].item() == 3  # one Adam step per sequence
+    resumed = make_trainer(model, tmp_path / "a", max_iters=4, resume=str(tmp_path / "a"))
+    assert resumed.state.step == 3
+    for a, b in zip(resumed.editor.state_dict().values(), trainer.editor.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_edits_update_the_statistics_and_validation_puts_them_back(tmp_path):
+    """Every edit updates the normalisation, in training or not (the original's cache); the statistics are the
+    editor's lifelong state, which validation leaves as it found it."""
+    trainer = make_trainer(TINY["llama"][0](), tmp_path)
+    editor = trainer.editor
+    editor.eval()
+    batch = next(SyntheticEdits(8, seed=3).edit_generator(4, n=1))
+    state = editor.lifelong_state()
+    editor.edit(batch["edit_inner"])
+    assert all(m.count.item() > 0 for m in editor.running_statistics().values())
+    editor.load_lifelong_state(state)
+    assert all(torch.equal(v, editor.lifelong_state()[k]) for k, v in state.items())
+    editor.edit(batch["edit_inner"])  # statistics to standardise with
+    state = editor.lifelong_state()
+    stats = trainer.validate(steps=2)
+    assert stats["edit/acc_val"] >= 0.0 and math.isfinite(stats["loss/total_edit_val"])
+    assert all(torch.equal(v, editor.lifelong_state()[k]) for k, v in state.items())
+
+
+def test_a_rank_above_every_networks_width_is_warned_of():
+    cfg = make_config("llama", alg="rledit", **{"rledit.rank": 200})
+    shapes = {"a": (64, 32), "b": (32, 64)}
+    (warning,) = check_shapes(cfg, shapes)
+    assert warning.startswith("rledit.rank=200 is above the width of every RLEdit network of this model (at most 96")
+    assert check_shapes(make_config("llama", alg="rledit", **{"rledit.rank": 96}), shapes) == []
+
+
+def test_python_m_run_trains_it_and_python_m_edit_applies_a_sequence(workspace, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        workspace,
+        "max_iters=2", "val_interval=2", "val_steps=1", "log_interval=1", "data.n_edits=3", "batch_size=6",
+        "val_batch_size=6", "rledit.rank=8", "rledit.chunk_size=2", "rledit.seq_len=2", "eval.final_steps=2",
+        run_dir=run_dir, alg="rledit",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((run_dir / "results.json").read_text())
+    assert report["config"]["alg"] == "rledit" and report["train"]["steps"] == 2
+    editor = Editor.from_archive(str(run_dir), cache_dir=workspace["cache"])
+    requests = [{"prompt": "The old museum", "target": "market square"}, {"prompt": "Winter", "target": "harbour"}]
+    result = editor.apply(requests, mode="sequential")
+    assert len(result.model.patches) == 2
