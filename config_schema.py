@@ -33,7 +33,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from algs import renamed_keys, settings_checks, settings_groups, settings_ranges
+from algs import renamed_keys, resolve_settings, settings_checks, settings_groups, settings_ranges
 from errors import ConfigError
 from ranges import (
     BATCH,
@@ -73,6 +73,10 @@ class ModelConfig:
     # The model's config.json sizes (model_type, hidden_size, ...), so that the memory estimate
     # (`python -m benchmarks.memory_estimate`) needs no download of the model. Not used for loading.
     arch: Optional[Dict[str, Any]] = None
+    # The locate-then-edit editors' layers and published settings for this model (ROME, MEMIT, AlphaEdit:
+    # docs/locate_edit.md): ``weight``, the name of a block's MLP output projection with {} for the block, and per
+    # editor ``<alg>: {layers: [...], <key of the alg group>: <value>}``. Read by the editor's ``resolve``.
+    locate: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -275,7 +279,7 @@ def compose_config(overrides, config_name: str = "config"):
     register_configs()
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-            return compose(config_name=config_name, overrides=list(overrides))
+            cfg = compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(one_line(e)) from e
     except (AssertionError, AttributeError) as e:  # Hydra and OmegaConf fail so on a key below a null mapping
@@ -284,6 +288,28 @@ def compose_config(overrides, config_name: str = "config"):
             f"the configuration (model.arch) cannot be filled from the command line; set it in the model's YAML file "
             f"(config/model/<name>.yaml)."
         ) from e
+    resolve_config(cfg, overrides)
+    return cfg
+
+
+def given_keys(overrides: Sequence[str]) -> List[str]:
+    """The dotted keys a command line's overrides set (``model.inner_params=[...]``, ``++rome.layers=[5]``), without
+    the config groups they choose (``+alg=rome``)."""
+    keys = []
+    for arg in overrides:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if "=" in arg and not _is_group(key):
+            keys.append(key)
+    return keys
+
+
+def resolve_config(cfg, overrides: Sequence[str]) -> None:
+    """Fill in the keys the running editor derives from others (``algs.resolve_settings``: ROME's edited weights
+    from the model file's ``locate`` block), except those the command line's ``overrides`` set. Called once the
+    configuration is composed (``run.main``, :func:`compose_config`); a configuration without an editor is left to
+    :func:`validate_config`."""
+    if OmegaConf.select(cfg, "alg", throw_on_missing=False) is not None:
+        resolve_settings(cfg, given_keys(overrides))
 
 
 def check_command_line(args: Sequence[str]) -> None:

@@ -24,12 +24,13 @@ def train_and_evaluate(trainer) -> dict:
     """Train with ``trainer`` (a ``trainer.EditTrainer``), then evaluate; the report written to results.json."""
     cfg = trainer.config
     if not trainer.editor.needs_training:
-        LOG.info("alg=%s has nothing to train: evaluating it directly.", cfg.alg)
+        LOG.info("alg=%s has nothing to train: writing its settings for python -m edit.", cfg.alg)
         trainer.checkpoints.write_best(trainer.editor, trainer.state, {})  # its settings, for python -m edit
     elif not cfg.eval_only:
         trainer.train()
         reload_best(trainer)
     if not cfg.eval.final_eval:
+        LOG.info("eval.final_eval=false: no final evaluation (python -m edit eval --archive %s).", trainer.run_dir)
         return {}
     report = final_evaluation(trainer)
     out_dir = cfg.results_dir or trainer.run_dir

@@ -35,6 +35,7 @@ from config_schema import (
     check_known_keys,
     group_options,
     register_configs,
+    resolve_config,
     validate_config,
 )
 from data_classes import DATASETS, check_model_kind, dataset_class
@@ -172,6 +173,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     try:
         cfg = infer_model(cfg)  # +model=hf: the model's class, kind and edited weights, from its config
+        resolve_config(cfg, _overrides())  # the keys an editor derives (ROME's weights: the model's locate block)
         validate_config(cfg, algs=ALGS, tasks=DATASETS)
         main_job(cfg, HydraConfig.get().runtime.output_dir)
     except UserError as e:

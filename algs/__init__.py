@@ -9,8 +9,10 @@ An editor is one folder and one YAML file, and nothing else names it (the regist
   key, by its name in the group; optionally ``check(cfg)``, the checks that span several keys (raise
   ``errors.ConfigError`` naming them), and ``RENAMED_KEYS``, the keys it spelled otherwise before (old -> new);
   also optional: ``check_shapes(cfg, shapes)``, the checks of its settings against the shapes of the weights it edits
-  once the model is loaded (a rank above a layer's width), and ``HELP``, a one-line description of its frequently
-  used keys for ``python -m run --help``;
+  once the model is loaded (a rank above a layer's width), ``HELP``, a one-line description of its frequently
+  used keys for ``python -m run --help``, and ``resolve(cfg, given)``, the keys of a composed configuration it sets
+  from others unless the command line gave them (``given``: the dotted keys it set; ROME, MEMIT and AlphaEdit take
+  ``model.inner_params`` from the model file's ``locate`` block);
 - ``algs/<name>/editor.py``: the editor class, imported only by :func:`editor_class`;
 - ``config/alg/<name>.yaml``: ``alg: <name>`` and the settings it changes from the defaults.
 
@@ -67,6 +69,15 @@ def renamed_keys() -> Dict[str, str]:
 def settings_checks() -> Dict[str, Callable]:
     """name -> the editor's check of the keys of its group that span several keys (editors that have one)."""
     return {name: m.check for name, m in EDITORS.items() if hasattr(m, "check")}
+
+
+def resolve_settings(cfg, given: Sequence[str]) -> None:
+    """The running editor's (``cfg.alg``) ``resolve``, where it has one: the keys it derives from others (the edited
+    weights from the model file's ``locate`` block), left as they are where ``given`` (the command line's keys)
+    names them. Raises a ConfigError naming the keys it cannot fill."""
+    resolve = getattr(EDITORS.get(cfg.alg), "resolve", None)
+    if resolve is not None:
+        resolve(cfg, set(given))
 
 
 def check_shapes(cfg, shapes: Dict[str, Sequence[int]]) -> List[str]:

@@ -88,6 +88,16 @@ class LocateEditor(EditableModel):
         # Set on the editor that edit() returns: weight name -> (u, v), its update as low-rank factors.
         self.last_factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.eval.final_eval:
+            raise ConfigError(
+                f"eval.final_eval=true: python -m run has no requests with text and subject to evaluate alg={cfg.alg} "
+                f"on (its held-out batches are token ids); leave it false (config/alg/{cfg.alg}.yaml) and evaluate the "
+                f"archive with python -m edit eval --archive <run>."
+            )
+
     @property
     def settings(self):
         return getattr(self.config, self.group)
@@ -129,8 +139,8 @@ class LocateEditor(EditableModel):
         if self.shared.tokenizer is None:
             raise ConfigError(
                 f"alg={self.config.alg} builds its prompts from text and needs the tokenizer: edit through python -m "
-                f"edit or editing.Editor (python -m run +alg={self.config.alg} evaluates nothing: give it "
-                f"eval.final_eval=false, it then writes the archive python -m edit reads)."
+                f"edit or editing.Editor (python -m run +alg={self.config.alg} evaluates nothing: it writes the "
+                f"archive python -m edit reads)."
             )
         return self.shared.tokenizer
 
@@ -141,7 +151,7 @@ class LocateEditor(EditableModel):
             raise EditRequestError(
                 f"alg={self.config.alg} needs each request's text and 'subject' (the words the fact is about); this "
                 f"batch has token ids only. Edit through python -m edit / Editor with requests that give 'subject' "
-                f"(python -m run +alg={self.config.alg} writes the archive for it with eval.final_eval=false)."
+                f"(python -m run +alg={self.config.alg} writes the archive for it)."
             )
         out = []
         for i, r in enumerate(rows):
