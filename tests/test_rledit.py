@@ -12,6 +12,7 @@ examples, must give the same numbers to float32 rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -25,10 +26,12 @@ from test_run import workspace as workspace  # noqa: F401  (the fixture: a tiny 
 from test_ultraedit import golden_model
 
 import utils
-from algs import check_shapes
+from algs import ALGS, check_shapes
+from algs.rledit import RLEditConfig
 from algs.rledit.editor import RLEdit
 from algs.ultraedit.editor import longest_first_chunks
-from config_schema import ModelConfig, config_for
+from config_schema import ModelConfig, compose_config, config_for, validate_config
+from data_classes import DATASETS
 from data_classes.batches import pad_rows, prompt_target_batch
 from edit import Editor
 from losses import kl_loc_loss
@@ -393,6 +396,17 @@ def test_edits_update_the_statistics_and_validation_puts_them_back(tmp_path):
     stats = trainer.validate(steps=2)
     assert stats["edit/acc_val"] >= 0.0 and math.isfinite(stats["loss/total_edit_val"])
     assert all(torch.equal(v, editor.lifelong_state()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("experiment", ["gen", "counterfact"])
+def test_the_shipped_config_composes_with_the_originals_values(experiment):
+    """+alg=rledit composes with each causal-LM experiment and passes validation, with the original's values: the
+    group's defaults (the settings' dataclass) and the keys outside it that config/alg/rledit.yaml sets."""
+    cfg = compose_config(["+alg=rledit", f"+experiment={experiment}", "+model=smollm2"])
+    validate_config(cfg, algs=ALGS, tasks=DATASETS)
+    assert dict(cfg.rledit) == dataclasses.asdict(RLEditConfig())
+    assert (cfg.rledit.seq_len, cfg.rledit.back_depth, cfg.rledit.time_decay, cfg.rledit.rank) == (400, 10, 0.95, 1024)
+    assert (cfg.cedit, cfg.cloc, cfg.grad_clip, cfg.accumulate_bs) == (1.0, 0.6, 1.0, 1)
 
 
 def test_a_rank_above_every_networks_width_is_warned_of():
