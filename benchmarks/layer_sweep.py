@@ -85,10 +85,10 @@ def table(rows: Dict[int, Dict[str, float]], alg: str, n: int) -> str:
 
 
 def plot(rows: Dict[int, Dict[str, float]], path: str, title: str) -> None:
-    import matplotlib
+    import matplotlib  # only when a plot is asked for: the table needs no matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     layers = sorted(rows)
     fig, ax = plt.subplots(figsize=(6, 3.6))
