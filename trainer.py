@@ -382,7 +382,7 @@ class EditTrainer:
                 averager.add(info)
             stats = averager.summary()
             stats["eval_time/elapsed"] = time.perf_counter() - start
-            stats["eval_time/n_edits"] = steps * self.config.data.n_edits
+            stats["eval_time/n_edits"] = steps * per_step * self.config.data.n_edits  # every batch of a sequence
         finally:
             if fresh:
                 self.editor.load_lifelong_state(fresh)

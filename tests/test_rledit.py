@@ -395,6 +395,7 @@ def test_edits_update_the_statistics_and_validation_puts_them_back(tmp_path):
     state = editor.lifelong_state()
     stats = trainer.validate(steps=2)
     assert stats["edit/acc_val"] >= 0.0 and math.isfinite(stats["loss/total_edit_val"])
+    assert stats["eval_time/n_edits"] == 2 * 2 * 3  # 2 steps of sequences of 2 batches of 3 edits
     assert all(torch.equal(v, editor.lifelong_state()[k]) for k, v in state.items())
 
 
