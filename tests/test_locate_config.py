@@ -44,7 +44,7 @@ EXPECTED = {
     ("gpt2medium", "rome"): (GPT2, [8], {"clamp_norm_factor": 3}),
     ("gpt2large", "rome"): (GPT2, [12], {}),
     ("smollm2", "rome"): (LLAMA, [6], {}),
-    ("smollm2", "memit"): (LLAMA, [4, 5, 6, 7, 8], {}),
+    ("smollm2", "memit"): (LLAMA, [4, 5, 6, 7, 8], {"mom2_update_weight": 1600}),  # ours: the Llama-3 width ratio
     ("smollm2", "alphaedit"): (LLAMA, [4, 5, 6, 7, 8], {}),
 }
 MODEL_DIR = os.path.join(ROOT, "config", "model")
