@@ -6,7 +6,7 @@ first ``--n`` held-out cases (``python -m edit eval --mode single``) and puts th
 per layer, and a plot of efficacy, paraphrase and neighbourhood scores against the layer.
 
     python -m benchmarks.layer_sweep --alg rome --model smollm2 --layers 2,5,8,12,15 --n 10 \
-        --out outputs/sweep --table docs/layer_sweep.md --plot docs/layer_sweep.png
+        --out outputs/lsweep --plot docs/layer_sweep.png
 
 A layer whose report is already in ``--out`` is not run again (so a sweep can be extended layer by layer), and its
 figures are taken over its first ``--n`` cases, so that reports of more cases compare with the others. Each layer's
