@@ -80,10 +80,7 @@ def make_edits(vocab: int, n: int = N_EDITS) -> list:
         n = int(torch.randint(lo, hi + 1, (1,), generator=g))
         return torch.randint(1, vocab, (n,), generator=g).tolist()
 
-    return [
-        {"prompt": ids(3, 7), "target": ids(2, 5), "rephrase": ids(3, 7), "unrelated": ids(4, 9)}
-        for _ in range(n)
-    ]
+    return [{"prompt": ids(3, 7), "target": ids(2, 5), "rephrase": ids(3, 7), "unrelated": ids(4, 9)} for _ in range(n)]
 
 
 def original_tuple(prompt: list, target: list) -> dict:
