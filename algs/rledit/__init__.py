@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from algs.malmen import RANGES as MALMEN_RANGES
 from algs.malmen import rank_warnings
-from ranges import BATCH, LOSS_WEIGHT, STEP, WIDTH, Range
+from ranges import LOSS_WEIGHT, Range
 
 EDITOR = "RLEdit"  # the editor's class in algs/rledit/editor.py
 
@@ -37,12 +38,7 @@ SETTINGS = RLEditConfig
 
 # The range of every numeric key of the group, by its name in the group.
 RANGES = {
-    **dict.fromkeys(("lr", "edit_lr"), STEP),
-    "log_ridge": Range(-30, 30, why="e^lambda beyond it under- or overflows the solve in float32"),
-    "rank": WIDTH,
-    "n_blocks": Range(1, 1024, why="a network needs a block; every block is allocated at once"),
-    "chunk_size": BATCH,
-    "net_chunk": Range(1, 2**24, why="the rows of a chunk go through the network at once"),
+    **MALMEN_RANGES,  # the network's keys, as MALMEN's
     "seq_len": Range(1, 2**20, why="a training step holds one batch of each of them"),
     "back_depth": Range(1, 2**20, why="a step's loss counts at least its own batch"),
     "time_decay": Range(0, 1, why="an earlier batch weighs at most what the current one does (0: its own only)"),
