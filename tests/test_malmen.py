@@ -23,6 +23,7 @@ from test_ultraedit import golden_model
 
 import utils
 from algs.malmen.editor import MALMEN
+from algs.ultraedit.editor import chunked_factors
 from config_schema import ModelConfig, config_for
 from data_classes.batches import pad_rows, prompt_target_batch
 from data_classes.requests import EditRequest
@@ -273,6 +274,25 @@ def test_one_edit_of_many_requests_is_one_least_squares_update_and_the_base_is_n
     assert not torch.allclose(both.weights[name] - base[name], summed, rtol=1e-3)
     for n, p in editor.model.named_parameters():
         assert torch.equal(p, base[n]), n
+
+
+def test_a_partial_chunk_asks_for_the_shift_of_a_full_chunk():
+    """The edit loss is a chunk's mean over its target tokens, so one request alone would have ``chunk_size`` times
+    the gradient it has in a full chunk, the only kind the network is trained on (and the original edits). One
+    request, alone, gives the factors it has in a chunk of ``chunk_size`` copies of itself; the unscaled factors
+    are ``chunk_size`` times larger."""
+    torch.manual_seed(0)
+    editor = MALMEN(TINY["llama"][0](), make_config("llama", alg="malmen", **{"malmen.chunk_size": 4}))
+    editor.eval()
+    row = ([5, 9, 11, 3, 7], [21, 30])
+    _, alone, _ = editor._factors(prompt_target_batch([row], 0))
+    _, full, _ = editor._factors(prompt_target_batch([row] * 4, 0))
+    unscaled = chunked_factors(editor, prompt_target_batch([row], 0), 4)[1]
+    for name in editor.inner_params:
+        assert alone[name].shape[0] == 2 and full[name].shape[0] == 8
+        torch.testing.assert_close(alone[name], full[name][:2], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(unscaled[name][0], 4 * alone[name], rtol=1e-4, atol=1e-7)
+        assert alone[name].abs().max() > 0
 
 
 def test_it_trains_checkpoints_and_resumes_through_the_trainer(tmp_path):

@@ -237,7 +237,9 @@ class MALMEN(EditableModel):
             if self.training or self.stats_while_editing:
                 self._net(name)[0].normalizer.update(torch.cat((k_rows, g_rows), -1))
 
-        keys, grads, loss = chunked_factors(self, batch, int(self.settings.chunk_size), update)
+        # A partial chunk's gradients are scaled to a full chunk's (the network is trained on full chunks; the
+        # original only ever edits in full chunks): one edit alone would otherwise ask for chunk_size times the shift.
+        keys, grads, loss = chunked_factors(self, batch, int(self.settings.chunk_size), update, full_chunk_scale=True)
         return {n: torch.cat(k) for n, k in keys.items()}, {n: torch.cat(g) for n, g in grads.items()}, loss
 
     def _shifts(self, name: str, keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,11 @@ def longest_first_chunks(attention_mask: torch.Tensor, size: int) -> List[torch.
 
 
 def chunked_factors(
-    editor: EditableModel, batch: dict, chunk_size: int, on_rows: Optional[Callable] = None
+    editor: EditableModel,
+    batch: dict,
+    chunk_size: int,
+    on_rows: Optional[Callable] = None,
+    full_chunk_scale: bool = False,
 ) -> Tuple[Dict[str, List[torch.Tensor]], Dict[str, List[torch.Tensor]], float]:
     """The keys k_i (the layer's inputs) and output gradients g_i = dL/dy_i of every edited weight of ``editor`` at
     the target positions of ``batch``, one forward/backward pass per chunk of ``chunk_size`` edits (longest first),
@@ -107,7 +111,11 @@ def chunked_factors(
 
     Returns name -> a list of (rows, d_in) keys and of (rows, d_out) gradients, one entry per chunk, in float32.
     ``on_rows(name, keys, grads)`` is called after each chunk for each weight in the order of ``inner_params``
-    (a running normalisation's update)."""
+    (a running normalisation's update).
+
+    ``full_chunk_scale``: the gradients of a chunk of fewer than ``chunk_size`` edits are multiplied by its share of a
+    full chunk (a mean over fewer target tokens has larger gradients per token: a single edit's would be
+    ``chunk_size`` times those of an edit in a full chunk). Full chunks are unchanged."""
     name_of = type(editor).__name__
     names = editor.inner_params
     modules = [module_name(n) for n in names]
@@ -134,6 +142,9 @@ def chunked_factors(
             outputs = [calls[m]["out"][0] for m in modules]
             out_grads = torch.autograd.grad(loss, outputs, allow_unused=True)
         losses.append(loss.item())
+        share = len(rows) / chunk_size
+        if full_chunk_scale and share < 1:
+            out_grads = [None if g is None else g * share for g in out_grads]
         for n, m, out, g in zip(names, modules, outputs, out_grads):
             g = torch.zeros_like(out) if g is None else g
             k_rows = calls[m]["x"][0][mask].float()
