@@ -97,6 +97,7 @@ def main(argv=None) -> None:
         with open(path) as f:
             report = json.load(f)
         task = report.get("config", {}).get("task", args.experiment)
+        alg = report.get("config", {}).get("alg", args.alg)
         out = args.from_run
     else:
         overrides = [
@@ -115,11 +116,11 @@ def main(argv=None) -> None:
         ]
         out = os.path.abspath(args.out)
         report = run_once("curve", out, overrides, args.threads, args.force)
-        task = args.experiment
+        task, alg = args.experiment, args.alg
     rows = curve_rows(report)
     if not rows:
         raise SystemExit(f"{out}: the run recorded no validations during training (train.validations is empty)")
-    title = f"{args.alg}, {task}: validation every {rows[0]['step']} steps"
+    title = f"{alg}, {task}: validation every {rows[0]['step']} steps"
     write_curve(rows, out, task, title)
     for r in rows:
         print(f"step {r['step']:>6}: edit success {r['edit_success']:.2f}, drawdown {r['drawdown']:.3f}")
