@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from test_run import INNER, ROOT, run_cli
 from test_run import workspace as workspace  # noqa: F401  (the fixture: a tiny GPT-2 on disk and a gen data set)
 
-from algs.ultraedit.editor import LifelongNorm, UltraEdit
+from algs.ultraedit.editor import LifelongNorm, UltraEdit, chunked_factors
 from config_schema import ModelConfig, config_for, validate_config
 from data_classes.batches import prompt_target_batch
 from data_classes.requests import EditRequest
@@ -213,6 +213,29 @@ def test_an_edit_of_one_target_position_keeps_the_statistics_finite():
         n_weights = sum(editor.norm_of(n) is norm for n in editor.inner_params)
         assert norm.count.item() == 3 * n_weights and torch.isfinite(norm.std).all() and (norm.std > 0).all()
     assert all(torch.isfinite(w).all() for w in current.weights.values())
+
+
+def test_a_partial_chunk_enters_the_statistics_and_the_update_at_a_full_chunks_scale():
+    """The edit loss is a chunk's mean over its target tokens: a request alone in its chunk would have ``chunk_size``
+    times the gradient rows it has in a full chunk, outliers against statistics gathered from full chunks. Alone, it
+    gives (and adds to the statistics) the rows it has among ``chunk_size`` copies of itself; the unscaled rows are
+    ``chunk_size`` times larger."""
+    editor = tiny_editor("llama", **{"ultraedit.chunk_size": 4})
+    row = ([5, 9, 11, 3, 7], [21, 30])
+    _, alone, _ = editor._factors(prompt_target_batch([row], 0))
+    _, full, _ = editor._factors(prompt_target_batch([row] * 4, 0))
+    unscaled = chunked_factors(editor, prompt_target_batch([row], 0), 4)[1]
+    name = editor.inner_params[0]
+    torch.testing.assert_close(alone[name][0], full[name][0][:2], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(unscaled[name][0], 4 * alone[name][0], rtol=1e-4, atol=1e-7)
+    assert alone[name][0].abs().max() > 0
+    fresh = tiny_editor("llama", **{"ultraedit.chunk_size": 4})
+    keys, grads, _ = fresh._factors(prompt_target_batch([row], 0))
+    sharing = [n for n in fresh.inner_params if fresh.norm_of(n) is fresh.norm_of(name)]  # one per weight shape
+    d_in = fresh.layout[name][1]
+    added = torch.cat([grads[n][0] for n in sharing])
+    torch.testing.assert_close(fresh.norm_of(name).mean[d_in:], added.mean(0), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(added, torch.cat([alone[n][0] for n in sharing]), rtol=1e-4, atol=1e-8)
 
 
 def test_the_patch_of_an_edit_is_its_update():

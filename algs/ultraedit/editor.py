@@ -210,12 +210,14 @@ class UltraEdit(EditableModel):
 
     def _factors(self, batch: dict) -> Tuple[Dict[str, List[torch.Tensor]], Dict[str, List[torch.Tensor]], float]:
         """The keys and output gradients of every edited weight at the target positions, chunk by chunk, with the
-        statistics updated after each chunk (in the order of ``inner_params``); and the mean edit loss."""
+        statistics updated after each chunk (in the order of ``inner_params``); and the mean edit loss. A chunk of
+        fewer than ``chunk_size`` requests has its gradients scaled to a full chunk's (``chunked_factors``), so that its
+        rows stand to the statistics as every full chunk's do."""
 
         def update(name: str, k_rows: torch.Tensor, g_rows: torch.Tensor) -> None:
             self.norm_of(name).update(torch.cat((k_rows, g_rows), -1))
 
-        return chunked_factors(self, batch, int(self.config.ultraedit.chunk_size), update)
+        return chunked_factors(self, batch, int(self.config.ultraedit.chunk_size), update, full_chunk_scale=True)
 
     def edit(self, batch: dict, condition: Optional[dict] = None, diagnostics: bool = False):
         cfg = self.config.ultraedit
