@@ -5,6 +5,7 @@ too long is warned about in the report and the table."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -282,6 +283,31 @@ def test_progress_bars_show_unless_disabled(capsys):
         bars("edits", 4, 4)
         bars.close()
         assert ("edits" in capsys.readouterr().err) == shown
+
+
+def test_progress_goes_to_a_log_file_as_lines_at_most_every_interval():
+    """Off a terminal (a log file, a batch job) the bars become plain lines: one at a stage's first call and one at
+    its end, and between them at most one every ``interval`` seconds, each with the count, the rate and the time
+    left."""
+    log = io.StringIO()  # not a terminal
+    bars = ProgressBars(interval=3600, stream=log)
+    for done in range(1, 5):
+        bars("edits", done, 4)
+    bars("unedited model", 1, 2)
+    bars.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("edits: 1/4 (25%)"), lines
+    assert lines[1].startswith("edits: 4/4 (100%)") and "/s" in lines[1] and "left" not in lines[1], lines
+    assert lines[2].startswith("unedited model: 1/2 (50%)"), lines
+    log = io.StringIO()
+    bars = ProgressBars(interval=0, stream=log)
+    for done in range(1, 5):
+        bars("edits", done, 4)
+    assert len(log.getvalue().splitlines()) == 4
+    log = io.StringIO()
+    quiet = ProgressBars(disable=True, stream=log)
+    quiet("edits", 4, 4)
+    assert log.getvalue() == ""
 
 
 # -- warnings in the report and the table -------------------------------------------------------------------------
