@@ -1,6 +1,7 @@
 """Which weights ROME, MEMIT and AlphaEdit edit when a command line does not say: the model file's ``locate`` block
-(the published layers and settings for GPT-2 XL, GPT-J and Llama-3-8B; ours for SmolLM2 and the GPT-2 shapes), a
-command line's ``<alg>.layers`` or ``model.inner_params`` otherwise, and a one-line refusal where neither names them.
+(the published layers and settings for GPT-2 XL, GPT-J, Llama-3-8B, and EasyEdit's for Llama-2, Mistral and Qwen2.5;
+ours for SmolLM2, the GPT-2 shapes, GPT-Neo and Gemma-2), a command line's ``<alg>.layers`` or ``model.inner_params``
+otherwise, and a one-line refusal where neither names them.
 Also: ``python -m run +alg=rome`` writes its archive without ``eval.final_eval=false``, and archives that name their
 weights explicitly (written before the locate block) still load."""
 
@@ -19,18 +20,26 @@ from omegaconf import OmegaConf
 from test_run import ROOT, workspace  # noqa: F401  (workspace is a fixture)
 
 from algs import ALGS, editor_class
+from algs.locate import OUTPUT_PROJECTIONS
 from config_schema import ConfigError, compose_config, validate_config
 from data_classes import DATASETS
+from models.architectures import ARCHITECTURES
 
 LOCATE = ("rome", "memit", "alphaedit")
 GPT2 = "transformer.h.{}.mlp.c_proj.weight"
 GPTJ = "transformer.h.{}.mlp.fc_out.weight"
 LLAMA = "model.layers.{}.mlp.down_proj.weight"
+# zjunlp/EasyEdit hparams/{ROME,MEMIT}/{llama-7b,mistral-7b,qwen2.5-7b}.yaml (Llama-2, Mistral, Qwen2.5): the same
+# settings for the three models. AlphaEdit's target vector (computed as MEMIT's) takes MEMIT's where none is published.
+EASYEDIT_ROME = {"v_num_grad_steps": 25, "v_weight_decay": 1e-3}
+EASYEDIT_TARGET = {**EASYEDIT_ROME, "clamp_norm_factor": 4}
+EASYEDIT_MEMIT = {**EASYEDIT_TARGET, "mom2_update_weight": 15e3}
 
 # (model file, editor) -> (weight name, blocks, settings that differ from the GPT-2 XL defaults). The published ones
 # are those of kmeng01/rome and kmeng01/memit hparams/{ROME,MEMIT}/*.json and jianghoucheng/AlphaEdit
-# hparams/*/*.json (Llama3-8B: AlphaEdit's, its ROME and MEMIT baselines included); SmolLM2's and the unpublished
-# GPT-2 ones are ours (docs/locate_edit.md).
+# hparams/*/*.json (Llama3-8B: AlphaEdit's, its ROME and MEMIT baselines included), and zjunlp/EasyEdit
+# hparams/{ROME,MEMIT,AlphaEdit}/*.yaml for Llama-2, Mistral and Qwen2.5; SmolLM2's, the unpublished GPT-2 ones,
+# GPT-Neo's, Gemma-2's and AlphaEdit's blocks on Llama-2 and Mistral are ours (docs/locate_edit.md).
 EXPECTED = {
     ("gpt2xl", "rome"): (GPT2, [17], {}),
     ("gpt2xl", "memit"): (GPT2, [13, 14, 15, 16, 17], {}),
@@ -46,8 +55,31 @@ EXPECTED = {
     ("smollm2", "rome"): (LLAMA, [6], {}),
     ("smollm2", "memit"): (LLAMA, [4, 5, 6, 7, 8], {"mom2_update_weight": 1600}),  # ours: the Llama-3 width ratio
     ("smollm2", "alphaedit"): (LLAMA, [4, 5, 6, 7, 8], {}),
+    ("llama2-7b", "rome"): (LLAMA, [5], EASYEDIT_ROME),
+    ("llama2-7b", "memit"): (LLAMA, [4, 5, 6, 7, 8], EASYEDIT_MEMIT),
+    ("llama2-7b", "alphaedit"): (LLAMA, [4, 5, 6, 7, 8], EASYEDIT_TARGET),  # ours: by depth
+    ("mistral-7b", "rome"): (LLAMA, [5], EASYEDIT_ROME),
+    ("mistral-7b", "memit"): (LLAMA, [4, 5, 6, 7, 8], EASYEDIT_MEMIT),
+    ("mistral-7b", "alphaedit"): (LLAMA, [4, 5, 6, 7, 8], EASYEDIT_TARGET),  # ours: by depth
+    ("qwen2.5-7b", "rome"): (LLAMA, [5], EASYEDIT_ROME),
+    ("qwen2.5-7b", "memit"): (LLAMA, [4, 5, 6, 7, 8], EASYEDIT_MEMIT),
+    ("qwen2.5-7b", "alphaedit"): (LLAMA, [4, 5, 6, 7, 8], {**EASYEDIT_TARGET, "L2": 1}),
+    ("gptneo27", "rome"): (GPT2, [11], {}),  # ours: GPT-2 XL's depth; GPT-Neo names its MLP as GPT-2 does
+    ("gptneo27", "memit"): (GPT2, [8, 9, 10, 11, 12], {}),
+    ("gptneo27", "alphaedit"): (GPT2, [8, 9, 10, 11, 12], {}),
+    ("gemma2-2b", "rome"): (LLAMA, [4], {}),  # ours: Llama-3-8B's depth
+    ("gemma2-2b", "memit"): (LLAMA, [3, 4, 5, 6, 7], {}),
+    ("gemma2-2b", "alphaedit"): (LLAMA, [3, 4, 5, 6, 7], {}),
 }
+# The number of blocks of the model files without an arch block (the others: arch.num_hidden_layers).
+BLOCKS = {"distilgpt2": 6, "gpt2": 12, "gpt2medium": 24, "gpt2large": 36, "gpt2xl": 48, "gptj": 28, "gptneo27": 32,
+          "smollm2": 30}  # fmt: skip
 MODEL_DIR = os.path.join(ROOT, "config", "model")
+
+
+def models_with_locate_block() -> list:
+    files = sorted(os.listdir(MODEL_DIR))
+    return [n[: -len(".yaml")] for n in files if "locate" in OmegaConf.load(os.path.join(MODEL_DIR, n))]
 
 
 def composed(alg: str, model: str, *overrides: str):
@@ -79,15 +111,38 @@ def test_the_model_file_gives_the_published_or_chosen_layers_and_settings(model,
 def test_every_locate_block_composes_and_validates_for_each_editor():
     """Every model file with a locate block names existing keys and MLP output projections for all three editors
     (the GPT-2 shapes' blocks are at GPT-2 XL's depth; the test holds what each file says, not measured figures)."""
-    files = sorted(os.listdir(MODEL_DIR))
-    with_block = [n[: -len(".yaml")] for n in files if "locate" in OmegaConf.load(os.path.join(MODEL_DIR, n))]
+    with_block = models_with_locate_block()
     assert {"gpt2xl", "gptj", "llama3-8b", "smollm2", "gpt2", "distilgpt2", "gpt2medium", "gpt2large"} <= {*with_block}
+    assert {"gptneo27", "llama2-7b", "mistral-7b", "qwen2.5-7b", "gemma2-2b"} <= {*with_block}
     for model in with_block:
         for alg in LOCATE:
             cfg = composed(alg, model)
             assert len(cfg.model.inner_params) == (1 if alg == "rome" else len(cfg.model.locate[alg].layers)) >= 1
     assert list(composed("rome", "gpt2").model.inner_params) == [GPT2.format(4)]  # GPT-2's 12 blocks: 17 / 48
     assert list(composed("memit", "distilgpt2").model.inner_params) == [GPT2.format(i) for i in (1, 2, 3)]
+
+
+def test_every_locate_block_names_blocks_the_model_has():
+    """Every locate block's weight is its architecture's MLP output projection, and its layers are blocks of the
+    model (arch.num_hidden_layers, or BLOCKS), lowest first, one for ROME and a contiguous range for MEMIT and
+    AlphaEdit."""
+    by_class = {a.class_name: a for a in ARCHITECTURES.values()}
+    for model in models_with_locate_block():
+        mcfg = OmegaConf.load(os.path.join(MODEL_DIR, f"{model}.yaml"))
+        n_blocks = mcfg.arch.num_hidden_layers if "arch" in mcfg else BLOCKS[model]
+        # the model file's MEND weights are the MLPs of its last blocks: the same count
+        assert max(int(n.split(".")[2]) for n in mcfg.inner_params) == n_blocks - 1, model
+        ((block, _),) = by_class[mcfg.class_name].stacks
+        weight = mcfg.locate.weight
+        assert weight == f"{block}.{by_class[mcfg.class_name].mlp[-1]}", model
+        assert any(weight.endswith(f".{p}.weight") for p in OUTPUT_PROJECTIONS), model
+        for alg in LOCATE:
+            layers = list(mcfg.locate[alg].layers)
+            assert all(0 <= i < n_blocks for i in layers), (model, alg, layers, n_blocks)
+            if alg == "rome":
+                assert len(layers) == 1, (model, layers)
+            else:
+                assert layers == list(range(layers[0], layers[-1] + 1)), (model, alg, layers)
 
 
 def test_other_editors_keep_the_model_files_weights():
@@ -116,8 +171,9 @@ def test_the_command_line_names_other_layers_and_settings():
 
 @pytest.mark.parametrize("alg", LOCATE)
 def test_a_model_without_layers_for_the_editor_is_refused_naming_the_keys(alg):
-    # a model file without a locate block (GPT-Neo): nothing to name the blocks by, so the weights are asked for
-    message = one_line_error(alg, "gptneo27")
+    # a model file without a locate block (GPT-Neo's, removed): nothing to name the blocks by, so the weights are
+    # asked for
+    message = one_line_error(alg, "gptneo27", "model.locate=null")
     assert f"no model.locate.{alg}.layers" in message and f"{alg}.layers" in message
     assert "model.inner_params=[" in message
     # a model file whose locate block leaves this editor out: either key works
