@@ -12,8 +12,10 @@ How the pieces fit (the trainer does the calls):
   ``meta_loss`` (the edit and the losses of the edited model, ``meta_loss.StepLosses``). The gradient flows through
   ``editor.edit()``, not ``editor.forward``, so the editor itself cannot be the DDP module; :class:`EditStep`
   holds it as its only submodule, so DDP sees exactly the editor's parameters.
-* Batches: rank r takes batches r, r+W, r+2W, ... of the seeded training stream (:func:`rank_stream`), so a
-  step of W processes consumes the same W batches a single process would draw in W steps.
+* Batches: rank r takes steps r, r+W, r+2W, ... of the seeded training stream (:func:`rank_stream`), so a
+  step of W processes consumes the same W batches a single process would draw in W steps. A step is one batch,
+  or a sequence of ``batches_per_step`` consecutive ones, grouped before they are dealt out: each rank trains on
+  whole sequences, those a single process would train.
 * ``accumulate_bs`` counts edits per optimiser step over all ranks (the paper's batch of 10 stays 10 on any
   number of GPUs): each rank accumulates ``accumulate_bs / W`` steps under ``no_sync`` and DDP averages on the
   last one. Each rank scales its loss by ``W / accumulate_bs`` so the average equals the single-process sum.
@@ -212,9 +214,10 @@ def mean_gradients(named_params: Iterable) -> Dict[str, torch.Tensor]:
 # -- data -----------------------------------------------------------------------------------------------------
 
 
-def rank_stream(batches: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:
-    """Batches rank, rank+W, rank+2W, ... of a stream (the other ranks' batches are skipped)."""
-    return itertools.islice(batches, rank, None, world_size)
+def rank_stream(steps: Iterator[Any], rank: int, world_size: int) -> Iterator[Any]:
+    """Steps rank, rank+W, rank+2W, ... of a stream of steps (batches, or lists of them; the other ranks' steps are
+    skipped)."""
+    return itertools.islice(steps, rank, None, world_size)
 
 
 # -- the DDP module -------------------------------------------------------------------------------------------

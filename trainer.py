@@ -114,8 +114,7 @@ class EditTrainer:
                 stop = None
                 if self._validation_due() and self._validate_and_checkpoint():  # a resumed run's pending one
                     stop = "early_stop"
-                gen = distributed.rank_stream(self._train_batches(), self.dist.rank, self.dist.world_size)
-                steps = grouped(gen, self.editor.batches_per_step)
+                steps = self._train_steps()
                 first_step, first_time = state.step, time.perf_counter()
                 while not stop and state.step < cfg.max_iters and not self._stop_requested():
                     stop = self._train_step(next(steps), averager, start, interval)
@@ -435,6 +434,14 @@ class EditTrainer:
             f"Continue with resume={self.run_dir} (and the same settings).",
             self._stop_signal,
         )
+
+    def _train_steps(self) -> Iterator:
+        """This rank's training steps, from the one after the last taken: the stream's batches grouped into steps
+        (``batches_per_step`` each) before they are dealt out, rank r taking steps r, r+W, r+2W, ... So each rank
+        trains on whole steps, a sequence of ``batches_per_step`` consecutive batches as a single process draws
+        it, and W ranks take the W steps one process would take next."""
+        steps = grouped(self._train_batches(), self.editor.batches_per_step)
+        return distributed.rank_stream(steps, self.dist.rank, self.dist.world_size)
 
     def _train_batches(self):
         """The training batches from the one after the last drawn (``batches_per_step`` per step)."""

@@ -54,7 +54,7 @@ def _worker(rank, world, port, steps, out):
     data = SyntheticEdits(200, n_edits=5, prompt_len=31)
     with tempfile.TemporaryDirectory() as run_dir:
         t = EditTrainer(lambda: MEND(model, cfg), cfg, data, data, run_dir)
-        gen = distributed.rank_stream(t._train_batches(), rank, world)
+        gen = t._train_steps()  # this rank's steps, as the trainer deals them out
 
         def one_step():
             before = distributed.stats_snapshot(t.editor)

@@ -1,5 +1,6 @@
-"""Editor training on several processes (CPU, gloo, 2 processes): the same gradient and editor as one process,
-rank 0 alone writing, and the torchrun command lines of docs/scaling.md (scaled down) end to end.
+"""Editor training on several processes (CPU, gloo, 2 processes): the same gradient and editor as one process
+(MEND; MALMEN and RLEdit, whose staged backward hands DDP a surrogate loss), rank 0 alone writing, and the
+torchrun command lines of docs/scaling.md (scaled down) end to end, MALMEN's and RLEdit's among them.
 
 In-process tests start 2 workers with torch.multiprocessing on a tiny Llama and the synthetic edit set; the
 command-line tests run ``torchrun`` (as ``python -m torch.distributed.run``) on the tiny GPT-2 of test_run.py.
@@ -25,7 +26,7 @@ import checkpoints
 import distributed
 import evaluation
 import utils
-from algs.mend.editor import MEND
+from algs import editor_class
 from errors import TrainingInterrupted
 from trainer import EditTrainer
 
@@ -40,6 +41,30 @@ TRAIN = dict(
     log_interval=2,
     **{"eval.compare_untrained": True, "eval.final_steps": 3},
 )
+# MALMEN and RLEdit at the tiny settings of tests/test_malmen.py and tests/test_rledit.py, two batches (RLEdit: two
+# sequences of two batches) per optimiser step.
+STAGED = {
+    "data.n_edits": 3,
+    "batch_size": 6,
+    "val_batch_size": 6,
+    "accumulate_bs": 2,
+    "cedit": 1.0,
+    "max_iters": 4,
+    "val_interval": 100,
+    "val_steps": 2,
+    "log_interval": 1,
+    "eval.compare_untrained": False,
+}
+SETTINGS = {
+    "mend": TRAIN,
+    "malmen": {**STAGED, "malmen.rank": 4, "malmen.chunk_size": 2, "malmen.edit_lr": 1e-3, "grad_clip": 1.0},
+    # grad_clip 1 clips every sequence's gradient here (the mean of two unclipped ones has a norm near 28)
+    "rledit": {
+        **STAGED,
+        **{"rledit.rank": 4, "rledit.chunk_size": 2, "rledit.edit_lr": 1e-3, "rledit.seq_len": 2},
+        **{"rledit.back_depth": 2, "cloc": 0.6, "grad_clip": 1.0},
+    },
+}
 
 
 def free_port() -> int:
@@ -48,14 +73,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_trainer(run_dir, **overrides):
+def make_trainer(run_dir, alg="mend", **overrides):
     build, _, _ = TINY["llama"]
     model = build()
-    cfg = make_config("llama", **{**TRAIN, **overrides})
+    cfg = make_config("llama", alg=alg, **{**SETTINGS[alg], **overrides})
     utils.seed_everything(cfg.seed)
-    return EditTrainer(
-        lambda: MEND(model, cfg), cfg, SyntheticEdits(48, seed=0), SyntheticEdits(16, seed=1), str(run_dir)
-    )
+    cls, n = editor_class(alg), cfg.data.n_edits
+    train, val = SyntheticEdits(48, n_edits=n, seed=0), SyntheticEdits(16, n_edits=n, seed=1)
+    return EditTrainer(lambda: cls(model, cfg), cfg, train, val, str(run_dir))
 
 
 def _join(rank: int, world: int, rendezvous: str) -> None:
@@ -73,22 +98,70 @@ def _leave() -> None:
     distributed.shutdown(wait=True)
 
 
-def _first_step(trainer) -> dict:
-    """The gradient of one accumulation window (before the optimiser step), then the editor after it."""
-    gen = distributed.rank_stream(trainer._train_batches(), trainer.dist.rank, trainer.dist.world_size)
+def statistics(editor) -> dict:
+    """Copies of the editor's running statistics (``running_statistics()``), by module and buffer."""
+    return {
+        f"{name}.{key}": getattr(m, key).detach().clone()
+        for name, m in editor.running_statistics().items()
+        for key in ("count", "mean", "m2")
+    }
+
+
+@torch.no_grad()
+def load_statistics(editor, stats: dict) -> None:
+    for name, m in editor.running_statistics().items():
+        for key in ("count", "mean", "m2"):
+            getattr(m, key).copy_(stats[f"{name}.{key}"])
+
+
+def _first_step(trainer, each_from_the_start: bool = False) -> dict:
+    """The gradient of one accumulation window (before the optimiser step), then the editor after it, as the trainer
+    makes them (batches grouped by ``batches_per_step``). ``each_from_the_start``: every step of the window starts
+    from the statistics the window started with, as each rank of a distributed run does (one process otherwise
+    starts each step from the statistics the window's earlier steps left)."""
+    editor = trainer.editor
+    steps = trainer._train_steps()
+    start, after = statistics(editor), []
     for _ in range(trainer.config.accumulate_bs // trainer.dist.world_size):
-        before = distributed.stats_snapshot(trainer.editor)
-        trainer.edit_step(next(gen), training=True)
-        distributed.merge_running_stats(trainer.editor, before)
+        if each_from_the_start:
+            load_statistics(editor, start)
+        before = distributed.stats_snapshot(editor)
+        trainer.edit_step(next(steps), training=True)
+        distributed.merge_running_stats(editor, before)
         trainer.state.step += trainer.dist.world_size
-    grads = {n: p.grad.detach().clone() for n, p in trainer.editor.named_parameters()}
+        after.append(statistics(editor))
+    grads = {n: p.grad.detach().clone() for n, p in editor.named_parameters()}
     trainer._optimizer_step()
-    return {"grads": grads, "editor": {k: v.clone() for k, v in trainer.editor.state_dict().items()}}
+    return {
+        "grads": grads,
+        "editor": {k: v.clone() for k, v in editor.state_dict().items()},
+        "statistics": statistics(editor),
+        "start": start,
+        "after": after,
+        "lifelong": editor.lifelong_state(),
+    }
 
 
-def _grad_worker(rank, world, rendezvous, out_dir, overrides):
+def union(start: dict, parts: list) -> dict:
+    """The statistics of ``start`` plus the new samples of each of ``parts`` (each ``start`` plus its own samples),
+    from the sums that samples add: the count, count * mean, and m2 + count * mean^2 (the sum of squares; also
+    additive for MALMEN's m2, built from unbiased chunk variances). An independent check of Chan's merge."""
+    out = {}
+    for key in start:
+        if key.endswith(".count"):
+            name = key[: -len(".count")]
+            c0, mean0, m20 = (start[f"{name}.{k}"].double() for k in ("count", "mean", "m2"))
+            c, s, q = c0, c0 * mean0, m20 + c0 * mean0**2
+            for part in parts:
+                ci, meani, m2i = (part[f"{name}.{k}"].double() for k in ("count", "mean", "m2"))
+                c, s, q = c + ci - c0, s + ci * meani - c0 * mean0, q + (m2i + ci * meani**2) - (m20 + c0 * mean0**2)
+            out[key], out[f"{name}.mean"], out[f"{name}.m2"] = c, s / c, q - s**2 / c
+    return out
+
+
+def _grad_worker(rank, world, rendezvous, out_dir, overrides, alg="mend"):
     _join(rank, world, rendezvous)
-    result = _first_step(make_trainer(os.path.join(out_dir, "run"), **overrides))
+    result = _first_step(make_trainer(os.path.join(out_dir, "run"), alg=alg, **overrides))
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     _leave()
 
@@ -131,6 +204,68 @@ def test_two_processes_give_the_gradient_and_editor_of_one(tmp_path, norm):
             torch.testing.assert_close(ranks[0]["editor"][key].double(), value.double(), rtol=1e-4, atol=1e-6)
 
 
+def two_ranks_against_one(tmp_path, alg: str) -> tuple:
+    """The first accumulation window of ``alg`` on 2 processes (one batch, or sequence, each) and on one process
+    twice: ``one`` accumulating both steps as a single run does, ``alone`` starting each step from the statistics of
+    the window's start, as each rank does."""
+    one = _first_step(make_trainer(tmp_path / "one", alg=alg))
+    alone = _first_step(make_trainer(tmp_path / "alone", alg=alg), each_from_the_start=True)
+    spawn(_grad_worker, str(tmp_path), {}, alg)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    return one, alone, ranks
+
+
+def check_staged_editor(one, alone, ranks) -> None:
+    """What the two ranks of an editor with running statistics must give (the tests below)."""
+    for name, g in alone["grads"].items():
+        # DDP all-reduces: both ranks hold the same average, the gradient of one process whose steps each start from
+        # the window's statistics (one process accumulating both steps normalises the second with the first's
+        # samples too: a real difference, as for MEND's norm=True above)
+        assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), name
+        torch.testing.assert_close(ranks[0]["grads"][name], g, rtol=1e-4, atol=1e-7)
+    assert any(not torch.equal(one["grads"][n], g) for n, g in alone["grads"].items())
+    for key in one["editor"]:  # bit-identical editors after the optimiser step, statistics included
+        assert torch.equal(ranks[0]["editor"][key], ranks[1]["editor"][key]), key
+    for key, value in alone["editor"].items():  # the network after the step: that of the same averaged gradient
+        if not key.endswith(("count", "mean", "m2")):
+            torch.testing.assert_close(ranks[0]["editor"][key], value, rtol=1e-4, atol=1e-6)
+    # the merged statistics hold the samples of both ranks' steps (those of `alone`'s two steps)
+    merged = union(alone["start"], alone["after"])
+    assert merged.keys() == one["statistics"].keys()
+    for key, value in merged.items():
+        if key.endswith(".count"):  # the samples of both steps: as many as one process's
+            assert value.item() == one["statistics"][key].item() > 0, key
+        torch.testing.assert_close(ranks[0]["statistics"][key].double(), value, rtol=1e-5, atol=1e-9)
+
+
+def test_two_malmen_processes_average_the_gradient_of_its_staged_backward(tmp_path):
+    """MALMEN hands the trainer's backward a surrogate loss, sum_p <p, dL/dp>, built from gradients it took itself
+    (through the least-squares solve, by hand): DDP's all-reduce averages the gradient of that loss over the ranks.
+    Its statistics' samples (keys and gradients of the unedited model) do not depend on the statistics, so the merged
+    statistics are also exactly those of one process after the same two batches."""
+    one, alone, ranks = two_ranks_against_one(tmp_path, "malmen")
+    check_staged_editor(one, alone, ranks)
+    for key, value in one["statistics"].items():
+        torch.testing.assert_close(ranks[0]["statistics"][key].double(), value.double(), rtol=1e-5, atol=1e-9)
+
+
+def test_two_rledit_processes_train_one_sequence_each_and_end_with_the_same_lifelong_state(tmp_path):
+    """RLEdit: each rank trains its own sequence of 2 consecutive batches, its gradient clipped to grad_clip as a
+    single process clips each sequence's; DDP averages the two clipped sequences, and the ranks end with the same
+    editor and the same lifelong state (the statistics every edit of both sequences updated, merged). Not one
+    process's statistics: the later edits of a sequence are made on a model whose earlier updates the statistics
+    shaped, and the second sequence's rank did not see the first sequence's samples."""
+    one, alone, ranks = two_ranks_against_one(tmp_path, "rledit")
+    check_staged_editor(one, alone, ranks)
+    clip = SETTINGS["rledit"]["grad_clip"]
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ranks[0]["grads"].values()]))
+    assert norm <= clip * (1 + 1e-5)  # the mean of two sequences clipped to grad_clip each
+    assert ranks[0]["lifelong"] and ranks[0]["lifelong"].keys() == one["lifelong"].keys()
+    for key, value in ranks[0]["lifelong"].items():
+        assert torch.equal(value, ranks[1]["lifelong"][key]), key
+        assert torch.equal(value, ranks[0]["editor"]["net." + key]), key
+
+
 def test_a_two_process_run_ends_with_one_editor_and_rank_0_alone_writes(tmp_path):
     spawn(_run_worker, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
@@ -158,8 +293,8 @@ def test_accumulate_bs_must_split_over_the_processes():
 SCALED_DOWN = ("max_iters=8", "val_interval=4", "val_steps=3", "accumulate_bs=2", "log_interval=2")
 
 
-def torchrun(ws, launcher: list, *overrides, run_dir, timeout=300):
-    cmd = cli(ws, *SCALED_DOWN, *overrides, run_dir=run_dir)
+def torchrun(ws, launcher: list, *overrides, run_dir, timeout=300, alg="mend", scaled=SCALED_DOWN):
+    cmd = cli(ws, *scaled, *overrides, run_dir=run_dir, alg=alg)
     assert cmd[1:3] == ["-m", "run"]
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, *cmd[1:]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -177,6 +312,33 @@ def test_torchrun_two_processes_on_one_machine(workspace):  # noqa: F811
     assert results["train"]["steps"] == 8 and results["results"]["eval_time/n_edits"] == 3
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
     assert (run_dir / ".hydra").is_dir() and not os.path.exists(os.path.join(ROOT, ".hydra"))
+
+
+# MALMEN and RLEdit on the command line: 2 optimiser steps of 2 meta-steps (RLEdit: sequences of 2 batches) of 3 edits,
+# a validation after each, and the final comparison with the untrained editor split over the ranks.
+STAGED_CLI = (
+    *("max_iters=4", "val_interval=2", "val_steps=2", "accumulate_bs=2", "log_interval=2", "eval.final_steps=2"),
+    *("data.n_edits=3", "batch_size=6", "val_batch_size=6"),
+)
+STAGED_ALGS = {
+    "malmen": ("malmen.rank=8", "malmen.chunk_size=2"),
+    "rledit": ("rledit.rank=8", "rledit.chunk_size=2", "rledit.seq_len=2", "rledit.back_depth=2"),
+}
+
+
+@pytest.mark.parametrize("alg", STAGED_ALGS)
+def test_torchrun_trains_malmen_and_rledit_on_two_processes(workspace, alg):  # noqa: F811
+    run_dir = workspace["root"] / f"torchrun-{alg}"
+    launcher = ["--standalone", "--nproc_per_node=2"]
+    proc = torchrun(workspace, launcher, *STAGED_ALGS[alg], run_dir=run_dir, alg=alg, scaled=STAGED_CLI)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "Distributed: 2 processes, backend gloo" in out
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["config"]["alg"] == alg and results["train"]["steps"] == 4
+    assert results["results"]["eval_time/n_edits"] == 2 * 3 * (2 if alg == "rledit" else 1)  # sequences of 2
+    last = checkpoints.read_checkpoint(str(run_dir / "checkpoints" / "last.pt"))
+    assert len(last["rng_ranks"]) == 2 and last["trainer"]["batches_drawn"] == 4 * (2 if alg == "rledit" else 1)
 
 
 @pytest.mark.slow
