@@ -52,6 +52,8 @@ from errors import ConfigError
 from losses import IGNORE, binary_log_probs, masked_log_probs
 from meta_loss import StepContext, StepLosses, edit_meta_loss
 
+STATISTICS_BUFFERS = ("count", "mean", "m2")  # the buffers of every running_statistics() module
+
 
 def logits_of(output) -> torch.Tensor:
     """The logits tensor of a transformers model output (or the tensor itself)."""
@@ -272,8 +274,23 @@ class EditableModel(nn.Module, ABC):
         """Take ``other``'s data statistics (:meth:`running_statistics`); learned parameters stay as they are."""
         theirs = other.running_statistics()
         for name, module in self.running_statistics().items():
-            for key in ("count", "mean", "m2"):
+            for key in STATISTICS_BUFFERS:
                 getattr(module, key).copy_(getattr(theirs[name], key))
+
+    def statistics_state(self) -> Dict[str, torch.Tensor]:
+        """Copies of the :meth:`running_statistics` buffers, keyed ``<module>.<count|mean|m2>``."""
+        return {
+            f"{name}.{key}": getattr(module, key).detach().clone()
+            for name, module in self.running_statistics().items()
+            for key in STATISTICS_BUFFERS
+        }
+
+    @torch.no_grad()
+    def load_statistics_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Put back a :meth:`statistics_state`, in place (every editor sharing the modules sees it)."""
+        for name, module in self.running_statistics().items():
+            for key in STATISTICS_BUFFERS:
+                getattr(module, key).copy_(state[f"{name}.{key}"])
 
     def lifelong_state(self) -> Dict[str, torch.Tensor]:
         """What the editor carries from one edit to the next besides the edited weights (UltraEdit's running

@@ -98,22 +98,6 @@ def _leave() -> None:
     distributed.shutdown(wait=True)
 
 
-def statistics(editor) -> dict:
-    """Copies of the editor's running statistics (``running_statistics()``), by module and buffer."""
-    return {
-        f"{name}.{key}": getattr(m, key).detach().clone()
-        for name, m in editor.running_statistics().items()
-        for key in ("count", "mean", "m2")
-    }
-
-
-@torch.no_grad()
-def load_statistics(editor, stats: dict) -> None:
-    for name, m in editor.running_statistics().items():
-        for key in ("count", "mean", "m2"):
-            getattr(m, key).copy_(stats[f"{name}.{key}"])
-
-
 def _first_step(trainer, each_from_the_start: bool = False) -> dict:
     """The gradient of one accumulation window (before the optimiser step), then the editor after it, as the trainer
     makes them (batches grouped by ``batches_per_step``). ``each_from_the_start``: every step of the window starts
@@ -121,21 +105,21 @@ def _first_step(trainer, each_from_the_start: bool = False) -> dict:
     starts each step from the statistics the window's earlier steps left)."""
     editor = trainer.editor
     steps = trainer._train_steps()
-    start, after = statistics(editor), []
+    start, after = editor.statistics_state(), []
     for _ in range(trainer.config.accumulate_bs // trainer.dist.world_size):
         if each_from_the_start:
-            load_statistics(editor, start)
+            editor.load_statistics_state(start)
         before = distributed.stats_snapshot(editor)
         trainer.edit_step(next(steps), training=True)
         distributed.merge_running_stats(editor, before)
         trainer.state.step += trainer.dist.world_size
-        after.append(statistics(editor))
+        after.append(editor.statistics_state())
     grads = {n: p.grad.detach().clone() for n, p in editor.named_parameters()}
     trainer._optimizer_step()
     return {
         "grads": grads,
         "editor": {k: v.clone() for k, v in editor.state_dict().items()},
-        "statistics": statistics(editor),
+        "statistics": editor.statistics_state(),
         "start": start,
         "after": after,
         "lifelong": editor.lifelong_state(),

@@ -58,17 +58,10 @@ class RLEdit(MALMEN):
     # The statistics are updated by every edit: a sequence of edits changes the editor, and independent sequences
     # start from the same state by putting it back.
     def lifelong_state(self) -> Dict[str, torch.Tensor]:
-        return {
-            f"{name}.{key}": getattr(module, key).detach().clone()
-            for name, module in self.running_statistics().items()
-            for key in ("count", "mean", "m2")
-        }
+        return self.statistics_state()
 
-    @torch.no_grad()
     def load_lifelong_state(self, state: Dict[str, torch.Tensor]) -> None:
-        for name, module in self.running_statistics().items():  # in place: every editor of with_weights shares them
-            for key in ("count", "mean", "m2"):
-                getattr(module, key).copy_(state[f"{name}.{key}"])
+        self.load_statistics_state(state)  # in place: every editor of with_weights shares them
 
     def _penalty_gradient(self, updates: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """d(reg_coef * |dW|^2)/dW = 2 reg_coef dW, in the layout of each edited weight."""
