@@ -9,7 +9,7 @@ import os
 import pytest
 from test_run import INNER, workspace  # noqa: F401  (the module-scoped CLI workspace fixture)
 
-from benchmarks import ablations, compare_editors, learning_curve
+from benchmarks import ablations, compare_editors, learning_curve, multi_edit_table
 
 
 def tiny(workspace):  # noqa: F811
@@ -179,3 +179,68 @@ def test_a_row_reports_the_drawdown_of_its_task(task, line, tmp_path):
         csv_rows = list(csv.DictReader(f))
     assert float(csv_rows[0]["drawdown"]) == (0.8 if task == "gen" else 0.01)
     assert float(csv_rows[0][f"{what} before"]) == (28.0 if task == "gen" else 0.3)
+
+
+def test_multi_edit_table_trains_at_k_edits_and_scores_every_cell_with_n_edits_in_one_update(
+    workspace,  # noqa: F811
+    tmp_path,
+    capsys,
+    monkeypatch,
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "multi"
+    args = [
+        "--experiment=gen",
+        "--model=distilgpt2",
+        "--train=2",
+        "--steps=2",
+        "--eval-edits=1,3",
+        "--cases=4",
+        "--threads=1",
+        f"--out={out}",
+        "--",
+        *tiny(workspace),
+        "val_steps=1",
+    ]
+    multi_edit_table.main(args)
+    # the editor was trained at its number of edits per batch, with one locality example beside them
+    cfg = json.loads((out / "train_n2" / "results.json").read_text())["config"]
+    assert (cfg["data"]["n_edits"], cfg["batch_size"], cfg["val_batch_size"]) == (2, 3, 3)
+    # every cell edited n at a time, ceil(4 / n) batches, with the trained editor
+    for n, batches in ((1, 4), (3, 2)):
+        report = json.loads((out / "eval" / f"mend_2_x{n}" / "results.json").read_text())
+        assert report["config"]["data"]["n_edits"] == n and report["config"]["eval_only"]
+        assert report["config"]["archive"] == str(out / "train_n2")
+        assert report["results"]["eval_time/n_edits"] == n * batches
+    with open(out / "multi_edit.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["editor", "1 at once (4 edits)", "3 at once (6 edits)"]
+    assert rows[1] == ["MEND, zsRE / BART-base (the paper's Table 5): edit success", "0.98", "-"]
+    one, three = (cell_of(out, f"mend_2_x{n}") for n in (1, 3))
+    assert rows[2] == ["MEND-2: edit success", f"{one['edit/acc_val']:.2f}", f"{three['edit/acc_val']:.2f}"]
+    assert rows[3] == [
+        "MEND-2: target token accuracy",
+        f"{one['edit/acc_tok_val']:.2f}",
+        f"{three['edit/acc_tok_val']:.2f}",
+    ]
+    pre, post = three["perplexity/pre_val"], three["perplexity/post_val"]
+    assert rows[4][0] == "MEND-2: locality perplexity, before -> after" and rows[4][2] == f"{pre:.3g} -> {post:.3g}"
+    assert len(rows) == 5 and (out / "multi_edit.md").read_text().count("\n") == 6
+
+    # a second call reuses every finished run; bad arguments are refused by name
+    capsys.readouterr()
+    multi_edit_table.main(args)
+    assert capsys.readouterr().out.count("finished earlier with the same settings") == 3
+    for bad, says in (
+        ([], "nothing to evaluate"),
+        (["--train=0"], "at least 1"),
+        (["--editor=x"], "NAME=ARCHIVE"),
+        ([f"--editor=x={tmp_path / 'none'}"], "does not exist"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            multi_edit_table.main(bad)
+        assert info.value.code == 2 and says in capsys.readouterr().err
+
+
+def cell_of(out, name: str) -> dict:
+    return json.loads((out / "eval" / name / "results.json").read_text())["results"]

@@ -117,13 +117,28 @@ def test_a_sequential_group_is_applied_in_updates_of_edits_per_step_with_retenti
     cases = read_counterfact(FIXTURE)
     prepared = fact_eval.PreparedCases(editor, cases)
     sizes = _spy_updates(editor, monkeypatch)
+    checks = []  # (patches applied when the watched edits were checked, the cases, whether each held)
+    real_holds = prepared.rewrite_holds
+
+    def rewrite_holds(model, watched):
+        held = real_holds(model, watched)
+        checks.append((len(model.patches), list(watched), held))
+        return held
+
+    monkeypatch.setattr(prepared, "rewrite_holds", rewrite_holds)
     run = fact_eval.evaluate(editor, cases, "sequential", 3, prepared=prepared, edits_per_step=2, retention=2)
     assert sizes == [2, 1] and run["edits_per_step"] == 2
     s = run["summary"]
     assert s["retention_edits"] == 2  # the first two edits of the group
     ends = [c["summary"]["post_efficacy_score"] for c in run["cases"][:2]]
     assert s["held_at_end"] == sum(ends) / 2
-    assert 0 <= s["held_when_applied"] <= 1 and s["edits_per_second"] > 0
+    # the first two edits were checked once, right after their own update (one patch), and not again
+    assert [(n, w) for n, w, _ in checks] == [(1, [0, 1])]
+    held = checks[0][2]
+    assert s["held_when_applied"] == sum(held) / 2
+    kept = [end == 1.0 for h, end in zip(held, ends) if h]
+    assert s["retained"] == (sum(kept) / len(kept) if kept else None)
+    assert s["edits_per_second"] == pytest.approx(3 / s["edit_seconds"])
     assert s["neighborhood_share"] == pytest.approx(s["post_neighborhood_score"] / s["pre_neighborhood_score"])
     assert "post_generative" in s and "post_generative_paraphrase" in s
     sizes.clear()
