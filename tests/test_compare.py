@@ -244,3 +244,18 @@ def test_multi_edit_table_trains_at_k_edits_and_scores_every_cell_with_n_edits_i
 
 def cell_of(out, name: str) -> dict:
     return json.loads((out / "eval" / name / "results.json").read_text())["results"]
+
+
+def test_multi_edit_rows_show_the_perplexity_where_logged_else_the_token_accuracy():
+    gen = {"edit/acc_val": 0.5, "edit/acc_tok_val": 0.75, "perplexity/pre_val": 57.0, "perplexity/post_val": 2.7e6}
+    fc = {"edit/acc_val": 1.0, "acc_tok/pre_val": 0.9, "acc_tok/post_val": 0.85}
+    rows = multi_edit_table.table_rows({"A": {1: gen, 7: gen}, "B": {1: fc, 7: {}}}, [1, 7])
+    assert rows == [
+        ["MEND, zsRE / BART-base (the paper's Table 5): edit success", "0.98", "-"],
+        ["A: edit success", "0.50", "0.50"],
+        ["B: edit success", "1.00", "-"],
+        ["A: target token accuracy", "0.75", "0.75"],
+        ["B: target token accuracy", "-", "-"],
+        ["A: locality perplexity, before -> after", "57 -> 2.7e+06", "57 -> 2.7e+06"],
+        ["B: locality token accuracy, before -> after", "0.900 -> 0.850", "-"],
+    ]
