@@ -8,7 +8,8 @@
 
 As in the original code, one ``data.n_edits`` sets both the training and the validation batches, so an editor
 trained here with ``--train K`` is trained (and its best checkpoint chosen) at K edits per batch, with one locality
-example per batch (``batch_size=K+1``). ``--editor NAME=ARCHIVE`` adds an editor trained elsewhere. Every cell is
+example per batch (``batch_size=K+1``). ``--editor NAME=ARCHIVE`` adds an editor trained elsewhere, of any learned
+kind (MEND, MALMEN, RLEdit, ...: read from the archive). Every cell is
 ``python -m run ... eval_only=True archive=<editor> data.n_edits=<N>`` with ``ceil(--cases / N)`` batches of N edits,
 so each cell scores at least ``--cases`` held-out edits. Runs that finished with the same settings are reused; an
 interrupted table continues where it stopped (``--force`` reruns everything).
@@ -27,6 +28,7 @@ import os
 import time
 
 from benchmarks.compare_editors import run_once
+from checkpoints import checkpoint_path, read_checkpoint
 
 # The paper's Table 5: MEND's edit success with N zsRE edits in one update (BART-base), as printed.
 PAPER_TABLE5 = {1: 0.98, 5: 0.97, 25: 0.89, 75: 0.78, 125: 0.67}
@@ -38,9 +40,9 @@ def editor_name(k: int) -> str:
     return "MEND" if k == 1 else f"MEND-{k}"
 
 
-def base_overrides(args) -> list:
+def base_overrides(args, alg: str = "mend") -> list:
     return [
-        "+alg=mend",
+        f"+alg={alg}",
         f"+experiment={args.experiment}",
         f"+model={args.model}",
         f"seed={args.seed}",
@@ -67,11 +69,16 @@ def cell_batches(n: int, cases: int) -> int:
     return max(1, math.ceil(cases / n))
 
 
-def evaluate_cell(name: str, archive: str, n: int, args) -> dict:
-    """One cell: the editor at ``archive`` with n edits in one update; the results of its results.json."""
+def archive_alg(archive: str) -> str:
+    """The editor (``alg``) a trained run directory or checkpoint was trained as, from its metadata."""
+    return read_checkpoint(checkpoint_path(archive), key="--editor")["meta"]["alg"]
+
+
+def evaluate_cell(name: str, archive: str, n: int, args, alg: str = "mend") -> dict:
+    """One cell: the ``alg`` editor at ``archive`` with n edits in one update; the results of its results.json."""
     run_dir = os.path.abspath(os.path.join(args.out, "eval", f"{safe(name)}_x{n}"))
     overrides = [
-        *base_overrides(args),
+        *base_overrides(args, alg),
         "eval_only=True",
         f"archive={os.path.abspath(archive)}",
         *edits_overrides(n),
@@ -169,10 +176,12 @@ def main(argv=None) -> None:
         parser.error("nothing to evaluate: give --train K[,K...] and/or --editor NAME=ARCHIVE")
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    editors = {editor_name(k): train_editor(k, args) for k in args.train}
-    editors.update(dict(args.editor))
+    trained = {editor_name(k): train_editor(k, args) for k in args.train}
+    editors = {**trained, **dict(args.editor)}
+    algs = {name: "mend" if name in trained else archive_alg(archive) for name, archive in editors.items()}
     cells = {
-        name: {n: evaluate_cell(name, archive, n, args) for n in args.eval_edits} for name, archive in editors.items()
+        name: {n: evaluate_cell(name, archive, n, args, algs[name]) for n in args.eval_edits}
+        for name, archive in editors.items()
     }
     text = write(table_rows(cells, args.eval_edits), args.eval_edits, args.out, args.cases)
     print(text)

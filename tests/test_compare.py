@@ -227,6 +227,8 @@ def test_multi_edit_table_trains_at_k_edits_and_scores_every_cell_with_n_edits_i
     assert rows[4][0] == "MEND-2: locality perplexity, before -> after" and rows[4][2] == f"{pre:.3g} -> {post:.3g}"
     assert len(rows) == 5 and (out / "multi_edit.md").read_text().count("\n") == 6
 
+    assert multi_edit_table.archive_alg(str(out / "train_n2")) == "mend"  # read from the checkpoint's metadata
+
     # a second call reuses every finished run; bad arguments are refused by name
     capsys.readouterr()
     multi_edit_table.main(args)
@@ -259,3 +261,26 @@ def test_multi_edit_rows_show_the_perplexity_where_logged_else_the_token_accurac
         ["A: locality perplexity, before -> after", "57 -> 2.7e+06", "57 -> 2.7e+06"],
         ["B: locality token accuracy, before -> after", "0.900 -> 0.850", "-"],
     ]
+
+
+def test_an_editor_given_by_archive_is_evaluated_as_the_editor_it_was_trained_as(tmp_path, monkeypatch):
+    calls = []
+
+    def run_once(name, run_dir, overrides, *rest):
+        calls.append((name, overrides))
+        return {"results": {"edit/acc_val": 1.0}}
+
+    monkeypatch.setattr(multi_edit_table, "run_once", run_once)
+    monkeypatch.setattr(multi_edit_table, "archive_alg", lambda archive: {"a": "malmen", "b": "rledit"}[archive[-1]])
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    out = tmp_path / "out"
+    multi_edit_table.main(
+        [f"--editor=A={tmp_path / 'a'}", f"--editor=B={tmp_path / 'b'}", "--eval-edits=1,2", f"--out={out}"]
+    )
+    assert [(name, o[0]) for name, o in calls] == [
+        ("A x1", "+alg=malmen"),
+        ("A x2", "+alg=malmen"),
+        ("B x1", "+alg=rledit"),
+        ("B x2", "+alg=rledit"),
+    ]
+    assert f"archive={tmp_path / 'b'}" in calls[-1][1] and "data.n_edits=2" in calls[-1][1]
