@@ -15,7 +15,8 @@ so each cell scores at least ``--cases`` held-out edits. Runs that finished with
 interrupted table continues where it stopped (``--force`` reruns everything).
 
 Written to ``--out``: ``multi_edit.md`` and ``multi_edit.csv`` (per editor: edit success, the target's token
-accuracy, and the locality example's perplexity before and after the update, or its token accuracy where the task
+accuracy, the KL of the locality example's predictions from the unedited model's (the training's locality loss),
+and the locality example's perplexity before and after the update, or its token accuracy where the task
 logs no perplexity), beside the paper's Table 5 (zsRE, BART-base). Arguments after ``--`` go to every run.
 """
 
@@ -102,20 +103,22 @@ def locality_keys(results: dict) -> tuple:
 
 
 def table_rows(cells: dict, evals) -> list:
-    """Rows of the table: ``cells`` is editor -> n -> results; three rows per editor."""
+    """Rows of the table: ``cells`` is editor -> n -> results; four rows per editor."""
     rows = [["MEND, zsRE / BART-base (the paper's Table 5): edit success", *(_num(PAPER_TABLE5.get(n)) for n in evals)]]
     for name, by_n in cells.items():
         rows.append([f"{name}: edit success", *(_num(by_n[n].get("edit/acc_val")) for n in evals)])
     for name, by_n in cells.items():
         rows.append([f"{name}: target token accuracy", *(_num(by_n[n].get("edit/acc_tok_val")) for n in evals)])
     for name, by_n in cells.items():
+        rows.append([f"{name}: locality KL", *(_num(by_n[n].get("loss/loc_val"), "{:.3f}") for n in evals)])
+    for name, by_n in cells.items():
         label, pre, post, fmt = locality_keys(next(iter(by_n.values())))
         rows.append([f"{name}: {label}", *(_change(by_n[n].get(pre), by_n[n].get(post), fmt) for n in evals)])
     return rows
 
 
-def _num(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+def _num(value, fmt: str = "{:.2f}") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
 
 
 def _change(pre, post, fmt: str) -> str:

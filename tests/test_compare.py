@@ -223,9 +223,10 @@ def test_multi_edit_table_trains_at_k_edits_and_scores_every_cell_with_n_edits_i
         f"{one['edit/acc_tok_val']:.2f}",
         f"{three['edit/acc_tok_val']:.2f}",
     ]
+    assert rows[4] == ["MEND-2: locality KL", f"{one['loss/loc_val']:.3f}", f"{three['loss/loc_val']:.3f}"]
     pre, post = three["perplexity/pre_val"], three["perplexity/post_val"]
-    assert rows[4][0] == "MEND-2: locality perplexity, before -> after" and rows[4][2] == f"{pre:.3g} -> {post:.3g}"
-    assert len(rows) == 5 and (out / "multi_edit.md").read_text().count("\n") == 6
+    assert rows[5][0] == "MEND-2: locality perplexity, before -> after" and rows[5][2] == f"{pre:.3g} -> {post:.3g}"
+    assert len(rows) == 6 and (out / "multi_edit.md").read_text().count("\n") == 7
 
     assert multi_edit_table.archive_alg(str(out / "train_n2")) == "mend"  # read from the checkpoint's metadata
 
@@ -250,6 +251,7 @@ def cell_of(out, name: str) -> dict:
 
 def test_multi_edit_rows_show_the_perplexity_where_logged_else_the_token_accuracy():
     gen = {"edit/acc_val": 0.5, "edit/acc_tok_val": 0.75, "perplexity/pre_val": 57.0, "perplexity/post_val": 2.7e6}
+    gen["loss/loc_val"] = 0.125
     fc = {"edit/acc_val": 1.0, "acc_tok/pre_val": 0.9, "acc_tok/post_val": 0.85}
     rows = multi_edit_table.table_rows({"A": {1: gen, 7: gen}, "B": {1: fc, 7: {}}}, [1, 7])
     assert rows == [
@@ -258,6 +260,8 @@ def test_multi_edit_rows_show_the_perplexity_where_logged_else_the_token_accurac
         ["B: edit success", "1.00", "-"],
         ["A: target token accuracy", "0.75", "0.75"],
         ["B: target token accuracy", "-", "-"],
+        ["A: locality KL", "0.125", "0.125"],
+        ["B: locality KL", "-", "-"],
         ["A: locality perplexity, before -> after", "57 -> 2.7e+06", "57 -> 2.7e+06"],
         ["B: locality token accuracy, before -> after", "0.900 -> 0.850", "-"],
     ]
