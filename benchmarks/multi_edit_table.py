@@ -28,12 +28,18 @@ import math
 import os
 import time
 
-from benchmarks.compare_editors import run_once
+from benchmarks.compare_editors import run_dir_name, run_once
 from checkpoints import checkpoint_path, read_checkpoint
 
 # The paper's Table 5: MEND's edit success with N zsRE edits in one update (BART-base), as printed.
 PAPER_TABLE5 = {1: 0.98, 5: 0.97, 25: 0.89, 75: 0.78, 125: 0.67}
 EVAL_EDITS = (1, 5, 25, 75, 125)
+# (label, results key, format) of the rows every editor gets, before its locality score
+METRIC_ROWS = (
+    ("edit success", "edit/acc_val", "{:.2f}"),
+    ("target token accuracy", "edit/acc_tok_val", "{:.2f}"),
+    ("locality KL", "loss/loc_val", "{:.3f}"),
+)
 
 
 def editor_name(k: int) -> str:
@@ -77,7 +83,7 @@ def archive_alg(archive: str) -> str:
 
 def evaluate_cell(name: str, archive: str, n: int, args, alg: str = "mend") -> dict:
     """One cell: the ``alg`` editor at ``archive`` with n edits in one update; the results of its results.json."""
-    run_dir = os.path.abspath(os.path.join(args.out, "eval", f"{safe(name)}_x{n}"))
+    run_dir = os.path.abspath(os.path.join(args.out, "eval", f"{run_dir_name(name)}_x{n}"))
     overrides = [
         *base_overrides(args, alg),
         "eval_only=True",
@@ -87,10 +93,6 @@ def evaluate_cell(name: str, archive: str, n: int, args, alg: str = "mend") -> d
         *args.overrides,
     ]
     return run_once(f"{name} x{n}", run_dir, overrides, args.threads, args.force)["results"]
-
-
-def safe(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower())
 
 
 def locality_keys(results: dict) -> tuple:
@@ -105,12 +107,9 @@ def locality_keys(results: dict) -> tuple:
 def table_rows(cells: dict, evals) -> list:
     """Rows of the table: ``cells`` is editor -> n -> results; four rows per editor."""
     rows = [["MEND, zsRE / BART-base (the paper's Table 5): edit success", *(_num(PAPER_TABLE5.get(n)) for n in evals)]]
-    for name, by_n in cells.items():
-        rows.append([f"{name}: edit success", *(_num(by_n[n].get("edit/acc_val")) for n in evals)])
-    for name, by_n in cells.items():
-        rows.append([f"{name}: target token accuracy", *(_num(by_n[n].get("edit/acc_tok_val")) for n in evals)])
-    for name, by_n in cells.items():
-        rows.append([f"{name}: locality KL", *(_num(by_n[n].get("loss/loc_val"), "{:.3f}") for n in evals)])
+    for label, key, fmt in METRIC_ROWS:
+        for name, by_n in cells.items():
+            rows.append([f"{name}: {label}", *(_num(by_n[n].get(key), fmt) for n in evals)])
     for name, by_n in cells.items():
         label, pre, post, fmt = locality_keys(next(iter(by_n.values())))
         rows.append([f"{name}: {label}", *(_change(by_n[n].get(pre), by_n[n].get(post), fmt) for n in evals)])
