@@ -53,6 +53,7 @@ output that exists or has no directory, device not on this machine), printed as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -62,12 +63,14 @@ from typing import List, Optional
 from data_classes.requests import EditRequest, load_requests
 from editing import Editor, EditResult, format_table
 from editor_io import push
-from errors import EditRequestError, PatchError, UserError
-from fact_eval import MODES, evaluate_dataset, output_files
+from errors import EditRequestError, OutputExistsError, PatchError, UserError
+from eval_progress import SAVE_SECONDS, EvaluationStopped
+from fact_eval import MODES, evaluate_dataset, output_files, progress_files
 from fact_report import LAYOUTS, run_name
 from patches import EditedModel, Patch, load_patches
 from preflight import MAX_PROMPT_TOKENS, check_device, check_output_dir, check_output_file
 from progress import ProgressBars
+from signals import graceful_stop
 from utils import atomic_write_text
 
 # The Python API (names defined in the modules above are re-exported here, where users import them from).
@@ -170,6 +173,18 @@ def _parser() -> argparse.ArgumentParser:
         "which ROME's experiments/summarize.py reads)",
     )
     e.add_argument("--plot", help="PNG of the scores against the group size")
+    e.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the runs an interrupted command left in --out (from their progress files) and keep the "
+        "finished ones",
+    )
+    e.add_argument(
+        "--save-minutes",
+        type=float,
+        default=SAVE_SECONDS / 60,
+        help=f"with --out: write a run's progress there this often, for --resume (default {SAVE_SECONDS / 60:g})",
+    )
     e.add_argument(
         "--max-prompt-tokens",
         type=int,
@@ -318,32 +333,62 @@ def _cmd_eval(args, say) -> int:
         raise EditRequestError(f"--n-edits {max(sizes)} needs at least as many cases: give --n {max(sizes)} or more.")
     if args.max_prompt_tokens < 1:
         raise EditRequestError("--max-prompt-tokens must be positive.")
-    check_output_dir(args.out, "--out", args.overwrite, writes=output_files(plan, args.edits_per_step, args.layout))
-    check_output_file(args.plot, "--plot", args.overwrite)
+    if args.save_minutes <= 0:
+        raise EditRequestError("--save-minutes must be positive.")
+    if args.resume and not args.out:
+        raise EditRequestError("--resume continues the runs saved in --out: give --out DIR too.")
+    if args.resume and args.layout != "run":
+        raise EditRequestError("--resume reads the finished runs' JSON files: it needs --layout run.")
+    if args.resume and args.overwrite:
+        raise EditRequestError("--resume keeps what --out holds and --overwrite replaces it: give one of them.")
+    if args.out and not args.resume:
+        unfinished = [f for f in progress_files(plan, args.edits_per_step) if os.path.exists(os.path.join(args.out, f))]
+        if unfinished and not args.overwrite:
+            raise OutputExistsError(
+                f"--out {args.out}: holds the progress of an interrupted run ({unfinished[0]}); pass --resume to "
+                "continue it, or --overwrite to start again."
+            )
+    if not args.resume:
+        check_output_dir(args.out, "--out", args.overwrite, writes=output_files(plan, args.edits_per_step, args.layout))
+    check_output_file(args.plot, "--plot", args.overwrite or args.resume)
     say(f"loading the editor {args.archive} and its base model")
     editor = Editor.from_archive(args.archive, args.device, args.cache_dir, args.model_name)
     bars = ProgressBars(disable=True if args.quiet else None)
+    asked = []
+
+    def ask_to_stop(signum):
+        asked.append(signum)
+        say("eval: stopping after the current update, its progress saved for --resume (again: stop at once)")
+
+    stop = graceful_stop(ask_to_stop, lambda: bool(asked)) if args.out else contextlib.nullcontext()
     try:
-        result = evaluate_dataset(
-            editor,
-            plan,
-            path=args.path,
-            split=args.split,
-            n=args.n,
-            generation=args.generation,
-            gen_tokens=args.gen_tokens,
-            out_dir=args.out,
-            plot=args.plot,
-            cache_dir=args.cache_dir,
-            edits_per_step=args.edits_per_step,
-            cases_per_size=args.cases_per_size,
-            progress=bars,
-            paraphrases=args.paraphrases,
-            neighbors=args.neighbors,
-            layout=args.layout,
-            say=say,
-            max_prompt_tokens=args.max_prompt_tokens,
-        )
+        with stop:
+            result = evaluate_dataset(
+                editor,
+                plan,
+                path=args.path,
+                split=args.split,
+                n=args.n,
+                generation=args.generation,
+                gen_tokens=args.gen_tokens,
+                out_dir=args.out,
+                plot=args.plot,
+                cache_dir=args.cache_dir,
+                edits_per_step=args.edits_per_step,
+                cases_per_size=args.cases_per_size,
+                progress=bars,
+                paraphrases=args.paraphrases,
+                neighbors=args.neighbors,
+                layout=args.layout,
+                say=say,
+                max_prompt_tokens=args.max_prompt_tokens,
+                resume=args.resume,
+                save_seconds=args.save_minutes * 60,
+                should_stop=lambda: bool(asked),
+            )
+    except EvaluationStopped as stopped:
+        print(f"{stopped}; run the same command with --resume to continue.", file=sys.stderr)
+        return 130
     finally:
         bars.close()
     print(f"{result['n_cases']} cases ({args.data}, {args.path or 'embedded'}, {args.split}); scores in percent")

@@ -53,6 +53,7 @@ from data_classes.counterfact import load_split
 from data_classes.gen import context_length
 from data_classes.requests import EditRequest
 from errors import EditRequestError
+from eval_progress import SAVE_SECONDS, EvaluationStopped, RunProgress, progress_path, read_progress_meta, run_identity
 from fact_metrics import TfIdf, case_record, case_rows, case_summary, generation_metrics, summarize
 from fact_report import LAYOUTS, plot_fact_curve, run_name, summary_table, warning_lines, write_rome_cases
 from preflight import MAX_PROMPT_TOKENS, check_prompt_lengths
@@ -176,6 +177,8 @@ def evaluate(
     reference_corpus: Optional[Sequence[str]] = None,
     edits_per_step: int = 1,
     retention: int = 100,
+    saved: Optional[Callable[[str, int, int, int], RunProgress]] = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> dict:
     """Edit with ``editor`` (an :class:`editing.Editor`) and measure every case before and after; see the module
     docstring for the modes and figures. Returns ``{"mode", "n_edits", "edits_per_step", "summary", "cases"}``; the
@@ -183,7 +186,10 @@ def evaluate(
     same cases and arguments), shared by several runs; built here when not given. ``reference_corpus``: the texts
     consistency's inverse document frequencies are fitted on (default: the reference texts of ``cases``); pass the
     whole data set's so that the figure does not depend on how many cases are evaluated. ``progress(stage, done,
-    total)`` is told of the edits applied."""
+    total)`` is told of the edits applied. ``saved(mode, n_edits, edits_per_step, retention)``: the run's
+    :class:`eval_progress.RunProgress`; the run continues from what it holds and writes its progress there after an
+    update when it is due, or when ``should_stop()`` turns true (then :class:`eval_progress.EvaluationStopped` is
+    raised); the caller discards it once the run's results are written."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {', '.join(MODES)}.")
     size = 1 if mode == "single" else int(n_edits)
@@ -195,16 +201,36 @@ def evaluate(
     elif len(prepared.cases) != len(cases):
         raise ValueError(f"prepared: {len(prepared.cases)} cases for {len(cases)} cases.")
     base = editor.base()
-    results: List[dict] = []
-    edit_seconds = eval_seconds = 0.0
-    when_applied: List[bool] = []
-    at_end: List[bool] = []
-    for start in range(0, len(cases), size):
+    state = {"start": 0, "offset": 0, "seconds": 0.0, "edit_seconds": 0.0, "eval_seconds": 0.0}
+    state.update(results=[], when_applied=[], at_end=[])
+    store = saved(mode, size, step, retention) if saved is not None else None
+    restored = store.load(base.base_identity) if store is not None else None
+    if restored is not None:
+        state.update(restored["state"])
+    results, when_applied, at_end = state["results"], state["when_applied"], state["at_end"]
+
+    def keep(start: int, offset: int, seconds: float, current) -> None:
+        """Write the run's progress when it is due or a stop is asked for; stop then."""
+        stopping = should_stop()
+        if store is None or not (stopping or store.due()):
+            return
+        state.update(start=start, offset=offset, seconds=seconds)
+        weights = current.weights if offset else {}
+        store.save(state, weights, editor.alg.lifelong_state() if offset else {}, base.base_identity)
+        if stopping:
+            raise EvaluationStopped(store.path, start + offset, len(cases))
+
+    for start in range(state["start"], len(cases), size):
         group = list(range(start, min(start + size, len(cases))))
         editor.start_sequence()
         current = base.copy()
-        seconds = 0.0
-        for s in range(0, len(group), step):
+        seconds, offset = 0.0, 0
+        if restored is not None and start == state["start"] and state["offset"]:
+            current.restore_weights(restored["weights"], {"resumed_after": state["offset"]})
+            if restored["editor"]:
+                editor.alg.load_lifelong_state(restored["editor"])
+            seconds, offset = state["seconds"], state["offset"]
+        for s in range(offset, len(group), step):
             part = group[s : s + step]
             requests = [_request(cases[i]) for i in part]
             t0 = time.perf_counter()
@@ -214,17 +240,22 @@ def evaluate(
             if mode == "sequential" and len(group) > step and watched:
                 t0 = time.perf_counter()
                 when_applied += prepared.rewrite_holds(current, watched)
-                eval_seconds += time.perf_counter() - t0
+                state["eval_seconds"] += time.perf_counter() - t0
             if progress is not None:
                 progress("edits", start + s + len(part), len(cases))
-        edit_seconds += seconds
+            if s + len(part) < len(group):
+                keep(start, s + len(part), seconds, current)
+        state["edit_seconds"] += seconds
         t0 = time.perf_counter()
         posts = prepared.records(current, group)
-        eval_seconds += time.perf_counter() - t0
+        state["eval_seconds"] += time.perf_counter() - t0
         for i, post in zip(group, posts):
             results.append(_case_result(cases[i], seconds / len(group), prepared.pre[i], post))
             if mode == "sequential" and len(group) > step and i - start < retention:
                 at_end.append(results[-1]["summary"]["post_efficacy_score"] == 1.0)
+        if group[-1] + 1 < len(cases):
+            keep(group[-1] + 1, 0, 0.0, current)
+    edit_seconds, eval_seconds = state["edit_seconds"], state["eval_seconds"]
     summary = summarize(results)
     summary.update(
         target_less_likely=sum(bool(r["warnings"]) for r in results),
@@ -281,6 +312,9 @@ def evaluate_dataset(
     layout: str = "run",
     say: Callable[[str], None] = lambda line: None,
     max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+    resume: bool = False,
+    save_seconds: float = SAVE_SECONDS,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> dict:
     """``python -m edit eval``: the first ``n`` cases of ``split`` (``train``, ``validation`` or ``all``) of the
     CounterFact-format set at ``path`` (a file or ``hf:<dataset id>``; default: the embedded set of the editor's
@@ -296,8 +330,12 @@ def evaluate_dataset(
     ``summary.md``; ``plot``: a PNG
     of :func:`fact_report.plot_fact_curve` (with more than one run). ``say(line)`` is told what is about to be
     read and scored; prompts longer than the model's context are refused before any scoring, and ``warnings`` lists
-    cases with prompts above ``max_prompt_tokens`` and edits that made their own target less likely. Returns
-    ``{"n_cases", "runs", "table", "warnings", "plot", "prepare_seconds"}``, ``plot`` the file written or None."""
+    cases with prompts above ``max_prompt_tokens`` and edits that made their own target less likely. With
+    ``out_dir``, each run writes its progress to ``<run name>.progress.safetensors`` there every ``save_seconds`` and
+    when ``should_stop()`` turns true (:mod:`eval_progress`); ``resume``: continue a run from that file, and take the
+    runs whose JSON is already there (``layout="run"``) as they are, instead of starting over. Returns
+    ``{"n_cases", "runs", "table", "warnings", "plot", "prepare_seconds", "resumed"}``, ``plot`` the file written or
+    None, ``resumed`` the names of the runs continued or taken from ``out_dir``."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: choose one of {', '.join(LAYOUTS)}.")
     data_cfg = editor.config.data.copy()
@@ -332,19 +370,42 @@ def evaluate_dataset(
         editor, cases, generation, gen_tokens, corpus, progress, paraphrases, neighbors, max_prompt_tokens
     )
     prepare_seconds = time.perf_counter() - t0
-    runs = []
+    runs, resumed = [], []
     for mode, size in plan:
         k = used(mode, size)
+        name = run_name(_run_key(mode, size, edits_per_step))
+        if resume and out_dir and layout == "run" and os.path.exists(os.path.join(out_dir, f"{name}.json")):
+            runs.append(_finished_run(os.path.join(out_dir, f"{name}.json"), cases[:k]))
+            resumed.append(name)
+            say(f"eval: {name} is finished in {out_dir}; its results are read, not recomputed")
+            continue
+        saved = None
+        if out_dir:
+            path = progress_path(out_dir, name)
+            if not resume and os.path.exists(path):
+                os.remove(path)  # a run started afresh
+
+            def saved(m, n, st, r, path=path, k=k):
+                return RunProgress(path, run_identity(editor, m, n, st, r, cases[:k]), save_seconds)
+
+            if os.path.exists(path):
+                done = read_progress_meta(path)["state"]
+                say(f"eval: continuing {name} after {done['start'] + done['offset']} of {k} edits ({path})")
+                resumed.append(name)
         sub = prepared if k == len(cases) else _subset(prepared, k)
-        run = evaluate(editor, cases[:k], mode, size, generation, gen_tokens, progress, sub, corpus, edits_per_step)
+        run = evaluate(
+            editor, cases[:k], mode, size, generation, gen_tokens, progress, sub, corpus, edits_per_step,
+            saved=saved, should_stop=should_stop,
+        )  # fmt: skip
         runs.append(run)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
             if layout == "rome":
                 write_rome_cases(run, os.path.join(out_dir, run_name(run)))
-                continue
-            text = json.dumps(run, indent=1, ensure_ascii=False)  # written as each run ends, through a temporary file
-            atomic_write_text(text, os.path.join(out_dir, f"{run_name(run)}.json"))
+            else:
+                text = json.dumps(run, indent=1, ensure_ascii=False)  # written as each run ends, through a temp file
+                atomic_write_text(text, os.path.join(out_dir, f"{run_name(run)}.json"))
+            RunProgress(progress_path(out_dir, name), {}).discard()
     table = summary_table(runs)
     warnings = prepared.warnings + warning_lines(runs)
     if out_dir:
@@ -363,19 +424,45 @@ def evaluate_dataset(
         "warnings": warnings,
         "plot": drawn,
         "prepare_seconds": prepare_seconds,
+        "resumed": resumed,
     }
+
+
+def _run_key(mode: str, size: int, edits_per_step: int) -> dict:
+    """The mode, group size and edits per update a run of :func:`evaluate` records (what names its files)."""
+    size = 1 if mode == "single" else int(size)
+    step = size if mode == "batched" else min(int(edits_per_step), size) if mode == "sequential" else 1
+    return {"mode": mode, "n_edits": size, "edits_per_step": step}
 
 
 def output_files(plan: Sequence[Tuple[str, int]], edits_per_step: int = 1, layout: str = "run") -> List[str]:
     """What :func:`evaluate_dataset` writes into its ``out_dir`` for ``plan``: a JSON file a run (``layout="rome"``:
     a directory of case files) and summary.md."""
-    names = []
-    for mode, size in plan:
-        size = 1 if mode == "single" else int(size)
-        step = size if mode == "batched" else min(int(edits_per_step), size) if mode == "sequential" else 1
-        name = run_name({"mode": mode, "n_edits": size, "edits_per_step": step})
-        names.append(f"{name}.json" if layout == "run" else name)
-    return names + ["summary.md"]
+    names = [run_name(_run_key(mode, size, edits_per_step)) for mode, size in plan]
+    return [f"{n}.json" if layout == "run" else n for n in names] + ["summary.md"]
+
+
+def progress_files(plan: Sequence[Tuple[str, int]], edits_per_step: int = 1) -> List[str]:
+    """The progress files :func:`evaluate_dataset` may leave in its ``out_dir`` for ``plan`` (an unfinished run's)."""
+    return [os.path.basename(progress_path("", run_name(_run_key(m, s, edits_per_step)))) for m, s in plan]
+
+
+def _finished_run(path: str, cases: Sequence[dict]) -> dict:
+    """A run's results read back from its JSON (a resumed plan), checked to be of the same cases."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+        ids = [str(c["case_id"]) for c in run["cases"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EditRequestError(
+            f"{path}: not a readable run ({type(e).__name__}: {e}); delete it to run it again."
+        ) from None
+    if ids != [str(c["case_id"]) for c in cases]:
+        raise EditRequestError(
+            f"{path} holds a run of other cases ({len(ids)}) than these ({len(cases)}: --n, --split, --path, "
+            "--cases-per-size); delete it to run it again, or choose another --out."
+        )
+    return run
 
 
 def _subset(prepared: PreparedCases, k: int) -> PreparedCases:

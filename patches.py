@@ -248,6 +248,24 @@ class EditedModel:
         self.weights = weights
         return removed
 
+    def restore_weights(self, weights: Dict[str, torch.Tensor], meta: Optional[dict] = None) -> None:
+        """Continue from edited weights saved earlier (a resumed evaluation, ``eval_progress.py``): they become the
+        current weights as they are, bit for bit, recorded as one dense patch (their difference from the base
+        weights) on an unedited model."""
+        if self.patches:
+            raise PatchError("restore_weights: the model already holds patches; restore onto the unedited model.")
+        dense, restored = {}, {}
+        for name, w in weights.items():
+            base = self.base.get_parameter(name).detach()
+            if tuple(w.shape) != tuple(base.shape):
+                raise PatchError(
+                    f"restore_weights: {name} has shape {tuple(w.shape)}; the model's is {tuple(base.shape)}."
+                )
+            restored[name] = w.to(device=base.device, dtype=base.dtype)
+            dense[name] = base.float() - restored[name].float()
+        self.patches.append(Patch({}, {}, {}, dict(meta or {}, restored=True), dense))
+        self.weights = restored
+
     # -- running it ---------------------------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **extra) -> torch.Tensor:
         """The logits of the edited model; ``extra`` forward arguments (``position_ids``, ``logits_to_keep``) are
