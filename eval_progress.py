@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from errors import UserError
+from utils import publish_temp_file
 
 FORMAT = "mend-eval-progress/1"
 SUFFIX = ".progress.safetensors"
@@ -135,6 +136,7 @@ class RunProgress:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={"progress": json.dumps(meta)})
+            publish_temp_file(tmp)
             os.replace(tmp, self.path)
         except BaseException:
             if os.path.exists(tmp):

@@ -170,6 +170,14 @@ class EarlyStopper:
         self.current_step = state["current_step"]
 
 
+def publish_temp_file(tmp: str) -> None:
+    """Give a temporary file from ``tempfile.mkstemp`` (private: 0600) the mode an ordinary new file gets (0666 less
+    the umask), before it is renamed into place, so that results and checkpoints are readable as any output is."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+
+
 def atomic_torch_save(obj, path: str) -> None:
     """Write ``obj`` to ``path`` via a temporary file in the same directory and a rename.
 
@@ -183,6 +191,7 @@ def atomic_torch_save(obj, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        publish_temp_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -197,6 +206,7 @@ def atomic_write_text(text: str, path: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        publish_temp_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -77,6 +77,7 @@ def test_a_run_stopped_and_continued_gives_the_figures_of_one_never_stopped(toke
     with pytest.raises(EvaluationStopped) as stopped:
         fact_eval.evaluate(editor, cases, mode, size, prepared=prepared, saved=saved, should_stop=_stop_after(1))
     assert os.path.exists(path) and stopped.value.done == (2 if mode == "sequential" else 4)
+    assert os.stat(path).st_mode & 0o044  # readable beyond its owner, as any output
     meta = json.loads(__import__("safetensors").safe_open(path, "pt").metadata()["progress"])
     assert meta["state"]["start"] + meta["state"]["offset"] == stopped.value.done
     resumed = fact_eval.evaluate(editor, cases, mode, size, prepared=prepared, saved=saved)

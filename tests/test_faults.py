@@ -178,6 +178,18 @@ def test_no_room_for_a_checkpoint_stops_with_a_clear_message_and_keeps_the_previ
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]  # the partial file was removed
 
 
+def test_atomic_writes_leave_files_as_readable_as_any_new_file(tmp_path):
+    """The temporary files they rename into place are private (mkstemp's 0600); the outputs must not be."""
+    mask = os.umask(0o027)
+    try:
+        utils.atomic_write_text("{}", str(tmp_path / "results.json"))
+        utils.atomic_torch_save({"step": 1}, str(tmp_path / "last.pt"))
+    finally:
+        os.umask(mask)
+    for name in ("results.json", "last.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name  # 0666 less the umask
+
+
 def _interrupt_at(trainer, step, signum=signal.SIGTERM):
     """Deliver a stop signal while the trainer runs step ``step`` (through its real handler)."""
     edit_step = trainer.edit_step
