@@ -57,6 +57,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -388,7 +389,7 @@ def _cmd_eval(args, say) -> int:
             )
     except EvaluationStopped as stopped:
         print(f"{stopped}; run the same command with --resume to continue.", file=sys.stderr)
-        return 130
+        return 128 + int(asked[0] if asked else signal.SIGINT)  # as a stopped training run exits
     finally:
         bars.close()
     print(f"{result['n_cases']} cases ({args.data}, {args.path or 'embedded'}, {args.split}); scores in percent")
