@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 
 import pytest
 import test_edit
@@ -146,3 +147,27 @@ def test_the_eval_command_continues_an_interrupted_run_with_resume(trained_run, 
     assert "| after, batched x1 |" in table and "| after, sequential x3 |" in table, table
     other = edit_cli("eval", *args, "--n", 2, "--mode", "batched", "--out", out, "--resume")
     assert other.returncode == 2 and "other cases" in other.stderr
+
+
+def test_sigterm_lets_the_update_finish_saves_and_exits_143(trained_run, tmp_path, monkeypatch, capsys):
+    import edit
+
+    real, updates = Editor.edit_patch, []
+
+    def edit_patch(self, *args, **kwargs):
+        updates.append(1)
+        if len(updates) == 2:  # a stop asked for during the second update
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Editor, "edit_patch", edit_patch)
+    out = tmp_path / "out"
+    args = ["eval", "--archive", str(trained_run), "--path", str(FIXTURE), "--split", "all", "--n", "3"]
+    args += ["--mode", "sequential", "--n-edits", "3", "--out", str(out), "-q"]
+    assert edit.main(args) == 128 + signal.SIGTERM
+    assert len(updates) == 2  # the update in flight finished; no other began
+    assert "stopped after 2 of 3 edits" in capsys.readouterr().err
+    assert os.path.exists(progress_path(str(out), "sequential-3"))
+    assert edit.main(args + ["--resume"]) == 0
+    assert len(updates) == 3 and not os.path.exists(progress_path(str(out), "sequential-3"))
+    assert len(json.loads((out / "sequential-3.json").read_text())["cases"]) == 3
