@@ -48,7 +48,18 @@ ALLOWED = {
     "sequential": {"data_classes", "errors"},
     "scoring": {"editable_model", "losses", "models", "utils"},
     "fact_metrics": {"data_classes", "losses"},
-    "fact_eval": {"data_classes", "errors", "fact_metrics", "fact_report", "preflight", "progress", "scoring", "utils"},
+    "eval_progress": {"errors", "utils"},
+    "fact_eval": {
+        "data_classes",
+        "errors",
+        "eval_progress",
+        "fact_metrics",
+        "fact_report",
+        "preflight",
+        "progress",
+        "scoring",
+        "utils",
+    },  # fmt: skip
     "easyedit_api": {"data_classes", "fact_metrics"},
     "train_state": {"checkpoints", "distributed", "errors", "utils"},
     "trainer": {
@@ -101,11 +112,13 @@ ALLOWED = {
         "editing",
         "editor_io",
         "errors",
+        "eval_progress",
         "fact_eval",
         "fact_report",
         "patches",
         "preflight",
         "progress",
+        "signals",
         "utils",
     },  # fmt: skip
 }
@@ -115,7 +128,7 @@ TOOLS = {"scripts", "benchmarks"}
 GENERIC = {"blocks", "trainer", "checkpoints", "patches", "memory", "distributed", "run", "edit", "reporting", "ranges",
            "config_schema", "sequential", "signals", "utils", "losses", "editable_model", "fact_eval",
            "editing", "scoring", "fact_metrics", "fact_report", "easyedit_api", "progress",
-           "editor_io", "peft_export", "key_stats", "preflight"}  # fmt: skip
+           "editor_io", "peft_export", "key_stats", "preflight", "eval_progress"}  # fmt: skip
 # The registered editors (algs/<name>/), their classes and their settings classes, as the registry finds them.
 EDITOR_NAMES = tuple(EDITORS)
 EDITOR_CLASSES = tuple(m.EDITOR for m in EDITORS.values())
