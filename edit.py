@@ -349,8 +349,8 @@ def _cmd_eval(args, say) -> int:
                 f"--out {args.out}: holds the progress of an interrupted run ({unfinished[0]}); pass --resume to "
                 "continue it, or --overwrite to start again."
             )
-    if not args.resume:
-        check_output_dir(args.out, "--out", args.overwrite, writes=output_files(plan, args.edits_per_step, args.layout))
+    writes = output_files(plan, args.edits_per_step, args.layout)
+    check_output_dir(args.out, "--out", args.overwrite or args.resume, writes=writes)  # --resume keeps what is there
     check_output_file(args.plot, "--plot", args.overwrite or args.resume)
     say(f"loading the editor {args.archive} and its base model")
     editor = Editor.from_archive(args.archive, args.device, args.cache_dir, args.model_name)
