@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import Callable, Dict, Optional, Sequence
 
@@ -30,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from errors import UserError
-from utils import publish_temp_file
+from utils import atomic_write
 
 FORMAT = "mend-eval-progress/1"
 SUFFIX = ".progress.safetensors"
@@ -85,12 +84,11 @@ def read_progress_meta(path: str) -> dict:
 
 class RunProgress:
     """The progress file of one run: :meth:`load` what an earlier process saved, :meth:`save` every
-    ``save_seconds`` (:meth:`due`) or when stopping, :meth:`discard` once the run's results are written."""
+    ``save_seconds`` (:meth:`due`) or when stopping; :func:`remove_progress` once the run's results are written."""
 
     def __init__(self, path: str, identity: dict, save_seconds: float = SAVE_SECONDS, clock: Callable = time.monotonic):
         self.path, self.identity, self.save_seconds, self.clock = path, identity, float(save_seconds), clock
         self.last = clock()
-        self.saves = 0
 
     def due(self) -> bool:
         return self.clock() - self.last >= self.save_seconds
@@ -130,21 +128,11 @@ class RunProgress:
         tensors = {f"weight::{k}": v.detach().cpu().clone() for k, v in weights.items()}
         tensors.update({f"editor::{k}": v.detach().cpu().clone() for k, v in editor_state.items()})
         meta = {"identity": self.identity, "state": state, "base_weights": base_identity(sorted(weights))}
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"progress": json.dumps(meta)})
-            publish_temp_file(tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write(self.path, lambda tmp: save_file(tensors, tmp, metadata={"progress": json.dumps(meta)}), SUFFIX)
         self.last = self.clock()
-        self.saves += 1
 
-    def discard(self) -> None:
-        if os.path.exists(self.path):
-            os.remove(self.path)
+
+def remove_progress(path: str) -> None:
+    """Remove a run's progress file (its results written, or the run started afresh)."""
+    if os.path.exists(path):
+        os.remove(path)

@@ -53,7 +53,15 @@ from data_classes.counterfact import load_split
 from data_classes.gen import context_length
 from data_classes.requests import EditRequest
 from errors import EditRequestError
-from eval_progress import SAVE_SECONDS, EvaluationStopped, RunProgress, progress_path, read_progress_meta, run_identity
+from eval_progress import (
+    SAVE_SECONDS,
+    EvaluationStopped,
+    RunProgress,
+    progress_path,
+    read_progress_meta,
+    remove_progress,
+    run_identity,
+)
 from fact_metrics import TfIdf, case_record, case_rows, case_summary, generation_metrics, summarize
 from fact_report import LAYOUTS, plot_fact_curve, run_name, summary_table, warning_lines, write_rome_cases
 from preflight import MAX_PROMPT_TOKENS, check_prompt_lengths
@@ -382,8 +390,8 @@ def evaluate_dataset(
         saved = None
         if out_dir:
             path = progress_path(out_dir, name)
-            if not resume and os.path.exists(path):
-                os.remove(path)  # a run started afresh
+            if not resume:
+                remove_progress(path)  # a run started afresh
 
             def saved(m, n, st, r, path=path, k=k):
                 return RunProgress(path, run_identity(editor, m, n, st, r, cases[:k]), save_seconds)
@@ -405,7 +413,7 @@ def evaluate_dataset(
             else:
                 text = json.dumps(run, indent=1, ensure_ascii=False)  # written as each run ends, through a temp file
                 atomic_write_text(text, os.path.join(out_dir, f"{run_name(run)}.json"))
-            RunProgress(progress_path(out_dir, name), {}).discard()
+            remove_progress(progress_path(out_dir, name))
     table = summary_table(runs)
     warnings = prepared.warnings + warning_lines(runs)
     if out_dir:

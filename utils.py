@@ -12,7 +12,7 @@ import statistics
 import sys
 import tempfile
 from collections import defaultdict
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -170,7 +170,7 @@ class EarlyStopper:
         self.current_step = state["current_step"]
 
 
-def publish_temp_file(tmp: str) -> None:
+def _publish_temp_file(tmp: str) -> None:
     """Give a temporary file from ``tempfile.mkstemp`` (private: 0600) the mode an ordinary new file gets (0666 less
     the umask), before it is renamed into place, so that results and checkpoints are readable as any output is."""
     mask = os.umask(0)
@@ -178,40 +178,44 @@ def publish_temp_file(tmp: str) -> None:
     os.chmod(tmp, 0o666 & ~mask)
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """Write ``obj`` to ``path`` via a temporary file in the same directory and a rename.
+def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
+    """Write ``path`` through ``write(tmp)``, which writes a temporary file in the same directory, then a rename.
 
-    A crash or a full disk during the write leaves the previous file at ``path`` intact.
+    A crash or a full disk during the write leaves the previous file at ``path`` intact (and no temporary file);
+    the file gets the mode of any new file.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
+        write(tmp)
+        _publish_temp_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """Write ``obj`` to ``path`` with :func:`atomic_write`, flushed to disk before the rename."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        publish_temp_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(path, write, suffix=".pt")
 
 
 def atomic_write_text(text: str, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        publish_temp_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def write_json(obj, path: str) -> None:
