@@ -20,6 +20,8 @@ from conftest import make_config
 from safetensors.torch import load_file
 
 from algs import editor_class, settings_checks
+from algs.locate import vectors
+from algs.locate.text import LocateRequest
 from data_classes.requests import EditRequest
 from errors import ConfigError, EditRequestError
 
@@ -134,6 +136,30 @@ def test_zero_kl_and_weight_decay_edit(alg, model, tokenizer):
     for name, w in turns[-1].items():
         assert torch.isfinite(w).all()
         assert not torch.equal(w, model.get_parameter(name))
+
+
+@pytest.mark.parametrize("alg", ["memit", "alphaedit"])
+def test_targets_optimised_together_equal_the_originals(alg, model, tokenizer):
+    """target_batch=2: the two requests of the first turn share every pass of their target vectors' optimisation,
+    and the update still matches the originals' (which optimise one request at a time)."""
+    editor = make_editor(alg, model, tokenizer, target_batch=2)
+    assert misses(alg, run_turns(editor, alg)) < 1e-4
+
+
+def test_each_target_optimised_together_stops_and_ends_as_alone(model, tokenizer, monkeypatch):
+    """Requests optimised in one batch: each stops at its own step (its rows then leave the batch) and ends at the
+    vector it reaches alone. The originals' stop (loss < 0.05) is out of the tiny model's reach, so the test moves
+    it to where its requests stop at different steps."""
+    monkeypatch.setattr(vectors, "STOP_LOSS", 11.5)
+    requests = [LocateRequest.of(r["prompt"].format(r["subject"]), r["subject"], r["target"]) for r in S.REQUESTS]
+    requests = [requests[0], requests[2], requests[1]]  # the one that goes on longest in the middle of the batch
+    settings = make_editor("memit", model, tokenizer).settings
+    contexts = [t for g in S.MEMIT_TEMPLATES for t in g]
+    block = "transformer.h.1"
+    alone = [vectors.optimise_targets(model, {}, tokenizer, [r], contexts, block, settings) for r in requests]
+    together, steps = vectors.optimise_targets(model, {}, tokenizer, requests, contexts, block, settings)
+    assert steps == [a[1][0] for a in alone] and len(set(steps)) > 1, steps
+    torch.testing.assert_close(together, torch.cat([a[0] for a in alone]), rtol=0, atol=1e-5)
 
 
 def test_rome_applies_a_batch_one_request_after_another(model, tokenizer):

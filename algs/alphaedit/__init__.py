@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from algs.locate import BATCHED_RANGES as LOCATE_RANGES
 from algs.locate import HELP as LOCATE_HELP
-from algs.locate import RANGES as LOCATE_RANGES
-from algs.locate import TargetSettings, check_inner_params, resolve_locate
+from algs.locate import BatchedTargetSettings, check_inner_params, resolve_locate
 from ranges import Range
 
 EDITOR = "AlphaEdit"  # the editor's class in algs/alphaedit/editor.py
 
 
 @dataclass
-class AlphaEditConfig(TargetSettings):
+class AlphaEditConfig(BatchedTargetSettings):
     # Null-space constrained knowledge editing (Fang et al., ICLR 2025). Defaults: jianghoucheng/AlphaEdit
     # hparams/AlphaEdit/gpt2-xl.json; other models' layers and settings are in their model files' locate blocks
     # (GPT-J's: v_num_grad_steps 25; Llama3-8B's: v_num_grad_steps 25, v_lr 0.1).

@@ -43,6 +43,16 @@ class TargetSettings:
     mom2_n_samples: int = 1000  # corpus passages of the key statistics (theirs: 100,000 Wikipedia texts)
 
 
+@dataclass
+class BatchedTargetSettings(TargetSettings):
+    """MEMIT's and AlphaEdit's: every request of an edit is optimised on the same model, so several can share a pass."""
+
+    # Requests whose target vectors are optimised together in one batched pass. 1: one at a time, as the originals.
+    # More: each request still its own delta, loss, stop and clamp (the same vectors to float rounding), in fewer,
+    # larger passes: faster where a pass is latency-bound (a GPU), little gain on a CPU (docs/locate_edit.md).
+    target_batch: int = 1
+
+
 RANGES = {
     "v_num_grad_steps": COUNT,
     "v_lr": STEP,
@@ -51,6 +61,8 @@ RANGES = {
     "kl_factor": LOSS_WEIGHT,
     "mom2_n_samples": COUNT,
 }
+
+BATCHED_RANGES = {**RANGES, "target_batch": COUNT}
 
 HELP = {"layers": "blocks whose MLP output projection it edits, e.g. [6] (null: the model file's)"}
 

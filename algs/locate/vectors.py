@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import unicodedata
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from models.replay import capture_block_output, first_edited_block, output_layer
 from .text import encode_batch, subject_last_index, target_ids
 
 Weights = Dict[str, torch.Tensor]
+STOP_LOSS = 5e-2  # a target vector whose loss is below it is done (the originals' early stop)
 
 
 @contextmanager
@@ -86,46 +88,107 @@ def optimise_target(
     module: str,
     settings,
 ) -> torch.Tensor:
-    """The target vector v* = v_init + delta of ``module``'s output at the subject's last token (the originals'
-    compute_v / compute_z): ``request`` a :class:`text.LocateRequest`, ``contexts`` the context templates ("{}" and
-    the generated "<prefix>. {}"), ``settings`` the editor's group (v_num_grad_steps, v_lr, v_weight_decay,
-    clamp_norm_factor, kl_factor). The loss is read from the model's logits, as ROME's is; MEMIT's reads
-    ln_f(h_L) W_lm of the loss layer, the same numbers where the loss layer is the last (every published
-    configuration)."""
+    """The target vector v* = v_init + delta of ``module``'s output at the subject's last token of one request (the
+    originals' compute_v / compute_z): :func:`optimise_targets` of that request alone."""
+    vectors, _ = optimise_targets(model, weights, tokenizer, [request], contexts, module, settings)
+    return vectors[0]
+
+
+@dataclass
+class _Rows:
+    """The prompt rows of the requests optimised together, encoded once: request r owns rows ``first[r]`` to
+    ``first[r] + n_rows`` (its rewriting prompts, then its "<subject> is a"), ``lookup[i]`` the subject's last
+    token of row i, ``length[i]`` its length without padding."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    lookup: List[int]
+    length: List[int]
+    targets: List[List[int]]
+    n_rows: int  # rows per request: the rewriting prompts and the KL prompt
+
+    def of(self, r: int) -> range:
+        return range(r * self.n_rows, (r + 1) * self.n_rows)
+
+
+def _encode(tokenizer, requests, contexts: Sequence[str], device) -> _Rows:
+    texts, lookup, targets = [], [], []
+    for request in requests:
+        tgt = target_ids(tokenizer, request.target)
+        prompts = [c.format(request.prompt) + tokenizer.decode(tgt[:-1]) for c in contexts] + ["{} is a"]
+        texts += [p.format(request.subject) for p in prompts]
+        lookup += [subject_last_index(tokenizer, p, request.subject) for p in prompts]
+        targets.append(tgt)
+    ids, mask = encode_batch(tokenizer, texts, device)
+    return _Rows(ids, mask, lookup, mask.sum(1).tolist(), targets, len(contexts) + 1)
+
+
+def optimise_targets(
+    model,
+    weights: Weights,
+    tokenizer,
+    requests: Sequence,
+    contexts: Sequence[str],
+    module: str,
+    settings,
+) -> Tuple[torch.Tensor, List[int]]:
+    """The target vectors v*_r = v_init_r + delta_r of ``module``'s output at the subject's last token, one per
+    request (the originals' compute_v / compute_z, which take one request at a time), and the Adam steps each took:
+    ``requests`` :class:`text.LocateRequest`s, ``contexts`` the context templates ("{}" and the generated
+    "<prefix>. {}"), ``settings`` the editor's group (v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor,
+    kl_factor).
+
+    Several requests run as one batch, and each is optimised exactly as alone: its own delta (a row of one Adam
+    parameter: Adam is elementwise, and no row's loss reads another's delta), its own loss, its own stop (loss
+    under 0.05, after which its rows leave the batch) and its own clamp. The loss is read from the model's
+    logits, as ROME's is; MEMIT's reads ln_f(h_L) W_lm of the loss layer, the same numbers where the loss layer
+    is the last (every published configuration)."""
     device = next(model.parameters()).device
-    tgt = target_ids(tokenizer, request.target)
-    rewriting = [c.format(request.prompt) + tokenizer.decode(tgt[:-1]) for c in contexts]
-    kl_prompts = ["{} is a"]
-    prompts = rewriting + kl_prompts
-    ids, mask = encode_batch(tokenizer, [p.format(request.subject) for p in prompts], device)
-    lookup = [subject_last_index(tokenizer, p, request.subject) for p in prompts]
-    # The logits the loss reads: rewriting row i at the len(tgt) positions that predict the target's tokens (the
-    # last len(tgt) of the row), the KL row at its subject's last token. Only those are computed (the output layer
-    # runs on them alone): the numbers the originals read from their full logits.
-    n_rows, n_tgt = len(rewriting), len(tgt)
-    ends = mask.sum(1).tolist()
-    rows = [i for i in range(n_rows) for _ in range(n_tgt)] + [n_rows]
-    cols = [ends[i] - n_tgt + j for i in range(n_rows) for j in range(n_tgt)] + [lookup[-1]]
-    rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-    tgt_t = torch.tensor(tgt, device=device).expand(n_rows, n_tgt)
+    rows = _encode(tokenizer, requests, contexts, device)
+    n = len(requests)
     # The blocks before the one the delta is written in compute the same thing at every step: after the first
     # pass they replay its output (models/replay.py) instead of computing it again.
     located = first_edited_block(model, [module + ".weight"])
+    delta = torch.zeros(n, model.config.hidden_size, device=device, requires_grad=True)
+    init = torch.zeros(n, model.config.hidden_size, device=device)
+    state: Dict[str, object] = {"lower": None}
 
-    delta = torch.zeros(model.config.hidden_size, device=device, requires_grad=True)
-    state: Dict[str, Optional[torch.Tensor]] = {"init": None, "lower": None}
+    def forward(active: List[int], first: bool) -> Tuple[torch.Tensor, Dict[int, Tuple[int, int]]]:
+        """The logits the loss reads, for the requests ``active``: per request its rewriting rows at the positions
+        that predict the target's tokens (the last len(target) of each row), then its KL row at the subject's last
+        token. Only those are computed (the output layer runs on them alone): the numbers the originals read from
+        their full logits. Returns the logits and, per request, where its picked positions start and how many
+        target tokens it has."""
+        sel = [i for r in active for i in rows.of(r)]
+        width = max(rows.length[i] for i in sel)
+        sel_t = torch.tensor(sel, device=device)
+        ids, mask = rows.ids[sel_t, :width], rows.mask[sel_t, :width]
+        owner = torch.tensor([k for k, _ in enumerate(active) for _ in range(rows.n_rows)], device=device)
+        at = torch.tensor([rows.lookup[i] for i in sel], device=device)
+        picked_rows, picked_cols, spans = [], [], {}
+        for k, r in enumerate(active):
+            n_tgt = len(rows.targets[r])
+            spans[r] = (len(picked_rows), n_tgt)
+            for j, i in enumerate(rows.of(r)):
+                if j < rows.n_rows - 1:
+                    picked_rows += [k * rows.n_rows + j] * n_tgt
+                    picked_cols += [rows.length[i] - n_tgt + t for t in range(n_tgt)]
+            picked_rows.append((k + 1) * rows.n_rows - 1)
+            picked_cols.append(rows.lookup[rows.of(r)[-1]])
+        rows_t = torch.tensor(picked_rows, device=device)
+        cols_t = torch.tensor(picked_cols, device=device)
+        active_delta = delta[torch.tensor(active, device=device)]
 
-    def add_delta(_module, _inputs, output):
-        hidden = _hidden(output)
-        if state["init"] is None:  # v_init: the clean output at the first prompt's subject token
-            state["init"] = hidden[0, lookup[0]].detach().clone()
-        hidden = hidden.clone()
-        for i, idx in enumerate(lookup):
-            hidden[i, idx, :] = hidden[i, idx, :] + delta
-        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+        def add_delta(_module, _inputs, output):
+            hidden = _hidden(output)
+            if first:  # v_init: the clean output at each request's first prompt's subject token
+                starts = torch.arange(len(active), device=device) * rows.n_rows
+                init[torch.tensor(active, device=device)] = hidden[starts, at[starts]].detach()
+            hidden = hidden.clone()
+            all_rows = torch.arange(len(sel), device=device)
+            hidden[all_rows, at, :] = hidden[all_rows, at, :] + active_delta[owner]
+            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
-    def picked_logits(first: bool) -> torch.Tensor:
-        """(n_rows * n_tgt + 1, vocab): the logits at (rows, cols)."""
         records = None
         with ExitStack() as stack:
             stack.enter_context(hooked(model, module, add_delta))
@@ -133,37 +196,56 @@ def optimise_target(
             if located is not None and first:
                 records = stack.enter_context(capture_block_output(*located))
             elif state["lower"] is not None:
-                stack.enter_context(replaying(*located, lambda: state["lower"], state["as_tuple"]))
+                lower = state["lower"][sel_t, :width]
+                stack.enter_context(replaying(*located, lambda: lower, state["as_tuple"]))
             logits = logits_of(run(model, weights, ids, mask))
         if records and records[0] is not None:
             state["lower"], state["as_tuple"] = records[0]
-        return logits[0] if cut else logits[rows_t, cols_t]
+        return (logits[0] if cut else logits[rows_t, cols_t]), spans
 
     opt = torch.optim.Adam([delta], lr=float(settings.v_lr))
-    kl_init = None
+    kl_init: Dict[int, torch.Tensor] = {}
     steps = int(settings.v_num_grad_steps)
+    final = torch.zeros_like(init)
+    taken = [0] * n
+    active = list(range(n))
+    n_ctx = rows.n_rows - 1
     with torch.enable_grad():
         for it in range(steps):
             opt.zero_grad()
-            logits = picked_logits(first=it == 0)
-            kl_log_probs = F.log_softmax(logits[-1:], dim=1)
-            if kl_init is None:
-                kl_init = kl_log_probs.detach().clone()
-            log_probs = torch.log_softmax(logits[:-1].view(n_rows, n_tgt, -1), dim=2)
-            picked = torch.gather(log_probs, 2, tgt_t.unsqueeze(2)).squeeze(2)
-            nll = (-picked.sum(1) / n_tgt).mean()
-            kl = float(settings.kl_factor) * F.kl_div(kl_init, kl_log_probs, log_target=True, reduction="batchmean")
-            decay = float(settings.v_weight_decay) * (torch.norm(delta) / torch.norm(state["init"]) ** 2)
-            loss = nll + kl + decay
-            if loss < 5e-2 or it == steps - 1:
+            logits, spans = forward(active, first=it == 0)
+            going, losses = [], []
+            for r in active:
+                start, n_tgt = spans[r]
+                kl_at = start + n_ctx * n_tgt
+                kl_log_probs = F.log_softmax(logits[kl_at : kl_at + 1], dim=1)
+                if r not in kl_init:
+                    kl_init[r] = kl_log_probs.detach().clone()
+                log_probs = torch.log_softmax(logits[start:kl_at].view(n_ctx, n_tgt, -1), dim=2)
+                tgt = torch.tensor(rows.targets[r], device=device).expand(n_ctx, n_tgt)
+                picked = torch.gather(log_probs, 2, tgt.unsqueeze(2)).squeeze(2)
+                nll = (-picked.sum(1) / n_tgt).mean()
+                kl = F.kl_div(kl_init[r], kl_log_probs, log_target=True, reduction="batchmean")
+                kl = float(settings.kl_factor) * kl
+                decay = float(settings.v_weight_decay) * (torch.norm(delta[r]) / torch.norm(init[r]) ** 2)
+                loss = nll + kl + decay
+                if loss < STOP_LOSS or it == steps - 1:
+                    final[r] = delta[r].detach()
+                    taken[r] = it
+                else:
+                    going.append(r)
+                    losses.append(loss)
+            if not going:
                 break
-            loss.backward()
+            torch.stack(losses).sum().backward()
             opt.step()
-            max_norm = float(settings.clamp_norm_factor) * state["init"].norm()
-            if delta.norm() > max_norm:
-                with torch.no_grad():
-                    delta[...] = delta * max_norm / delta.norm()
-    return (state["init"] + delta).detach()
+            with torch.no_grad():
+                for r in going:
+                    max_norm = float(settings.clamp_norm_factor) * init[r].norm()
+                    if delta[r].norm() > max_norm:
+                        delta[r] = delta[r] * max_norm / delta[r].norm()
+            active = going
+    return (init + final).detach(), taken
 
 
 @torch.no_grad()

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from algs.locate import BATCHED_RANGES as LOCATE_RANGES
 from algs.locate import HELP as LOCATE_HELP
-from algs.locate import RANGES as LOCATE_RANGES
-from algs.locate import TargetSettings, check_inner_params, resolve_locate
+from algs.locate import BatchedTargetSettings, check_inner_params, resolve_locate
 from ranges import Range
 
 EDITOR = "MEMIT"  # the editor's class in algs/memit/editor.py
 
 
 @dataclass
-class MEMITConfig(TargetSettings):
+class MEMITConfig(BatchedTargetSettings):
     # Mass-editing memory in a transformer (Meng et al., 2023). Defaults: kmeng01/memit hparams/MEMIT/gpt2-xl.json;
     # other models' layers and settings are in their model files' locate blocks (GPT-J's: v_num_grad_steps 25,
     # mom2_update_weight 15000).

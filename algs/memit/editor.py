@@ -23,7 +23,7 @@ import torch
 
 from algs.locate.editor import Layer, LocateEditor, apply_factors
 from algs.locate.text import LocateRequest
-from algs.locate.vectors import keys_at_subject, optimise_target
+from algs.locate.vectors import keys_at_subject, optimise_targets
 
 
 class MEMIT(LocateEditor):
@@ -32,14 +32,19 @@ class MEMIT(LocateEditor):
     template_lengths = ((10, 5),)  # "Be careful about changing this." (memit_main.get_context_templates)
     per_start = True
 
-    def targets(self, weights, requests: List[LocateRequest]) -> torch.Tensor:
-        """Z (d x n): each request's optimised output of the last edited block."""
+    def targets(self, weights, requests: List[LocateRequest]) -> Tuple[torch.Tensor, List[int]]:
+        """Z (d x n): each request's optimised output of the last edited block, ``target_batch`` requests to a pass;
+        and the Adam steps each took."""
         contexts = [t for group in self.context_templates() for t in group]
-        block = self.layers[-1].block
-        return torch.stack(
-            [optimise_target(self.model, weights, self.tokenizer, r, contexts, block, self.settings) for r in requests],
-            dim=1,
-        )
+        block, size = self.layers[-1].block, int(self.settings.target_batch)
+        vectors, steps = [], []
+        for at in range(0, len(requests), size):
+            z, taken = optimise_targets(
+                self.model, weights, self.tokenizer, requests[at : at + size], contexts, block, self.settings
+            )
+            vectors.append(z)
+            steps += taken
+        return torch.cat(vectors, 0).T, steps
 
     def keys(self, weights, requests: List[LocateRequest], layer: Layer) -> torch.Tensor:
         """K (d_in x n): per request the mean over the template groups of the mean key in each group."""
@@ -80,7 +85,7 @@ class MEMIT(LocateEditor):
     def edit(self, batch: dict, condition=None, diagnostics: bool = False):
         requests = self.requests(batch)
         weights = dict(self.weights)
-        zs = self.targets(weights, requests)
+        zs, steps = self.targets(weights, requests)
         factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         for i, layer in enumerate(self.layers):
             keys = self.keys(weights, requests, layer)
@@ -90,4 +95,5 @@ class MEMIT(LocateEditor):
             factors[layer.weight] = (u.float(), v.float())
             weights[layer.weight] = apply_factors(w, u, v, self.layout[layer.weight][0]).to(w.dtype)
         self.after_edit(weights, requests)
-        return self.edited_with(weights, factors, {f"{self.group}/requests": float(len(requests))})
+        info = {f"{self.group}/requests": float(len(requests)), f"{self.group}/target_steps": sum(steps) / len(steps)}
+        return self.edited_with(weights, factors, info)
