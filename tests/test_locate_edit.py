@@ -20,7 +20,7 @@ from conftest import make_config
 from safetensors.torch import load_file
 
 from algs import editor_class, settings_checks
-from algs.locate import vectors
+from algs.locate import passes, vectors
 from algs.locate.text import LocateRequest
 from data_classes.requests import EditRequest
 from errors import ConfigError, EditRequestError
@@ -160,6 +160,57 @@ def test_each_target_optimised_together_stops_and_ends_as_alone(model, tokenizer
     together, steps = vectors.optimise_targets(model, {}, tokenizer, requests, contexts, block, settings)
     assert steps == [a[1][0] for a in alone] and len(set(steps)) > 1, steps
     torch.testing.assert_close(together, torch.cat([a[0] for a in alone]), rtol=0, atol=1e-5)
+
+
+def _optimise(model, tokenizer, requests, prefix: bool):
+    settings = make_editor("memit", model, tokenizer).settings
+    contexts = [t for g in S.MEMIT_TEMPLATES for t in g]
+    return vectors.optimise_targets(model, {}, tokenizer, requests, contexts, "transformer.h.1", settings, prefix)
+
+
+def test_steps_on_the_prompts_prefix_cache_equal_full_passes(model, tokenizer, monkeypatch):
+    """After the first step only the tokens from each subject's last on run (the rest from a cache of their keys and
+    values), with the same vectors as full passes; a request whose rows have nothing before the subject's last
+    token (a one-token subject opening the prompt) among them."""
+    requests = [LocateRequest.of(r["prompt"].format(r["subject"]), r["subject"], r["target"]) for r in S.REQUESTS]
+    requests.append(LocateRequest.of("Paris is the capital of", "Paris", "Italy"))
+    assert len(tokenizer("Paris")["input_ids"]) == 1  # its "{}" and KL rows start at the subject's last token
+    full, full_steps = _optimise(model, tokenizer, requests, prefix=False)
+    calls = []
+    suffix = passes.TargetPasses.suffix
+    monkeypatch.setattr(passes.TargetPasses, "suffix", lambda self, *a: calls.append(1) or suffix(self, *a))
+    cached, steps = _optimise(model, tokenizer, requests, prefix=True)
+    assert len(calls) == S.SETTINGS["v_num_grad_steps"]  # the check beside the first step, then every later one
+    assert steps == full_steps
+    torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
+
+
+def test_a_prefix_cache_that_differs_from_full_passes_is_dropped(model, tokenizer, monkeypatch):
+    """The first step checks the cached pass against the full one; where they differ, every step runs full."""
+    requests = [LocateRequest.of(r["prompt"].format(r["subject"]), r["subject"], r["target"]) for r in S.REQUESTS]
+    full, _ = _optimise(model, tokenizer, requests, prefix=False)
+    calls = []
+    suffix = passes.TargetPasses.suffix
+    monkeypatch.setattr(passes.TargetPasses, "suffix", lambda self, *a: calls.append(1) or suffix(self, *a) + 1.0)
+    kept, _ = _optimise(model, tokenizer, requests, prefix=True)
+    assert len(calls) == 1
+    torch.testing.assert_close(kept, full, rtol=0, atol=0)
+
+
+def test_keys_stop_the_pass_at_their_module(model, tokenizer):
+    """A key is the input of an edited projection: the blocks after it are not run for it."""
+    later = []
+    handle = model.transformer.h[2].register_forward_hook(lambda *args: later.append(1))
+    try:
+        model(**tokenizer(["Paris is in"], return_tensors="pt"))
+        assert later  # the hook sees a full pass
+        later.clear()
+        keys, outs = vectors.keys_at_subject(
+            model, {}, tokenizer, ["{} is in", "So {} is"], ["Paris", "Rome"], "transformer.h.1.mlp.c_proj"
+        )
+    finally:
+        handle.remove()
+    assert not later and keys.shape == (2, S.D_IN) and outs.shape == (2, 32)
 
 
 def test_rome_applies_a_batch_one_request_after_another(model, tokenizer):

@@ -3,12 +3,13 @@
 
 * :func:`reprs_at` / :func:`keys_at_subject`: a module's input (the key) and output at the subject's last token
   (the originals' ``get_reprs_at_word_tokens`` / ``get_module_input_output_at_words``);
-* :func:`optimise_target`: the vector that, written at the subject's last token in a module's output, makes the
-  model predict the target (ROME's ``compute_v`` loop, MEMIT's and AlphaEdit's ``compute_z``): Adam on a delta, the
-  target's NLL over the context templates + ``kl_factor`` * KL on "<subject> is a" + ``v_weight_decay`` *
-  |delta| / |v_init|^2, delta clamped to ``clamp_norm_factor`` * |v_init|; the logits computed only where the
-  loss reads them and the blocks below the delta replayed after the first pass (the same numbers, 1.5x faster on
-  SmolLM2);
+* :func:`optimise_targets` / :func:`optimise_target`: the vector that, written at the subject's last token in a
+  module's output, makes the model predict the target (ROME's ``compute_v`` loop, MEMIT's and AlphaEdit's
+  ``compute_z``): Adam on a delta, the target's NLL over the context templates + ``kl_factor`` * KL on
+  "<subject> is a" + ``v_weight_decay`` * |delta| / |v_init|^2, delta clamped to ``clamp_norm_factor`` *
+  |v_init|; several requests at once, each as alone. Its passes (passes.py) compute the logits only where the loss
+  reads them, replay the blocks below the delta and run the prompts' tokens before the subject's last once (the
+  same numbers to float rounding);
 * :func:`sample_context_templates`: the short prefixes the originals generate once from the model.
 
 Every hook is registered for one forward pass and removed in a ``finally``; nothing is left on the model.
@@ -17,34 +18,22 @@ Every hook is registered for one forward pass and removed in a ``finally``; noth
 from __future__ import annotations
 
 import unicodedata
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from editable_model import logits_of, output_with_weights
-from models.replay import capture_block_output, first_edited_block, output_layer_at, replaying
 
-from .text import encode_batch, subject_last_index, target_ids
+from .passes import Rows, TargetPasses, hidden_of, hooked
+from .text import encode_batch, subject_last_index
 
 Weights = Dict[str, torch.Tensor]
 STOP_LOSS = 5e-2  # a target vector whose loss is below it is done (the originals' early stop)
 
 
-@contextmanager
-def hooked(model: torch.nn.Module, module_name: str, hook: Callable) -> Iterator[None]:
-    handle = model.get_submodule(module_name).register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _hidden(output) -> torch.Tensor:
-    """A block's output as a tensor (older transformers return a tuple whose first item it is)."""
-    return output[0] if isinstance(output, tuple) else output
+class _Reached(Exception):
+    """Raised by :func:`reprs_at`'s hook once the module ran: the rest of the pass is not needed."""
 
 
 def run(model, weights: Weights, ids: torch.Tensor, mask: torch.Tensor):
@@ -55,16 +44,21 @@ def run(model, weights: Weights, ids: torch.Tensor, mask: torch.Tensor):
 def reprs_at(
     model, weights: Weights, tokenizer, texts: Sequence[str], idxs: Sequence[int], module: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, outputs) of ``module`` at position ``idxs[i]`` of text i: two (n, d) tensors."""
+    """(inputs, outputs) of ``module`` at position ``idxs[i]`` of text i: two (n, d) tensors. The pass stops at
+    ``module``: nothing after it is computed."""
     device = next(model.parameters()).device
     ids, mask = encode_batch(tokenizer, texts, device)
     seen: Dict[str, torch.Tensor] = {}
 
     def hook(_module, inputs, output):
-        seen["in"], seen["out"] = inputs[0], _hidden(output)
+        seen["in"], seen["out"] = inputs[0], hidden_of(output)
+        raise _Reached
 
-    with hooked(model, module, hook):
-        run(model, weights, ids, mask)
+    try:
+        with hooked(model, module, hook):
+            run(model, weights, ids, mask)
+    except _Reached:
+        pass
     rows = torch.arange(len(texts), device=device)
     at = torch.tensor(list(idxs), device=device)
     return seen["in"][rows, at].detach(), seen["out"][rows, at].detach()
@@ -94,35 +88,6 @@ def optimise_target(
     return vectors[0]
 
 
-@dataclass
-class _Rows:
-    """The prompt rows of the requests optimised together, encoded once: request r owns rows ``first[r]`` to
-    ``first[r] + n_rows`` (its rewriting prompts, then its "<subject> is a"), ``lookup[i]`` the subject's last
-    token of row i, ``length[i]`` its length without padding."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    lookup: List[int]
-    length: List[int]
-    targets: List[List[int]]
-    n_rows: int  # rows per request: the rewriting prompts and the KL prompt
-
-    def of(self, r: int) -> range:
-        return range(r * self.n_rows, (r + 1) * self.n_rows)
-
-
-def _encode(tokenizer, requests, contexts: Sequence[str], device) -> _Rows:
-    texts, lookup, targets = [], [], []
-    for request in requests:
-        tgt = target_ids(tokenizer, request.target)
-        prompts = [c.format(request.prompt) + tokenizer.decode(tgt[:-1]) for c in contexts] + ["{} is a"]
-        texts += [p.format(request.subject) for p in prompts]
-        lookup += [subject_last_index(tokenizer, p, request.subject) for p in prompts]
-        targets.append(tgt)
-    ids, mask = encode_batch(tokenizer, texts, device)
-    return _Rows(ids, mask, lookup, mask.sum(1).tolist(), targets, len(contexts) + 1)
-
-
 def optimise_targets(
     model,
     weights: Weights,
@@ -131,12 +96,13 @@ def optimise_targets(
     contexts: Sequence[str],
     module: str,
     settings,
+    prefix: bool = True,
 ) -> Tuple[torch.Tensor, List[int]]:
     """The target vectors v*_r = v_init_r + delta_r of ``module``'s output at the subject's last token, one per
     request (the originals' compute_v / compute_z, which take one request at a time), and the Adam steps each took:
     ``requests`` :class:`text.LocateRequest`s, ``contexts`` the context templates ("{}" and the generated
     "<prefix>. {}"), ``settings`` the editor's group (v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor,
-    kl_factor).
+    kl_factor). ``prefix=False``: every step runs its prompts whole (passes.py).
 
     Several requests run as one batch, and each is optimised exactly as alone: its own delta (a row of one Adam
     parameter: Adam is elementwise, and no row's loss reads another's delta), its own loss, its own stop (loss
@@ -144,65 +110,11 @@ def optimise_targets(
     logits, as ROME's is; MEMIT's reads ln_f(h_L) W_lm of the loss layer, the same numbers where the loss layer
     is the last (every published configuration)."""
     device = next(model.parameters()).device
-    rows = _encode(tokenizer, requests, contexts, device)
+    rows = Rows.encode(tokenizer, requests, contexts, device)
     n = len(requests)
-    # The blocks before the one the delta is written in compute the same thing at every step: after the first
-    # pass they replay its output (models/replay.py) instead of computing it again.
-    located = first_edited_block(model, [module + ".weight"])
+    passes = TargetPasses(model, weights, rows, module, n, prefix=prefix)
+    init = passes.init
     delta = torch.zeros(n, model.config.hidden_size, device=device, requires_grad=True)
-    init = torch.zeros(n, model.config.hidden_size, device=device)
-    state: Dict[str, object] = {"lower": None}
-
-    def forward(active: List[int], first: bool) -> Tuple[torch.Tensor, Dict[int, Tuple[int, int]]]:
-        """The logits the loss reads, for the requests ``active``: per request its rewriting rows at the positions
-        that predict the target's tokens (the last len(target) of each row), then its KL row at the subject's last
-        token. Only those are computed (the output layer runs on them alone): the numbers the originals read from
-        their full logits. Returns the logits and, per request, where its picked positions start and how many
-        target tokens it has."""
-        sel = [i for r in active for i in rows.of(r)]
-        width = max(rows.length[i] for i in sel)
-        sel_t = torch.tensor(sel, device=device)
-        ids, mask = rows.ids[sel_t, :width], rows.mask[sel_t, :width]
-        owner = torch.tensor([k for k, _ in enumerate(active) for _ in range(rows.n_rows)], device=device)
-        at = torch.tensor([rows.lookup[i] for i in sel], device=device)
-        picked_rows, picked_cols, spans = [], [], {}
-        for k, r in enumerate(active):
-            n_tgt = len(rows.targets[r])
-            spans[r] = (len(picked_rows), n_tgt)
-            for j, i in enumerate(rows.of(r)):
-                if j < rows.n_rows - 1:
-                    picked_rows += [k * rows.n_rows + j] * n_tgt
-                    picked_cols += [rows.length[i] - n_tgt + t for t in range(n_tgt)]
-            picked_rows.append((k + 1) * rows.n_rows - 1)
-            picked_cols.append(rows.lookup[rows.of(r)[-1]])
-        rows_t = torch.tensor(picked_rows, device=device)
-        cols_t = torch.tensor(picked_cols, device=device)
-        active_delta = delta[torch.tensor(active, device=device)]
-
-        def add_delta(_module, _inputs, output):
-            hidden = _hidden(output)
-            if first:  # v_init: the clean output at each request's first prompt's subject token
-                starts = torch.arange(len(active), device=device) * rows.n_rows
-                init[torch.tensor(active, device=device)] = hidden[starts, at[starts]].detach()
-            hidden = hidden.clone()
-            all_rows = torch.arange(len(sel), device=device)
-            hidden[all_rows, at, :] = hidden[all_rows, at, :] + active_delta[owner]
-            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
-
-        records = None
-        with ExitStack() as stack:
-            stack.enter_context(hooked(model, module, add_delta))
-            cut = stack.enter_context(output_layer_at(model, rows_t, cols_t))
-            if located is not None and first:
-                records = stack.enter_context(capture_block_output(*located))
-            elif state["lower"] is not None:
-                lower = state["lower"][sel_t, :width]
-                stack.enter_context(replaying(*located, lambda: lower, state["as_tuple"]))
-            logits = logits_of(run(model, weights, ids, mask))
-        if records and records[0] is not None:
-            state["lower"], state["as_tuple"] = records[0]
-        return (logits[0] if cut else logits[rows_t, cols_t]), spans
-
     opt = torch.optim.Adam([delta], lr=float(settings.v_lr))
     kl_init: Dict[int, torch.Tensor] = {}
     steps = int(settings.v_num_grad_steps)
@@ -213,7 +125,7 @@ def optimise_targets(
     with torch.enable_grad():
         for it in range(steps):
             opt.zero_grad()
-            logits, spans = forward(active, first=it == 0)
+            logits, spans = passes.logits(active, delta, first=it == 0)
             going, losses = [], []
             for r in active:
                 start, n_tgt = spans[r]
