@@ -1,6 +1,6 @@
-"""Time of MEMIT's and AlphaEdit's target vectors: full passes one request at a time (as the originals run them)
-against passes on the prompts' prefix cache (the default), one request at a time and ``target_batch`` requests to a
-pass, on the same requests in one process.
+"""Time of the target vectors of MEMIT, AlphaEdit (and ROME): full passes one request at a time (as the originals
+run them) against passes on the prompts' prefix cache (the default), one request at a time and ``target_batch``
+requests to a pass, on the same requests in one process.
 
     python -m run +alg=memit +experiment=counterfact +model=smollm2 data.facts=large hydra.run.dir=outputs/loc/big_memit
     python -m benchmarks.target_batch --archive outputs/loc/big_memit --n 8 --batch 8 --repeats 3
@@ -52,7 +52,12 @@ def vectors(alg, requests: List[LocateRequest], size: int, prefix: bool):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--archive", required=True, help="a python -m run directory of alg=memit or alphaedit")
+    parser.add_argument(
+        "--archive",
+        required=True,
+        help="a python -m run directory of alg=memit, alphaedit or rome (ROME edits one request at a time: its"
+        " batched rows are not a setting it offers)",
+    )
     parser.add_argument("--n", type=int, default=16, help="held-out requests")
     parser.add_argument("--batch", default="8", help="comma-separated target_batch sizes to time (prefix cache)")
     parser.add_argument("--repeats", type=int, default=3)
