@@ -1,6 +1,7 @@
 """MEND against the baselines (EFK, ENN, FT, FT+KL) on one task, in the form of the paper's Table 4.
 
     python -m benchmarks.compare_editors                          # embedded SmolLM2-135M on gen, this machine
+    python -m benchmarks.compare_editors --editors MEND,MALMEN    # MALMEN (not in the paper) beside MEND
     python -m benchmarks.compare_editors --steps 400 --eval-edits 100 --out outputs/compare
     python -m benchmarks.compare_editors --model distilgpt2 --steps 100000 --eval-edits 500 -- device=cuda
 
@@ -39,7 +40,11 @@ EDITORS = {
     "ENN": ("enn", []),
     "FT": ("ft", []),
     "FT+KL": ("ft", ["ft.locality.enabled=true"]),
+    # not in the paper; chosen with --editors. MALMEN trains on the experiment's data.n_edits edits per meta-step.
+    "MALMEN": ("malmen", []),
 }
+# the paper's Table 4: what runs when --editors is not given
+PAPER_EDITORS = ["MEND", "EFK", "ENN", "FT", "FT+KL"]
 # The paper's Table 4 (edit success / drawdown), as printed; "KE" there is EFK. gen: Wikitext with distilGPT-2
 # (perplexity drawdown); qa: zsRE with BART-base and fc: FEVER with BERT-base (accuracy drawdown).
 PAPER = {
@@ -271,11 +276,17 @@ def run_all(args, names, editors, paper_figures, stem: str, title: str) -> list:
     return rows
 
 
-def cli(argv, description: str, registry: dict, option: str, paper: dict, stem: str, label: str = "") -> list:
+def cli(
+    argv, description: str, registry: dict, option: str, paper: dict, stem: str, label: str = "", default=None
+) -> list:
     """The command line of a comparison: the common options plus ``--<option>``, a comma-separated subset of
-    ``registry`` (name -> (alg, overrides)); runs them and writes ``<stem>.*``. ``paper``: task -> name -> figures."""
+    ``registry`` (name -> (alg, overrides); ``default`` when not given, else all of it); runs them and writes
+    ``<stem>.*``. ``paper``: task -> name -> figures."""
     parser = common_parser(description, os.path.join("outputs", "compare"))
-    parser.add_argument(f"--{option}", default=",".join(registry), help=f"comma-separated subset of {list(registry)}")
+    names = list(default or registry)
+    parser.add_argument(
+        f"--{option}", default=",".join(names), help=f"comma-separated subset of {list(registry)} (default {names})"
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in getattr(args, option).split(",") if n.strip()]
     unknown = [n for n in names if n not in registry]
@@ -286,7 +297,7 @@ def cli(argv, description: str, registry: dict, option: str, paper: dict, stem: 
 
 
 def main(argv=None) -> None:
-    cli(argv, __doc__, EDITORS, "editors", PAPER, "comparison")
+    cli(argv, __doc__, EDITORS, "editors", PAPER, "comparison", default=PAPER_EDITORS)
 
 
 if __name__ == "__main__":
