@@ -4,7 +4,7 @@ statistics cached on disk, no state left on the model.
 
 The golden files come from the originals on a tiny random GPT-2 with fixed key statistics and fixed context
 templates (tests/golden/make_rome.py, make_memit.py, make_alphaedit.py; the shared setup in
-tests/golden/locate_setup.py). Each original's edited weights must be matched to 1e-4 of the update's size; a
+tests/golden/locate_setup.py). Each original's edited weights must be matched to GOLDEN_MISS of the update's size; a
 change of one setting or of the statistics must miss them by far more (checked below)."""
 
 from __future__ import annotations
@@ -96,6 +96,13 @@ def misses(alg: str, weights) -> float:
     return worst
 
 
+# The largest miss of the originals' weights allowed, relative to the update. The fixed statistics' eigenvalues go
+# down to 1e-3, so C^-1 amplifies float rounding, which differs between CPUs: ROME missed by under 1e-6 in absolute
+# terms on one machine and by 7.4e-5 of its update on another (MEMIT and AlphaEdit: about 2e-6). A changed update
+# misses by more than 0.1 (below).
+GOLDEN_MISS = 3e-4
+
+
 @pytest.mark.parametrize("alg", ["rome", "memit", "alphaedit"])
 def test_updates_equal_the_originals(alg, model, tokenizer):
     golden = load_file(str(GOLDEN / f"{alg}-gpt2.safetensors"))
@@ -103,7 +110,7 @@ def test_updates_equal_the_originals(alg, model, tokenizer):
     base = golden["base" if alg == "rome" else f"base.{name}"]
     assert torch.equal(base, model.get_parameter(name))  # the same tiny model as the original's
     editor = make_editor(alg, model, tokenizer)
-    assert misses(alg, run_turns(editor, alg)) < 1e-4
+    assert misses(alg, run_turns(editor, alg)) < GOLDEN_MISS
     if alg == "alphaedit":  # the keys carried across the run: the original's cache_c after the last turn
         cache = golden[f"cache_c{len(turns_of(alg))}"]
         for i, n in enumerate(editor.inner_params):
@@ -143,7 +150,7 @@ def test_targets_optimised_together_equal_the_originals(alg, model, tokenizer):
     """target_batch=2: the two requests of the first turn share every pass of their target vectors' optimisation,
     and the update still matches the originals' (which optimise one request at a time)."""
     editor = make_editor(alg, model, tokenizer, target_batch=2)
-    assert misses(alg, run_turns(editor, alg)) < 1e-4
+    assert misses(alg, run_turns(editor, alg)) < GOLDEN_MISS
 
 
 def test_each_target_optimised_together_stops_and_ends_as_alone(model, tokenizer, monkeypatch):
@@ -218,7 +225,8 @@ def test_rome_applies_a_batch_one_request_after_another(model, tokenizer):
     edited, _ = editor.edit({"requests": [as_request(r) for r in S.REQUESTS]})
     golden = load_file(str(GOLDEN / "rome-gpt2.safetensors"))
     name = S.weight_name(S.LAYERS[-1])
-    torch.testing.assert_close(edited.weights[name], golden[f"after{len(S.REQUESTS)}"], rtol=0, atol=1e-6)
+    after = golden[f"after{len(S.REQUESTS)}"]  # the original's weights after its three requests one by one
+    assert (edited.weights[name] - after).abs().max() < GOLDEN_MISS * (after - golden["base"]).abs().max()
     u, v, alpha, fan_in_fan_out = edited.low_rank_update(name)  # three rank-one factors, W~ = W + u^T v (Conv1D)
     assert u.shape == (3, S.D_IN) and fan_in_fan_out
     torch.testing.assert_close(model.get_parameter(name) - alpha * u.T @ v, edited.weights[name], atol=1e-6, rtol=0)
