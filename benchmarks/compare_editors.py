@@ -283,9 +283,9 @@ def cli(
     ``registry`` (name -> (alg, overrides); ``default`` when not given, else all of it); runs them and writes
     ``<stem>.*``. ``paper``: task -> name -> figures."""
     parser = common_parser(description, os.path.join("outputs", "compare"))
-    names = list(default or registry)
+    chosen = list(default or registry)
     parser.add_argument(
-        f"--{option}", default=",".join(names), help=f"comma-separated subset of {list(registry)} (default {names})"
+        f"--{option}", default=",".join(chosen), help=f"comma-separated subset of {list(registry)} (default {chosen})"
     )
     args = parser.parse_args(argv)
     names = [n.strip() for n in getattr(args, option).split(",") if n.strip()]

@@ -124,7 +124,7 @@ class TargetPasses:
             out = self.full(active, delta, first=True)
             if self.prefix:
                 self.run_prefix()
-            if self.prefix:  # the model returned a cache
+            if self.cache is not None:  # the model returned one
                 with torch.no_grad():
                     check = self.suffix(active, delta)
                 if check.shape != out[0].shape or not torch.allclose(check, out[0].detach(), 1e-3, 1e-3):
